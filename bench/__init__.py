@@ -1,0 +1,1 @@
+"""Benchmarks for the contract's performance targets (measure and print ratios; never tests)."""

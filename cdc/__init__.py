@@ -1,0 +1,1 @@
+"""The CDC daemon: PostgreSQL logical replication (pgoutput) into Redis."""

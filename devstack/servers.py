@@ -1,0 +1,351 @@
+"""Private PostgreSQL and Redis servers for tests, benchmarks and ``make run``.
+
+Each server lives in a directory of its own (``initdb`` for PostgreSQL, a config-less
+``redis-server`` for Redis), listens on loopback on a free port and is stopped cleanly.
+PostgreSQL refuses to run as root, so when we are root it is started as the ``postgres``
+user, in a directory that user owns.
+
+The servers are real processes so that tests can restart them (``pg_ctl -m immediate``),
+stall them (``SIGSTOP``) or kill them, exactly as the reliability cases describe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+__all__ = [
+    "PostgresServer",
+    "RedisServer",
+    "ServerError",
+    "free_port",
+    "postgres_bin_dir",
+]
+
+
+class ServerError(RuntimeError):
+    """A private server could not be installed, started or stopped."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def postgres_bin_dir() -> Path:
+    """Where ``initdb`` and ``pg_ctl`` live: ``$PG_BIN``, else the newest Debian install."""
+    if env := os.environ.get("PG_BIN"):
+        return Path(env)
+    candidates = sorted(
+        (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    if candidates:
+        return candidates[-1]
+    if found := shutil.which("initdb"):
+        return Path(found).parent
+    raise ServerError("PostgreSQL server binaries not found: install postgresql or set PG_BIN")
+
+
+def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServerError(f"server on port {port} exited with code {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise ServerError(f"nothing listens on port {port} after {timeout:.0f}s")
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL cluster in ``directory``, with ``wal_level=logical``.
+
+    The superuser is ``postgres`` with ``password``; loopback TCP uses scram-sha-256 so
+    that wrong-password and least-privilege cases are real.
+    """
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    password: str = "postgres-local"
+    settings: Mapping[str, str] = field(default_factory=dict)
+
+    DEFAULT_SETTINGS = {
+        "wal_level": "logical",
+        "max_replication_slots": "64",
+        "max_wal_senders": "64",
+        "max_connections": "200",
+        "max_prepared_transactions": "16",
+        "listen_addresses": "'127.0.0.1'",
+        "fsync": "off",
+        "full_page_writes": "off",
+        "synchronous_commit": "on",
+        "shared_buffers": "128MB",
+        "log_min_messages": "warning",
+        "log_min_error_statement": "panic",
+        "logging_collector": "off",
+        "wal_sender_timeout": "60s",
+    }
+
+    @property
+    def data_dir(self) -> Path:
+        return self.directory / "data"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "postgres.log"
+
+    def url(
+        self, dbname: str = "postgres", user: str = "postgres", password: str | None = None
+    ) -> str:
+        secret = self.password if password is None and user == "postgres" else password
+        auth = quote(user, safe="")
+        if secret is not None:
+            auth += ":" + quote(secret, safe="")
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
+
+    # -- process control -------------------------------------------------------------
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        user = _postgres_user()
+        return subprocess.run(
+            args,
+            check=check,
+            capture_output=True,
+            text=True,
+            user=user,
+            cwd=self.directory,
+            env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"},
+        )
+
+    def initdb(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        _give_to_postgres(self.directory)
+        pwfile = self.directory / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        _give_to_postgres(pwfile)
+        try:
+            self._run(
+                str(postgres_bin_dir() / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--pwfile",
+                str(pwfile),
+                "--auth-local",
+                "trust",
+                "--auth-host",
+                "scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale",
+                "C.UTF-8",
+                "--no-sync",
+            )
+        except subprocess.CalledProcessError as exc:
+            raise ServerError(f"initdb failed: {exc.stderr.strip()}") from exc
+        finally:
+            pwfile.unlink(missing_ok=True)
+        conf = {**self.DEFAULT_SETTINGS, **self.settings}
+        lines = [f"{k} = {v}" for k, v in conf.items()]
+        lines.append(f"unix_socket_directories = '{self.directory}'")
+        with (self.data_dir / "postgresql.auto.conf").open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+    def set(self, **settings: str) -> None:
+        """Append settings to the cluster's configuration (takes effect on restart/reload)."""
+        with (self.data_dir / "postgresql.auto.conf").open("a") as fh:
+            fh.write("".join(f"{k} = {v}\n" for k, v in settings.items()))
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.initdb()
+        try:
+            self._run(
+                str(postgres_bin_dir() / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_file),
+                "-o",
+                f"-p {self.port}",
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
+            )
+        except subprocess.CalledProcessError as exc:
+            tail = (
+                self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
+            )
+            raise ServerError(f"PostgreSQL did not start: {exc.stdout.strip()}\n{tail}") from exc
+        _wait_port(self.port, timeout)
+
+    def stop(self, mode: str = "fast") -> None:
+        if not (self.data_dir / "postmaster.pid").exists():
+            return
+        self._run(
+            str(postgres_bin_dir() / "pg_ctl"),
+            "-D",
+            str(self.data_dir),
+            "-m",
+            mode,
+            "-w",
+            "-t",
+            "60",
+            "stop",
+            check=False,
+        )
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
+
+    @property
+    def pid(self) -> int | None:
+        pidfile = self.data_dir / "postmaster.pid"
+        try:
+            return int(pidfile.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if (pid := self.pid) is not None:
+            os.kill(pid, sig)
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[PostgresServer]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+@dataclass
+class RedisServer:
+    """A ``redis-server`` on loopback with persistence off unless asked for."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    databases: int = 16
+    persistence: bool = False
+    extra_args: tuple[str, ...] = ()
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def url_for(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServerError("redis-server not found: install the redis-server package")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--databases",
+            str(self.databases),
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--protected-mode",
+            "no",
+        ]
+        if self.persistence:
+            args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        else:
+            args += ["--appendonly", "no", "--save", ""]
+        args += list(self.extra_args)
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port, timeout, self._proc)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def kill(self) -> None:
+        """``kill -9``: the data in memory is gone unless persistence was on."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def signal(self, sig: signal.Signals) -> None:
+        if (pid := self.pid) is not None:
+            os.kill(pid, sig)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[RedisServer]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+def _postgres_user() -> str | None:
+    """The user PostgreSQL runs as: ``postgres`` when we are root, else ourselves."""
+    return "postgres" if os.geteuid() == 0 else None
+
+
+def _give_to_postgres(path: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam("postgres")
+    except KeyError as exc:
+        raise ServerError("running as root but there is no 'postgres' user") from exc
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    # Every directory above must be traversable by that user.
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(parent, mode | 0o001)

@@ -1,0 +1,1 @@
+"""Alembic migrations: the tables, the ``cdc_cache`` publication and replica identities."""

@@ -1,0 +1,233 @@
+"""Pytest plugin: real PostgreSQL and Redis for every test, each test isolated.
+
+Servers, once per session, in this order of preference:
+
+1. ``CDC_TEST_DATABASE_URL`` / ``CDC_TEST_REDIS_URL``: servers you run (the PostgreSQL
+   role must be able to CREATE DATABASE; ``wal_level`` must be ``logical``).
+2. Private servers started from the local binaries (:mod:`devstack.servers`), PostgreSQL
+   as the ``postgres`` user when we are root.
+3. If neither binary exists but a Docker engine answers: testcontainers.
+
+Isolation: each test gets its own database (cloned from a template migrated once), its
+own replication slot name, and its own Redis database number, flushed before and after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import redis
+
+from devstack.servers import PostgresServer, RedisServer
+
+TEMPLATE_DB = "cdc_test_template"
+REDIS_DATABASES = 4096
+
+
+@dataclass
+class PostgresEndpoint:
+    """Where the session's PostgreSQL is, and the server object when we own it."""
+
+    admin_url: str
+    server: PostgresServer | None
+
+    def url(self, dbname: str) -> str:
+        parts = urlsplit(self.admin_url)
+        return urlunsplit(parts._replace(path="/" + dbname))
+
+
+@dataclass
+class RedisEndpoint:
+    base_url: str
+    server: RedisServer | None
+
+    def url(self, db: int) -> str:
+        parts = urlsplit(self.base_url)
+        return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def _docker_available() -> bool:
+    """True when a Docker engine answers (the client alone is not enough)."""
+    if shutil.which("docker") is None:
+        return False
+    try:
+        done = subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def work_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cdc-tests-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(work_dir: Path) -> Iterator[PostgresEndpoint]:
+    if url := os.environ.get("CDC_TEST_DATABASE_URL"):
+        yield PostgresEndpoint(url, None)
+        return
+    try:
+        server = PostgresServer(work_dir / "postgres")
+        server.start()
+    except Exception:
+        if not _docker_available():
+            raise
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:15", driver=None).with_command(
+            "postgres -c wal_level=logical -c max_replication_slots=64 -c max_wal_senders=64"
+            " -c max_prepared_transactions=16"
+        ) as container:
+            yield PostgresEndpoint(container.get_connection_url(), None)
+        return
+    try:
+        yield PostgresEndpoint(server.url(), server)
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_endpoint(work_dir: Path) -> Iterator[RedisEndpoint]:
+    if url := os.environ.get("CDC_TEST_REDIS_URL"):
+        yield RedisEndpoint(url, None)
+        return
+    if shutil.which("redis-server") is None and _docker_available():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(6379)
+            yield RedisEndpoint(f"redis://{host}:{port}/0", None)
+        return
+    server = RedisServer(work_dir / "redis", databases=REDIS_DATABASES)
+    server.start()
+    try:
+        yield RedisEndpoint(server.url, server)
+    finally:
+        server.stop()
+
+
+def migrate(url: str) -> None:
+    """``alembic upgrade head`` against ``url``, as a user would run it."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config(toml_file=str(Path(__file__).resolve().parents[2] / "pyproject.toml"))
+    config.cmd_opts = None
+    with _environ(DATABASE_URL=url):
+        command.upgrade(config, "head")
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+@pytest.fixture(scope="session")
+def template_db(postgres: PostgresEndpoint) -> str:
+    with psycopg.connect(postgres.admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}"')
+        conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+    migrate(postgres.url(TEMPLATE_DB))
+    return TEMPLATE_DB
+
+
+_counter = itertools.count(1)
+
+
+def create_database(postgres: PostgresEndpoint, template: str | None) -> str:
+    name = f"t_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(postgres.admin_url, autocommit=True) as conn:
+        if template:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        else:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def drop_database(postgres: PostgresEndpoint, name: str) -> None:
+    with psycopg.connect(postgres.admin_url, autocommit=True) as conn:
+        # Replication slots and their walsenders first: a database with slots cannot be dropped.
+        for (pid,) in conn.execute(
+            "SELECT active_pid FROM pg_replication_slots"
+            " WHERE database = %s AND active_pid IS NOT NULL",
+            (name,),
+        ).fetchall():
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for (slot,) in conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
+        ).fetchall():
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        for (gid,) in conn.execute(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = %s", (name,)
+        ).fetchall():
+            with psycopg.connect(postgres.url(name), autocommit=True) as other:
+                other.execute(f"ROLLBACK PREPARED '{gid}'")
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_name(postgres: PostgresEndpoint, template_db: str) -> Iterator[str]:
+    name = create_database(postgres, template_db)
+    yield name
+    drop_database(postgres, name)
+
+
+@pytest.fixture
+def database_url(postgres: PostgresEndpoint, database_name: str) -> str:
+    """A freshly migrated database of this test's own."""
+    return postgres.url(database_name)
+
+
+@pytest.fixture
+def empty_database_url(postgres: PostgresEndpoint) -> Iterator[str]:
+    """A database with nothing in it (for migration tests)."""
+    name = create_database(postgres, None)
+    yield postgres.url(name)
+    drop_database(postgres, name)
+
+
+_redis_db = itertools.count(1)
+
+
+@pytest.fixture
+def redis_url(redis_endpoint: RedisEndpoint) -> Iterator[str]:
+    """A Redis database number of this test's own, empty."""
+    db = next(_redis_db) % REDIS_DATABASES or 1
+    url = redis_endpoint.url(db)
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def slot_name() -> str:
+    return f"cdc_{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,352 @@
+"""Ticket operations: create, update, change status, assign, comment, attach, resolve, close.
+
+Each is one transaction. A status change writes ``ticket_status_history`` and an
+assignment writes ``ticket_assignments`` in the same statement as the change; every
+operation appends its audit log there too (unless the writer was built with
+``audit=False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+from schema.enums import TICKET_TRANSITIONS, TicketStatus
+from schema.models import (
+    Assignment,
+    AttachmentCreate,
+    CommentCreate,
+    StatusChange,
+    Ticket,
+    TicketAttachment,
+    TicketComment,
+    TicketCreate,
+    TicketUpdate,
+)
+from writer.base import Operations, identifier, optional_identifier, to_model, validate
+from writer.db import Written
+from writer.errors import FieldProblem, InvalidInput, InvalidReference, InvalidTransition, NotFound
+from writer.ids import new_id
+from writer.statements import AUDIT_CTE, adapt, insert, returning, ticket_number_default, update
+
+_ALLOWED_TRANSITIONS = sorted(
+    f"{src.value}>{dst.value}" for src, targets in TICKET_TRANSITIONS.items() for dst in targets
+)
+
+_CREATE_COLUMNS = (
+    "id",
+    "ticket_number",
+    "title",
+    "description",
+    "status",
+    "priority",
+    "ticket_type",
+    "category",
+    "channel",
+    "customer",
+    "session_name",
+    "assignee_id",
+    "created_by",
+    "tags",
+    "extra_data",
+    "sla_due_at",
+    "resolved_at",
+    "closed_at",
+)
+
+
+@cache
+def _create_sql() -> str:
+    return insert(
+        "tickets",
+        _CREATE_COLUMNS,
+        overrides={
+            "ticket_number": ticket_number_default(),
+            "resolved_at": "CASE WHEN %(status)s IN ('resolved', 'closed') THEN now() END",
+            "closed_at": "CASE WHEN %(status)s = 'closed' THEN now() END",
+        },
+    )
+
+
+@cache
+def _status_sql() -> str:
+    cols = ", ".join(f"t.{c}" for c in returning("tickets").split(", "))
+    return f"""
+WITH cur AS (SELECT id, status FROM tickets WHERE id = %(id)s FOR UPDATE),
+row AS (
+    UPDATE tickets t SET
+        status = %(to_status)s,
+        updated_at = now(),
+        resolved_at = CASE
+            WHEN %(to_status)s = 'resolved' THEN now()
+            WHEN %(to_status)s = 'closed' THEN COALESCE(t.resolved_at, now())
+            ELSE NULL END,
+        closed_at = CASE WHEN %(to_status)s = 'closed' THEN now() ELSE NULL END,
+        reopen_count = t.reopen_count
+            + CASE WHEN cur.status IN ('resolved', 'closed') AND %(to_status)s = 'open'
+                   THEN 1 ELSE 0 END,
+        resolution = COALESCE(%(resolution)s, t.resolution)
+    FROM cur
+    WHERE t.id = cur.id AND (cur.status || '>' || %(to_status)s) = ANY(%(allowed)s)
+    RETURNING {cols}, cur.status AS previous_status
+),
+history AS (
+    INSERT INTO ticket_status_history
+        (ticket_id, from_status, to_status, changed_by, reason, comment)
+    SELECT id, previous_status, status, %(changed_by)s, %(reason)s, %(comment)s FROM row
+){AUDIT_CTE}
+SELECT cur.status AS current_status, row.* FROM cur LEFT JOIN row ON true
+"""
+
+
+@cache
+def _assign_sql() -> str:
+    cols = ", ".join(f"t.{c}" for c in returning("tickets").split(", "))
+    return f"""
+WITH cur AS (SELECT id, assignee_id FROM tickets WHERE id = %(id)s FOR UPDATE),
+row AS (
+    UPDATE tickets t SET assignee_id = %(agent_id)s, updated_at = now()
+    FROM cur WHERE t.id = cur.id
+    RETURNING {cols}, cur.assignee_id AS previous_assignee
+),
+assignment AS (
+    INSERT INTO ticket_assignments (ticket_id, from_agent_id, agent_id, assigned_by, reason)
+    SELECT id, previous_assignee, assignee_id, %(assigned_by)s, %(reason)s FROM row
+){AUDIT_CTE}
+SELECT * FROM row
+"""
+
+
+_TOUCH_TICKET = """
+, touch AS (
+    UPDATE tickets SET updated_at = now(),
+        first_response_at = COALESCE(first_response_at, CASE WHEN %(first_response)s THEN now() END)
+    WHERE id = %(ticket_id)s
+)"""
+
+_COMMENT_COLUMNS = (
+    "id",
+    "ticket_id",
+    "content",
+    "author_id",
+    "author_name",
+    "comment_type",
+    "mentions",
+    "extra_data",
+)
+_ATTACHMENT_COLUMNS = (
+    "id",
+    "ticket_id",
+    "comment_id",
+    "filename",
+    "stored_path",
+    "content_type",
+    "size_bytes",
+    "checksum_sha256",
+    "uploaded_by",
+    "extra_data",
+)
+
+
+@cache
+def _child_insert_sql(table: str, columns: tuple[str, ...]) -> str:
+    sql = insert(table, columns)
+    head, tail = sql.split(AUDIT_CTE, 1)
+    return head + _TOUCH_TICKET + AUDIT_CTE + tail
+
+
+def _ticket_fk_missing(exc: InvalidReference, ticket_id: str) -> NotFound | InvalidReference:
+    if exc.constraint and exc.constraint.endswith("_ticket_id_tickets"):
+        return NotFound("ticket", ticket_id)
+    return exc
+
+
+class TicketOperations(Operations):
+    def create_ticket(
+        self, data: TicketCreate | Mapping[str, Any], *, actor: str | None = None
+    ) -> Written[Ticket]:
+        ticket = validate(TicketCreate, data)
+        actor = optional_identifier(actor, "actor")
+        values = ticket.model_dump()
+        values["id"] = ticket.id or new_id()
+        values["resolved_at"] = None
+        values["closed_at"] = None
+        params = adapt("tickets", values)
+        params.update(
+            self._audit_params("ticket.created", "ticket", actor, {"status": ticket.status.value})
+        )
+        rows, token = self._db.write("ticket", _create_sql(), params)
+        return Written(to_model(Ticket, rows[0]), token)
+
+    def update_ticket(
+        self, ticket_id: str, changes: TicketUpdate | Mapping[str, Any], *, actor: str | None = None
+    ) -> Written[Ticket]:
+        ticket_id = identifier(ticket_id, "ticket_id")
+        update_model = validate(TicketUpdate, changes)
+        actor = optional_identifier(actor, "actor")
+        fields = sorted(update_model.model_fields_set)
+        if not fields:
+            raise InvalidInput(
+                "TicketUpdate", [FieldProblem((), "no field to update", "empty_update")]
+            )
+        for name in ("title", "priority", "ticket_type", "customer", "tags", "extra_data"):
+            if name in fields and getattr(update_model, name) is None:
+                raise InvalidInput(
+                    "TicketUpdate", [FieldProblem((name,), "cannot be cleared", "not_nullable")]
+                )
+        values = {name: getattr(update_model, name) for name in fields}
+        params = adapt("tickets", values)
+        params["id"] = ticket_id
+        params.update(self._audit_params("ticket.updated", "ticket", actor, {"fields": fields}))
+        sql = update("tickets", fields, extra_sets=["updated_at = now()"])
+        rows, token = self._db.write("ticket", sql, params)
+        if not rows:
+            raise NotFound("ticket", ticket_id)
+        return Written(to_model(Ticket, rows[0]), token)
+
+    def change_ticket_status(
+        self, ticket_id: str, change: StatusChange | Mapping[str, Any], *, actor: str | None = None
+    ) -> Written[Ticket]:
+        """Move a ticket to another status, recording ``ticket_status_history``."""
+        ticket_id = identifier(ticket_id, "ticket_id")
+        status_change = validate(StatusChange, change)
+        actor = optional_identifier(actor, "actor")
+        changed_by = status_change.changed_by or actor
+        to_status = status_change.to_status.value
+        params: dict[str, Any] = {
+            "id": ticket_id,
+            "to_status": to_status,
+            "allowed": _ALLOWED_TRANSITIONS,
+            "changed_by": changed_by,
+            "reason": status_change.reason,
+            "comment": status_change.comment,
+            "resolution": status_change.resolution,
+        }
+        params.update(
+            self._audit_params("ticket.status_changed", "ticket", changed_by, {"to": to_status})
+        )
+        rows, token = self._db.write("ticket", _status_sql(), params)
+        if not rows:
+            raise NotFound("ticket", ticket_id)
+        row = dict(rows[0])
+        current = row.pop("current_status")
+        if row.get("id") is None:
+            raise InvalidTransition(ticket_id, str(current), to_status)
+        row.pop("previous_status", None)
+        return Written(to_model(Ticket, row), token)
+
+    def resolve_ticket(
+        self, ticket_id: str, *, resolution: str | None = None, actor: str | None = None
+    ) -> Written[Ticket]:
+        return self.change_ticket_status(
+            ticket_id, {"to_status": TicketStatus.RESOLVED, "resolution": resolution}, actor=actor
+        )
+
+    def close_ticket(
+        self, ticket_id: str, *, reason: str | None = None, actor: str | None = None
+    ) -> Written[Ticket]:
+        return self.change_ticket_status(
+            ticket_id, {"to_status": TicketStatus.CLOSED, "reason": reason}, actor=actor
+        )
+
+    def reopen_ticket(
+        self, ticket_id: str, *, reason: str | None = None, actor: str | None = None
+    ) -> Written[Ticket]:
+        return self.change_ticket_status(
+            ticket_id, {"to_status": TicketStatus.OPEN, "reason": reason}, actor=actor
+        )
+
+    def assign_ticket(
+        self,
+        ticket_id: str,
+        assignment: Assignment | Mapping[str, Any],
+        *,
+        actor: str | None = None,
+    ) -> Written[Ticket]:
+        """Assign (or, with ``agent_id=None``, unassign), recording ``ticket_assignments``."""
+        ticket_id = identifier(ticket_id, "ticket_id")
+        request = validate(Assignment, assignment)
+        actor = optional_identifier(actor, "actor")
+        assigned_by = request.assigned_by or actor
+        params: dict[str, Any] = {
+            "id": ticket_id,
+            "agent_id": request.agent_id,
+            "assigned_by": assigned_by,
+            "reason": request.reason,
+        }
+        params.update(
+            self._audit_params("ticket.assigned", "ticket", assigned_by, {"to": request.agent_id})
+        )
+        rows, token = self._db.write("ticket", _assign_sql(), params)
+        if not rows:
+            raise NotFound("ticket", ticket_id)
+        row = dict(rows[0])
+        row.pop("previous_assignee", None)
+        return Written(to_model(Ticket, row), token)
+
+    def add_comment(
+        self,
+        ticket_id: str,
+        comment: CommentCreate | Mapping[str, Any],
+        *,
+        actor: str | None = None,
+    ) -> Written[TicketComment]:
+        ticket_id = identifier(ticket_id, "ticket_id")
+        data = validate(CommentCreate, comment)
+        actor = optional_identifier(actor, "actor")
+        values = data.model_dump()
+        values["id"] = data.id or new_id()
+        values["ticket_id"] = ticket_id
+        params = adapt("ticket_comments", values)
+        params["first_response"] = (
+            data.comment_type.value == "public" and data.author_id is not None
+        )
+        params.update(
+            self._audit_params(
+                "ticket.commented",
+                "ticket_comment",
+                actor or data.author_id,
+                {"ticket_id": ticket_id},
+            )
+        )
+        try:
+            rows, token = self._db.write(
+                "ticket comment", _child_insert_sql("ticket_comments", _COMMENT_COLUMNS), params
+            )
+        except InvalidReference as exc:
+            raise _ticket_fk_missing(exc, ticket_id) from None
+        return Written(to_model(TicketComment, rows[0]), token)
+
+    def add_attachment(
+        self,
+        ticket_id: str,
+        attachment: AttachmentCreate | Mapping[str, Any],
+        *,
+        actor: str | None = None,
+    ) -> Written[TicketAttachment]:
+        ticket_id = identifier(ticket_id, "ticket_id")
+        data = validate(AttachmentCreate, attachment)
+        actor = optional_identifier(actor, "actor")
+        values = data.model_dump()
+        values["id"] = data.id or new_id()
+        values["ticket_id"] = ticket_id
+        params = adapt("ticket_attachments", values)
+        params["first_response"] = False
+        params.update(
+            self._audit_params(
+                "ticket.attachment_added",
+                "ticket_attachment",
+                actor or data.uploaded_by,
+                {"ticket_id": ticket_id},
+            )
+        )
+        try:
+            rows, token = self._db.write(
+                "ticket attachment",
+                _child_insert_sql("ticket_attachments", _ATTACHMENT_COLUMNS),
+                params,
+            )
+        except InvalidReference as exc:
+            raise _ticket_fk_missing(exc, ticket_id) from None
+        return Written(to_model(TicketAttachment, rows[0]), token)
