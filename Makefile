@@ -28,7 +28,10 @@ $(SYSTEM_STAMP): devstack/system-deps.sh
 	./devstack/system-deps.sh
 	@mkdir -p $(VENV) && touch $@
 
-$(STAMP): $(SYSTEM_STAMP) pyproject.toml setup.py
+# The hot path is compiled by mypyc (setup.py): rebuild when those sources change.
+COMPILED := cdc/messages.py cdc/pgoutput.py cdc/assemble.py cdc/resp.py cdc/plan.py
+
+$(STAMP): $(SYSTEM_STAMP) pyproject.toml setup.py $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

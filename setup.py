@@ -13,7 +13,13 @@ import os
 
 from setuptools import setup
 
-COMPILED: list[str] = []
+COMPILED: list[str] = [
+    "cdc/messages.py",
+    "cdc/pgoutput.py",
+    "cdc/assemble.py",
+    "cdc/resp.py",
+    "cdc/plan.py",
+]
 
 
 def ext_modules() -> list[object]:

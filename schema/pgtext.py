@@ -21,9 +21,10 @@ Converter = Callable[[str], Any]
 
 
 def parse_bool(text: str) -> bool:
-    if text == "t":
+    """``true``/``false`` (``bool::text``); ``t``/``f`` (boolout) too."""
+    if text in ("true", "t"):
         return True
-    if text == "f":
+    if text in ("false", "f"):
         return False
     raise ValueError(f"not a PostgreSQL boolean: {text!r}")
 

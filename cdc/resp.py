@@ -1,0 +1,55 @@
+"""RESP (Redis protocol) encoding of commands, appended to a ``bytearray``.
+
+A batch of commands is built in one buffer and sent in one write; nothing here performs
+I/O. Hot path, compiled by mypyc: bulk-string headers for short values come from a table.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+CRLF: Final = b"\r\n"
+_HEADERS: Final = [b"$%d\r\n" % n for n in range(4096)]
+_ARRAYS: Final = [b"*%d\r\n" % n for n in range(512)]
+
+
+def bulk_header(length: int) -> bytes:
+    return _HEADERS[length] if length < 4096 else b"$%d\r\n" % length
+
+
+def array_header(count: int) -> bytes:
+    return _ARRAYS[count] if count < 512 else b"*%d\r\n" % count
+
+
+def bulk(data: bytes) -> bytes:
+    return bulk_header(len(data)) + data + CRLF
+
+
+def append_bulk(buf: bytearray, data: bytes) -> None:
+    buf += bulk_header(len(data))
+    buf += data
+    buf += CRLF
+
+
+def append_command(buf: bytearray, args: list[bytes]) -> None:
+    buf += array_header(len(args))
+    for arg in args:
+        buf += bulk_header(len(arg))
+        buf += arg
+        buf += CRLF
+
+
+def command(*args: bytes) -> bytes:
+    buf = bytearray()
+    append_command(buf, list(args))
+    return bytes(buf)
+
+
+def glob_escape(text: bytes) -> bytes:
+    """``text`` as a literal inside a Redis glob pattern (SCAN MATCH)."""
+    out = bytearray()
+    for byte in text:
+        if byte in b"*?[]\\":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)

@@ -1,0 +1,344 @@
+"""``cdc verify``: compare every tracked row with its Redis key, optionally repair.
+
+Pass 1 walks each table (a server-side cursor, bounded memory), compares each row's text
+values with its hash (fields starting with ``_`` are the daemon's and ignored), checks
+lookup keys, and scans Redis for keys whose rows do not exist. Because the daemon keeps
+streaming meanwhile, a difference may only be in flight: pass 2 waits until the daemon's
+checkpoint passes the WAL position of pass 1, then re-reads just the differing keys from
+both sides. Only what still differs is reported (and, with ``--repair``, rewritten).
+
+Repairs are written with the row read in pass 2; a later change will still be streamed
+over them by the daemon, which remains the only regular writer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from cdc import catalog
+from cdc.assemble import TableView, view_from_columns
+from cdc.lsn import lsn_bytes, parse_lsn
+from cdc.rows import Row, existing_ids, iter_rows, rows_by_id
+from cdc.settings import Settings
+from cdc.snapshot import scan_keys
+from schema.keys import (
+    RESERVED_FIELD_PREFIX,
+    STATE_KEY,
+    TRACKED_TABLES,
+    VERSION_FIELD,
+    TrackedTable,
+)
+
+CHUNK = 1000
+
+
+@dataclass
+class Difference:
+    key: str
+    kind: str  # missing | extra | different
+    fields: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "kind": self.kind}
+        if self.fields:
+            out["fields"] = self.fields
+        return out
+
+
+@dataclass
+class Report:
+    rows: int = 0
+    keys_scanned: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    repaired: int = 0
+    rebuilding: bool = False
+
+    @property
+    def equal(self) -> bool:
+        return not self.differences
+
+    def as_dict(self) -> dict[str, Any]:
+        by_kind: dict[str, list[Any]] = {"missing": [], "extra": [], "different": []}
+        for diff in self.differences:
+            by_kind[diff.kind].append(diff.key if diff.kind != "different" else diff.as_dict())
+        return {
+            "equal": self.equal,
+            "rows": self.rows,
+            "keys_scanned": self.keys_scanned,
+            **by_kind,
+            "repaired": self.repaired,
+            "rebuilding": self.rebuilding,
+        }
+
+    def lines(self, limit: int = 100) -> list[str]:
+        out = []
+        for diff in self.differences[:limit]:
+            suffix = f" ({', '.join(diff.fields)})" if diff.fields else ""
+            out.append(f"{diff.kind:<9} {diff.key}{suffix}")
+        if len(self.differences) > limit:
+            out.append(f"... and {len(self.differences) - limit} more")
+        counts = {
+            k: sum(1 for d in self.differences if d.kind == k)
+            for k in ("missing", "extra", "different")
+        }
+        summary = (
+            f"checked {self.rows} rows and {self.keys_scanned} keys: "
+            f"{counts['missing']} missing, {counts['extra']} extra, {counts['different']} different"
+        )
+        if self.repaired:
+            summary += f"; repaired {self.repaired}"
+        if self.rebuilding:
+            summary += (
+                " (the daemon is rebuilding the cache: differences are expected until it finishes)"
+            )
+        out.append(summary)
+        return out
+
+
+def expected_hash(view: TableView, row: Row) -> dict[bytes, bytes]:
+    return {
+        view.field_names[i]: value
+        for i, value in enumerate(row)
+        if value is not None and view.included[i]
+    }
+
+
+def actual_hash(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    reserved = RESERVED_FIELD_PREFIX.encode()
+    return {k: v for k, v in fields.items() if not k.startswith(reserved)}
+
+
+def compare(
+    view: TableView, row: Row | None, fields: dict[bytes, bytes]
+) -> tuple[str, list[str]] | None:
+    """None when equal, else (kind, differing field names)."""
+    if row is None:
+        return ("extra", []) if fields else None
+    if not fields:
+        return ("missing", [])
+    expected = expected_hash(view, row)
+    actual = actual_hash(fields)
+    if expected == actual:
+        return None
+    names = sorted({k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)})
+    return ("different", [n.decode() for n in names])
+
+
+class Verifier:
+    def __init__(
+        self, settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
+    ) -> None:
+        self.settings = settings
+        self.tables = tables
+        self.redis = redis.Redis.from_url(
+            settings.redis, socket_timeout=max(settings.redis_timeout, 10)
+        )
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def run(self, repair: bool = False) -> Report:
+        report = Report()
+        state = self.redis.hgetall(STATE_KEY)
+        report.rebuilding = bool(state.get(b"rebuild")) or state.get(b"loading") == b"1"
+        conn = catalog.connect(self.settings.replication_conninfo, "PostgreSQL (verify)")
+        try:
+            suspects: list[tuple[TrackedTable, TableView, str]] = []
+            for table in self.tables:
+                view = view_from_columns(table, catalog.table_columns(conn, table))
+                suspects += self._scan_table(conn, table, view, report)
+            if suspects:
+                self._wait_for_daemon(conn)
+                suspects = self._confirm(conn, suspects)
+            report.differences = self._describe(conn, suspects)
+            if repair and report.differences:
+                report.repaired = self._repair(conn, suspects)
+        finally:
+            conn.close()
+        return report
+
+    # -- pass 1 --------------------------------------------------------------------------------
+
+    def _scan_table(
+        self, conn: catalog.Conn, table: TrackedTable, view: TableView, report: Report
+    ) -> list[tuple[TrackedTable, TableView, str]]:
+        suspects: list[tuple[TrackedTable, TableView, str]] = []
+        conn.autocommit = False
+        try:
+            with conn.transaction():
+                for rows in iter_rows(conn, table, view.column_names, CHUNK):
+                    report.rows += len(rows)
+                    pipe = self.redis.pipeline(transaction=False)
+                    for row in rows:
+                        pipe.hgetall(view.key(_pk(view, row)))
+                        for index, position in enumerate(view.lookup_indexes):
+                            value = row[position]
+                            if value is not None:
+                                pipe.get(view.lookup_key(index, value))
+                    replies = iter(pipe.execute())
+                    for row in rows:
+                        row_id = _pk(view, row)
+                        if compare(view, row, next(replies)) is not None:
+                            suspects.append((table, view, row_id.decode()))
+                        for index, position in enumerate(view.lookup_indexes):
+                            value = row[position]
+                            if value is not None and next(replies) != row_id:
+                                suspects.append((table, view, f"lookup:{index}:{value.decode()}"))
+        finally:
+            conn.autocommit = True
+        # Keys whose rows do not exist (and lookups pointing nowhere).
+        for keys in scan_keys(self.redis, table.key_prefix):
+            report.keys_scanned += len(keys)
+            ids = [table.key_id(k.decode()) for k in keys]
+            present = existing_ids(conn, table, [i for i in ids if i is not None])
+            suspects += [(table, view, i) for i in ids if i is not None and i not in present]
+        for index, lookup in enumerate(table.lookups):
+            prefix = lookup.prefix + ":{"
+            for keys in scan_keys(self.redis, prefix):
+                report.keys_scanned += len(keys)
+                names = [k.decode()[len(prefix) : -1] for k in keys]
+                targets: list[Any] = self.redis.mget(keys)
+                owner_rows = conn.execute(
+                    f'SELECT "{lookup.column}"::text, "{table.primary_key}"::text'
+                    f' FROM "{table.schema}"."{table.name}"'
+                    f' WHERE "{lookup.column}"::text = ANY(%s)',
+                    (names,),
+                ).fetchall()
+                owners = {str(v): str(i) for v, i in owner_rows}
+                for name, target in zip(names, targets, strict=True):
+                    if target is None or owners.get(name) != target.decode():
+                        suspects.append((table, view, f"lookup:{index}:{name}"))
+        return _dedupe(suspects)
+
+    # -- pass 2 --------------------------------------------------------------------------------
+
+    def _wait_for_daemon(self, conn: catalog.Conn, timeout: float = 5.0) -> None:
+        target = catalog.current_wal_lsn(conn)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            raw = self.redis.hget(STATE_KEY, "lsn")
+            if raw and parse_lsn(raw) >= target:
+                return
+            time.sleep(0.05)
+
+    def _confirm(
+        self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
+    ) -> list[tuple[TrackedTable, TableView, str]]:
+        still: list[tuple[TrackedTable, TableView, str]] = []
+        for table, view, ident in suspects:
+            if ident.startswith("lookup:"):
+                if self._lookup_problem(conn, table, ident) is not None:
+                    still.append((table, view, ident))
+                continue
+            rows = rows_by_id(conn, table, view.column_names, [ident])
+            fields = self.redis.hgetall(view.key(ident.encode()))
+            if compare(view, rows[0] if rows else None, fields) is not None:  # type: ignore[arg-type]
+                still.append((table, view, ident))
+            elif rows:
+                for index, position in enumerate(view.lookup_indexes):
+                    value = rows[0][position]
+                    if (
+                        value is not None
+                        and self.redis.get(view.lookup_key(index, value)) != ident.encode()
+                    ):
+                        still.append((table, view, f"lookup:{index}:{value.decode()}"))
+        return still
+
+    def _lookup_problem(self, conn: catalog.Conn, table: TrackedTable, ident: str) -> str | None:
+        _, index_text, value = ident.split(":", 2)
+        lookup = table.lookups[int(index_text)]
+        target = self.redis.get(lookup.key(value))
+        row = conn.execute(
+            f'SELECT "{table.primary_key}"::text FROM "{table.schema}"."{table.name}"'
+            f' WHERE "{lookup.column}"::text = %s',
+            (value,),
+        ).fetchone()
+        owner = str(row[0]) if row else None
+        if owner is None and target is None:
+            return None
+        if owner is None:
+            return "extra"
+        if target is None:
+            return "missing"
+        return None if target.decode() == owner else "different"  # type: ignore[union-attr]
+
+    def _describe(
+        self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
+    ) -> list[Difference]:
+        out = []
+        for table, view, ident in suspects:
+            if ident.startswith("lookup:"):
+                kind = self._lookup_problem(conn, table, ident)
+                _, index_text, value = ident.split(":", 2)
+                if kind is not None:
+                    out.append(Difference(table.lookups[int(index_text)].key(value), kind))
+                continue
+            rows = rows_by_id(conn, table, view.column_names, [ident])
+            fields = self.redis.hgetall(view.key(ident.encode()))
+            found = compare(view, rows[0] if rows else None, fields)  # type: ignore[arg-type]
+            if found is not None:
+                out.append(Difference(table.key(ident), found[0], found[1]))
+        return out
+
+    # -- repair --------------------------------------------------------------------------------
+
+    def _repair(
+        self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
+    ) -> int:
+        stamp = lsn_bytes(catalog.current_wal_lsn(conn))
+        repaired = 0
+        for table, view, ident in suspects:
+            pipe = self.redis.pipeline(transaction=True)
+            if ident.startswith("lookup:"):
+                _, index_text, value = ident.split(":", 2)
+                lookup = table.lookups[int(index_text)]
+                row = conn.execute(
+                    f'SELECT "{table.primary_key}"::text FROM "{table.schema}"."{table.name}"'
+                    f' WHERE "{lookup.column}"::text = %s',
+                    (value,),
+                ).fetchone()
+                if row is None:
+                    pipe.delete(lookup.key(value))
+                else:
+                    pipe.set(lookup.key(value), str(row[0]))
+            else:
+                rows = rows_by_id(conn, table, view.column_names, [ident])
+                key = view.key(ident.encode())
+                pipe.delete(key)
+                if rows:
+                    mapping: dict[Any, Any] = dict(expected_hash(view, rows[0]))
+                    mapping[VERSION_FIELD.encode()] = stamp
+                    pipe.hset(key, mapping=mapping)
+            pipe.execute()
+            repaired += 1
+        return repaired
+
+
+def _pk(view: TableView, row: Row) -> bytes:
+    value = row[view.pk_index]
+    assert value is not None
+    return value
+
+
+def _dedupe(
+    items: list[tuple[TrackedTable, TableView, str]],
+) -> list[tuple[TrackedTable, TableView, str]]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for table, view, ident in items:
+        if (table.name, ident) not in seen:
+            seen.add((table.name, ident))
+            out.append((table, view, ident))
+    return out
+
+
+def verify(settings: Settings, repair: bool = False) -> Report:
+    verifier = Verifier(settings)
+    try:
+        return verifier.run(repair)
+    finally:
+        verifier.close()

@@ -1,0 +1,314 @@
+"""End-to-end helpers: the daemon as a subprocess, fences, and the PG-vs-Redis comparison.
+
+:func:`assert_converged` is the one full comparison every end-to-end case ends with. It is
+written here independently of ``cdc verify`` (plain SQL and redis-py), so a bug shared by
+the daemon and its verifier cannot hide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+
+from devstack.servers import free_port
+from schema.keys import STATE_KEY, TRACKED_TABLES
+
+ROOT = Path(__file__).resolve().parents[1]
+FENCE_ID = "__fence__"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy (no fixed sleeps in tests).
+
+    Connection errors are retried; anything else (an assertion) fails at once."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (OSError, redis.RedisError, psycopg.OperationalError) as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from last_error
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
+@dataclass
+class Daemon:
+    """``python -m cdc run`` in a subprocess with its own slot, Redis db and metrics port."""
+
+    database_url: str
+    redis_url: str
+    slot: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("CDC_") and k not in ("DATABASE_URL", "REDIS_URL")
+        }
+        env.update(
+            {
+                "DATABASE_URL": self.database_url,
+                "REDIS_URL": self.redis_url,
+                "CDC_SLOT": self.slot,
+                "CDC_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}",
+                "CDC_LOG_FORMAT": "json",
+                "CDC_LOG_LEVEL": "info",
+                "CDC_STATUS_INTERVAL": "0.2",
+                "CDC_PG_TIMEOUT": "10",
+                "CDC_REDIS_TIMEOUT": "2",
+                "CDC_RETRY_MAX": "1",
+                "CDC_SCHEMA_POLL_INTERVAL": "0.2",
+                "CDC_OBSERVE_INTERVAL": "0.5",
+                "CDC_SLOT_BUSY_TIMEOUT": "3",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.env)
+        return env
+
+    def start(self, *args: str) -> Daemon:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cdc", "run", *args],
+            cwd=ROOT,
+            env=self.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def http(self, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def ready(self) -> bool:
+        with contextlib.suppress(OSError):
+            return self.http("/readyz")[0] == 200
+        return False
+
+    def wait_ready(self, timeout: float = 60.0) -> Daemon:
+        def check() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            return self.ready()
+
+        wait_for(check, timeout, "the daemon to be ready")
+        return self
+
+    def metric(self, name: str, labels: str = "") -> float | None:
+        _, body = self.http("/metrics")
+        needle = f"{name}{{{labels}}}" if labels else name
+        for line in body.splitlines():
+            if line.startswith(needle + " "):
+                return float(line.split()[-1])
+        return None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM; the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """kill -9."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+
+_fence_counter = itertools.count(1)
+
+
+def fence(database_url: str, redis_url: str, timeout: float = 30.0) -> None:
+    """Write a row and wait until it is in Redis: everything committed before it is too."""
+    marker = f"fence-{os.getpid()}-{next(_fence_counter)}-{time.monotonic_ns()}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO tickets (id, title) VALUES (%s, %s)"
+            " ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title",
+            (FENCE_ID, marker),
+        )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_for(
+            lambda: client.hget("ticket:{" + FENCE_ID + "}", "title") == marker.encode(),
+            timeout,
+            "the fence row to reach Redis",
+        )
+    finally:
+        client.close()
+
+
+def pg_rows(conn: psycopg.Connection[Any], schema: str, table: str) -> dict[str, dict[str, str]]:
+    """Every row of a table as {column: text} for its non-NULL columns (TimeZone UTC)."""
+    columns = [
+        r[0]
+        for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
+            " AND NOT attisdropped ORDER BY attnum",
+            (f"{schema}.{table}",),
+        ).fetchall()
+    ]
+    select = ", ".join(f'"{c}"::text' for c in columns)
+    rows = conn.execute(f'SELECT {select} FROM "{schema}"."{table}"').fetchall()
+    out = {}
+    for row in rows:
+        values = {c: v for c, v in zip(columns, row, strict=True) if v is not None}
+        out[values["id"]] = values
+    return out
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def snapshot_redis(client: redis.Redis, pattern: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in client.scan_iter(match=pattern, count=1000):
+        name = key.decode()
+        kind = client.type(key)
+        if kind == b"hash":
+            out[name] = {text(k): text(v) for k, v in client.hgetall(key).items()}
+        else:
+            value = client.get(key)
+            out[name] = text(value) if value is not None else None
+    return out
+
+
+def assert_converged(database_url: str, redis_url: str, fence_first: bool = True) -> dict[str, int]:
+    """I1: every tracked row equals its key (contract section 6) and no extra key exists."""
+    if fence_first:
+        fence(database_url, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    counts: dict[str, int] = {}
+    problems: list[str] = []
+    try:
+        with psycopg.connect(database_url, options="-c TimeZone=UTC") as conn:
+            for table in TRACKED_TABLES:
+                rows = pg_rows(conn, table.schema, table.name)
+                counts[table.name] = len(rows)
+                keys = snapshot_redis(client, table.prefix + ":{*")
+                row_keys = {k: v for k, v in keys.items() if table.key_id(k) is not None}
+                for row_id, values in rows.items():
+                    expected = {k: v for k, v in values.items() if k not in table.excluded_columns}
+                    actual = row_keys.pop(table.key(row_id), None)
+                    if actual is None:
+                        problems.append(f"missing {table.key(row_id)}")
+                        continue
+                    if not isinstance(actual, dict):
+                        problems.append(f"{table.key(row_id)} is not a hash")
+                        continue
+                    version = actual.pop("_v", None)
+                    actual = {k: v for k, v in actual.items() if not k.startswith("_")}
+                    if version is None:
+                        problems.append(f"{table.key(row_id)} has no _v")
+                    if actual != expected:
+                        diff = sorted(
+                            k
+                            for k in expected.keys() | actual.keys()
+                            if expected.get(k) != actual.get(k)
+                        )
+                        problems.append(f"different {table.key(row_id)}: {diff}")
+                problems += [f"extra {k}" for k in row_keys]
+                for lookup in table.lookups:
+                    found = snapshot_redis(client, lookup.prefix + ":{*")
+                    wanted = {lookup.key(v[lookup.column]): row_id for row_id, v in rows.items()}
+                    for key, row_id in wanted.items():
+                        if found.pop(key, None) != row_id:
+                            problems.append(f"lookup {key} should be {row_id}")
+                    problems += [f"extra lookup {k}" for k in found]
+        other = [
+            k.decode()
+            for k in client.scan_iter(count=1000)
+            if not k.decode().startswith(("ticket:{", "agent:{", "agent:username:{", "cdc:"))
+        ]
+        problems += [f"unexpected key {k}" for k in other]
+    finally:
+        client.close()
+    assert not problems, "Redis differs from PostgreSQL:\n" + "\n".join(problems[:50])
+    return counts
+
+
+def redis_state(redis_url: str) -> dict[str, str]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return client.hgetall(STATE_KEY)  # type: ignore[return-value]
+    finally:
+        client.close()
+
+
+def parse_lsn(text: str) -> int:
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def slot_confirmed(database_url: str, slot: str) -> int | None:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+    return parse_lsn(row[0]) if row and row[0] else None
+
+
+@contextlib.contextmanager
+def running(daemon: Daemon, timeout: float = 60.0) -> Iterator[Daemon]:
+    daemon.start()
+    try:
+        daemon.wait_ready(timeout)
+        yield daemon
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop()
