@@ -191,9 +191,8 @@ def fence(database_url: str, redis_url: str, timeout: float = 30.0) -> None:
         client.close()
 
 
-def pg_rows(conn: psycopg.Connection[Any], schema: str, table: str) -> dict[str, dict[str, str]]:
-    """Every row of a table as {column: text} for its non-NULL columns (TimeZone UTC)."""
-    columns = [
+def _columns(conn: psycopg.Connection[Any], schema: str, table: str) -> list[str]:
+    return [
         r[0]
         for r in conn.execute(
             "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0"
@@ -201,30 +200,38 @@ def pg_rows(conn: psycopg.Connection[Any], schema: str, table: str) -> dict[str,
             (f"{schema}.{table}",),
         ).fetchall()
     ]
+
+
+def pg_rows(
+    conn: psycopg.Connection[Any], schema: str, table: str
+) -> Iterator[list[dict[str, str]]]:
+    """Every row of a table as {column: text} for its non-NULL columns, in chunks.
+
+    Must run inside a transaction (the cursor is server-side)."""
+    columns = _columns(conn, schema, table)
     select = ", ".join(f'"{c}"::text' for c in columns)
-    rows = conn.execute(f'SELECT {select} FROM "{schema}"."{table}"').fetchall()
-    out = {}
-    for row in rows:
-        values = {c: v for c, v in zip(columns, row, strict=True) if v is not None}
-        out[values["id"]] = values
-    return out
+    with conn.cursor(name=f"compare_{table}") as cur:
+        cur.execute(f'SELECT {select} FROM "{schema}"."{table}"')
+        while rows := cur.fetchmany(5000):
+            yield [
+                {c: v for c, v in zip(columns, row, strict=True) if v is not None} for row in rows
+            ]
 
 
 def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def snapshot_redis(client: redis.Redis, pattern: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in client.scan_iter(match=pattern, count=1000):
-        name = key.decode()
-        kind = client.type(key)
-        if kind == b"hash":
-            out[name] = {text(k): text(v) for k, v in client.hgetall(key).items()}
-        else:
-            value = client.get(key)
-            out[name] = text(value) if value is not None else None
-    return out
+def scan(client: redis.Redis, prefix: str) -> Iterator[list[bytes]]:
+    pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=2000):
+        batch.append(key)
+        if len(batch) >= 2000:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def assert_converged(database_url: str, redis_url: str, fence_first: bool = True) -> dict[str, int]:
@@ -237,38 +244,58 @@ def assert_converged(database_url: str, redis_url: str, fence_first: bool = True
     try:
         with psycopg.connect(database_url, options="-c TimeZone=UTC") as conn:
             for table in TRACKED_TABLES:
-                rows = pg_rows(conn, table.schema, table.name)
-                counts[table.name] = len(rows)
-                keys = snapshot_redis(client, table.prefix + ":{*")
-                row_keys = {k: v for k, v in keys.items() if table.key_id(k) is not None}
-                for row_id, values in rows.items():
-                    expected = {k: v for k, v in values.items() if k not in table.excluded_columns}
-                    actual = row_keys.pop(table.key(row_id), None)
-                    if actual is None:
-                        problems.append(f"missing {table.key(row_id)}")
-                        continue
-                    if not isinstance(actual, dict):
-                        problems.append(f"{table.key(row_id)} is not a hash")
-                        continue
-                    version = actual.pop("_v", None)
-                    actual = {k: v for k, v in actual.items() if not k.startswith("_")}
-                    if version is None:
-                        problems.append(f"{table.key(row_id)} has no _v")
-                    if actual != expected:
-                        diff = sorted(
-                            k
-                            for k in expected.keys() | actual.keys()
-                            if expected.get(k) != actual.get(k)
-                        )
-                        problems.append(f"different {table.key(row_id)}: {diff}")
-                problems += [f"extra {k}" for k in row_keys]
+                ids: set[str] = set()
+                lookups: dict[str, dict[str, str]] = {lookup.prefix: {} for lookup in table.lookups}
+                for rows in pg_rows(conn, table.schema, table.name):
+                    pipe = client.pipeline(transaction=False)
+                    for values in rows:
+                        pipe.type(table.key(values["id"]))
+                        pipe.hgetall(table.key(values["id"]))
+                    replies = iter(pipe.execute())
+                    for values in rows:
+                        row_id = values["id"]
+                        ids.add(row_id)
+                        for lookup in table.lookups:
+                            lookups[lookup.prefix][lookup.key(values[lookup.column])] = row_id
+                        kind, fields = next(replies), next(replies)
+                        key = table.key(row_id)
+                        if not fields:
+                            problems.append(f"missing {key}")
+                            continue
+                        if kind != b"hash":
+                            problems.append(f"{key} is not a hash")
+                            continue
+                        actual = {text(k): text(v) for k, v in fields.items()}
+                        if "_v" not in actual:
+                            problems.append(f"{key} has no _v")
+                        actual = {k: v for k, v in actual.items() if not k.startswith("_")}
+                        expected = {
+                            k: v for k, v in values.items() if k not in table.excluded_columns
+                        }
+                        if actual != expected:
+                            diff = sorted(
+                                k
+                                for k in expected.keys() | actual.keys()
+                                if expected.get(k) != actual.get(k)
+                            )
+                            problems.append(f"different {key}: {diff}")
+                counts[table.name] = len(ids)
+                for found in scan(client, table.key_prefix):
+                    for raw in found:
+                        extra_id = table.key_id(raw.decode())
+                        if extra_id is not None and extra_id not in ids:
+                            problems.append(f"extra {raw.decode()}")
                 for lookup in table.lookups:
-                    found = snapshot_redis(client, lookup.prefix + ":{*")
-                    wanted = {lookup.key(v[lookup.column]): row_id for row_id, v in rows.items()}
-                    for key, row_id in wanted.items():
-                        if found.pop(key, None) != row_id:
-                            problems.append(f"lookup {key} should be {row_id}")
-                    problems += [f"extra lookup {k}" for k in found]
+                    wanted = lookups[lookup.prefix]
+                    for found in scan(client, lookup.prefix + ":{"):
+                        for raw, value in zip(found, client.mget(found), strict=True):
+                            name = raw.decode()
+                            owner = wanted.pop(name, None)
+                            if owner is None:
+                                problems.append(f"extra lookup {name}")
+                            elif value is None or text(value) != owner:
+                                problems.append(f"lookup {name} should be {owner}")
+                    problems += [f"missing lookup {k}" for k in wanted]
         other = [
             k.decode()
             for k in client.scan_iter(count=1000)
@@ -277,7 +304,9 @@ def assert_converged(database_url: str, redis_url: str, fence_first: bool = True
         problems += [f"unexpected key {k}" for k in other]
     finally:
         client.close()
-    assert not problems, "Redis differs from PostgreSQL:\n" + "\n".join(problems[:50])
+    assert not problems, f"Redis differs from PostgreSQL ({len(problems)} problems):\n" + "\n".join(
+        problems[:50]
+    )
     return counts
 
 
