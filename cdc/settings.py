@@ -154,6 +154,8 @@ def load_settings(**overrides: object) -> Settings:
         if first["type"] == "missing":
             raise ConfigError(f"{name} is not set") from None
         raise ConfigError(f"{name}: {first['msg']}") from None
+    if not settings.database_url.get_secret_value():
+        raise ConfigError("DATABASE_URL is not set")
     _check_postgres_url(
         "CDC_DATABASE_URL" if settings.cdc_database_url else "DATABASE_URL",
         settings.replication_conninfo,

@@ -122,12 +122,16 @@ class PostgresServer:
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         user = _postgres_user()
+        # Drop root's groups too: with gid 0 a 0701 directory owned by root would be
+        # judged by its group bits (---), not by "other" (--x).
         return subprocess.run(
             args,
             check=check,
             capture_output=True,
             text=True,
             user=user,
+            group=user,
+            extra_groups=[] if user else None,
             cwd=self.directory,
             env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"},
         )

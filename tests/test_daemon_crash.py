@@ -60,11 +60,7 @@ class Monitor:
             try:
                 confirmed = slot_confirmed(self.database_url, self.slot)
                 checkpoint = client.hget("cdc:state", "lsn")
-                if (
-                    confirmed is not None
-                    and checkpoint
-                    and confirmed > parse_lsn(text(checkpoint))
-                ):
+                if confirmed is not None and checkpoint and confirmed > parse_lsn(text(checkpoint)):
                     self.ack_violations.append(
                         f"confirmed {confirmed:X} > checkpoint {checkpoint!r}"
                     )
