@@ -11,9 +11,11 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -341,3 +343,57 @@ def running(daemon: Daemon, timeout: float = 60.0) -> Iterator[Daemon]:
     finally:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()
+
+
+class Load:
+    """A writer thread: small multi-row transactions on a fixed set of rows, until
+    stopped. It reconnects when PostgreSQL goes away (restarts are part of the cases)."""
+
+    def __init__(self, database_url: str, rows: list[str], seed: int = 7) -> None:
+        self.database_url = database_url
+        self.rows = rows
+        self.commits = 0
+        self.failures = 0
+        self._seed = seed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def wait_commits(self, more: int, timeout: float = 60.0) -> None:
+        target = self.commits + more
+        wait_for(lambda: self.commits >= target, timeout, f"{more} more commits")
+
+    def _run(self) -> None:
+        rng = random.Random(self._seed)
+        conn: psycopg.Connection[Any] | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(self.database_url, connect_timeout=3)
+                for row in rng.sample(self.rows, min(4, len(self.rows))):
+                    conn.execute(
+                        "INSERT INTO tickets (id, title) VALUES (%s, '0')"
+                        " ON CONFLICT (id) DO UPDATE SET title = (tickets.title::int + 1)::text,"
+                        " updated_at = now()",
+                        (row,),
+                    )
+                if rng.random() < 0.1:
+                    conn.execute("DELETE FROM tickets WHERE id = %s", (rng.choice(self.rows),))
+                conn.commit()
+                self.commits += 1
+            except psycopg.Error:
+                self.failures += 1
+                if conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.close()
+                conn = None
+                self._stop.wait(0.2)
+        if conn is not None:
+            conn.close()

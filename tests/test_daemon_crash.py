@@ -14,6 +14,7 @@ import redis
 
 from tests.helpers import (
     Daemon,
+    Load,
     assert_converged,
     parse_lsn,
     redis_state,
@@ -80,45 +81,10 @@ class Monitor:
             time.sleep(0.01)
 
 
-class Load:
-    """A writer thread: multi-row transactions over a fixed set of rows, until stopped."""
-
-    def __init__(self, database_url: str) -> None:
-        self.database_url = database_url
-        self.commits = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> Load:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        rng = random.Random(7)
-        with psycopg.connect(self.database_url) as conn:
-            while not self._stop.is_set():
-                chosen = rng.sample(ROWS, 4)
-                for row in chosen:
-                    conn.execute(
-                        "INSERT INTO tickets (id, title) VALUES (%s, '0')"
-                        " ON CONFLICT (id) DO UPDATE SET title = (tickets.title::int + 1)::text,"
-                        " updated_at = now()",
-                        (row,),
-                    )
-                if rng.random() < 0.1:
-                    conn.execute("DELETE FROM tickets WHERE id = %s", (chosen[0],))
-                conn.commit()
-                self.commits += 1
-
-
 def test_kill_9_at_random_points_under_load(
     make_daemon: Callable[..., Daemon], database_url: str, redis_url: str, slot_name: str
 ) -> None:
-    load = Load(database_url).start()
+    load = Load(database_url, ROWS).start()
     monitor = Monitor(database_url, redis_url, slot_name).start()
     applied_not_confirmed = 0
     try:

@@ -3,7 +3,7 @@
 Each operation is a single SQL statement (data-modifying CTEs carry the history and audit
 rows along) run in autocommit mode, so it is its own transaction, followed by::
 
-    SELECT pg_current_wal_insert_lsn()
+    SELECT pg_current_wal_flush_lsn()
 
 That is the read-your-writes token: a WAL position read after our commit returned, so it
 is at or past the end of our commit record. The cache reader waits until the daemon's
@@ -37,7 +37,14 @@ from writer.errors import (
 
 T = TypeVar("T")
 
-_TOKEN_SQL = "SELECT pg_current_wal_insert_lsn()::text"
+# After a synchronous commit returns, its commit record is flushed, so the flush position
+# is at or past its end; and the walsender can always read up to the flush position. (The
+# insert position can sit past WAL nobody flushes for a while, so a reader could wait on
+# it for nothing.) With synchronous_commit=off only the insert position is past our commit.
+_TOKEN_SQL = (
+    "SELECT (CASE WHEN current_setting('synchronous_commit') = 'off'"
+    " THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END)::text AS token"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +129,7 @@ class Database:
                 token_row = self._token_elsewhere()
             if token_row is None:  # pragma: no cover - the server always answers
                 raise OutcomeUnknown("no WAL position came back after COMMIT")
-            token = str(token_row["pg_current_wal_insert_lsn"])
+            token = str(token_row["token"])
             return rows, token
         finally:
             if (
