@@ -169,7 +169,8 @@ class ReplicationSource:
 
     def start(self, slot: str, start: int, options: dict[str, str]) -> None:
         conn = self._require()
-        opts = ", ".join(f"{key} '{value}'" for key, value in options.items())
+        # Option names are identifiers: quote them (wal2json's have hyphens).
+        opts = ", ".join(f"\"{key}\" '{value}'" for key, value in options.items())
         sql = f'START_REPLICATION SLOT "{slot}" LOGICAL {format_lsn(start)}'
         if opts:
             sql += f" ({opts})"
