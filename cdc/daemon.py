@@ -89,7 +89,7 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.tables = tables
-        self.metrics = Metrics()
+        self.metrics = Metrics(tuple(t.name for t in tables))
         self.readiness = Readiness()
         self.stop = threading.Event()
         self.log = logs.get("cdc")

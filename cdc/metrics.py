@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from schema.keys import TRACKED_TABLES
+
+TRACKED_NAMES = tuple(table.name for table in TRACKED_TABLES)
+
 # Commit-to-applied delays: sub-millisecond to a minute.
 DELAY_BUCKETS = (
     0.0005,
@@ -30,7 +34,7 @@ DELAY_BUCKETS = (
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, tables: tuple[str, ...] = TRACKED_NAMES) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.lag_bytes = Gauge(
@@ -73,8 +77,10 @@ class Metrics:
         self.info = Info("cdc", "Daemon configuration", registry=r)
         for target in ("postgres", "redis"):
             self.connected.labels(target=target).set(0)
-        for table_op in ("insert", "update", "delete", "truncate"):
-            for table in ("tickets", "agents"):
+        # Every series exists from the start (dashboards show 0, not "no data").
+        for table in tables:
+            self.backfill_rows.labels(table=table)
+            for table_op in ("insert", "update", "delete", "truncate"):
                 self.changes.labels(table=table, op=table_op)
         for kind in (
             "postgres",

@@ -6,12 +6,15 @@
 set -euo pipefail
 
 need=()
+optional=()
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 
 if [ -z "$(pg_bin)" ] || [ ! -x "$(pg_bin)/initdb" ]; then
   need+=(postgresql)
 fi
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# promtool (from Debian's prometheus package) checks docker/prometheus/alerts.yml in the tests.
+command -v promtool >/dev/null 2>&1 || optional+=(prometheus)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   need+=(python3-venv)
@@ -43,5 +46,13 @@ if [ ! -e "/usr/lib/postgresql/${version}/lib/wal2json.so" ] && command -v apt-g
     || echo "system-deps: wal2json not available; its tests will be skipped" >&2
 fi
 
-# The Debian package starts a cluster and a redis-server of its own: we never use them.
+# Optional packages: their tests are skipped when they cannot be installed.
+if [ "${#optional[@]}" -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "system-deps: installing ${optional[*]} (optional)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${optional[@]}" >/dev/null || echo "system-deps: could not install ${optional[*]}; skipping" >&2
+fi
+
+# The Debian packages may start a cluster, a redis-server or a prometheus of their own:
+# nothing here uses them (tests and make run start private servers).
 exit 0
