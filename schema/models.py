@@ -12,12 +12,12 @@ Output models mirror the tables (``schema.tables``) minus secrets: ``Agent`` has
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from datetime import datetime
 from typing import Annotated, Any
 
+import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -78,7 +78,7 @@ def _json_safe(value: Any) -> Any:
                 walk(item)
 
     walk(value)
-    if len(json.dumps(value, ensure_ascii=False)) > MAX_JSON_BYTES:
+    if len(orjson.dumps(value)) > MAX_JSON_BYTES:
         raise ValueError(f"is larger than {MAX_JSON_BYTES} bytes as JSON")
     return value
 

@@ -245,7 +245,6 @@ class AuditLog(Base):
     __table_args__ = (
         Index(None, "target_type", "target_id", "created_at"),
         Index(None, "event_type", "created_at"),
-        Index("ix_audit_logs_details", "details", postgresql_using="gin"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)

@@ -18,7 +18,7 @@ from writer.db import Written
 from writer.errors import FieldProblem, InvalidInput, NotFound
 from writer.ids import new_id
 from writer.passwords import hash_password, needs_rehash, verify_password
-from writer.statements import adapt, insert, returning, update
+from writer.statements import adapt, insert, returning, update, written
 
 _CREATE_COLUMNS = (
     "id",
@@ -82,7 +82,8 @@ class AgentOperations(Operations):
             self._audit_params("agent.created", "agent", actor, {"role": agent.role.value})
         )
         rows, token = self._db.write("agent", insert("agents", _CREATE_COLUMNS), params)
-        return Written(to_model(Agent, rows[0]), token)
+        values.pop("password_hash")
+        return Written(to_model(Agent, written(values, rows[0])), token)
 
     def update_agent(
         self, agent_id: str, changes: AgentUpdate | Mapping[str, Any], *, actor: str | None = None

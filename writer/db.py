@@ -1,17 +1,12 @@
 """Running one write operation as one PostgreSQL transaction, in one round trip.
 
 Each operation is a single SQL statement (data-modifying CTEs carry the history and audit
-rows along) run in autocommit mode, so it is its own transaction, followed by::
+rows along) run in autocommit mode, so it is its own transaction; the read-your-writes
+token, the WAL flush position read after that commit, comes back in the same round trip
+(:mod:`writer.pipeline`). The cache reader waits until the daemon's checkpoint reaches it.
 
-    SELECT pg_current_wal_flush_lsn()
-
-That is the read-your-writes token: a WAL position read after our commit returned, so it
-is at or past the end of our commit record. The cache reader waits until the daemon's
-checkpoint reaches it. (A pipelined ``BEGIN; …; COMMIT; SELECT`` would save a round trip,
-but measured slower here: psycopg's pipeline mode costs more than the round trip.)
-
-Driver errors become :mod:`writer.errors`; a connection lost once the pipeline was sent
-means COMMIT may have run, so it becomes :class:`~writer.errors.OutcomeUnknown`.
+Driver errors become :mod:`writer.errors`; a connection lost once the write was sent
+means it may have committed, so it becomes :class:`~writer.errors.OutcomeUnknown`.
 """
 
 from __future__ import annotations
@@ -34,17 +29,9 @@ from writer.errors import (
     Unavailable,
     WriterError,
 )
+from writer.pipeline import TOKEN_SQL, SendFailed, configure, execute_with_token, statement
 
 T = TypeVar("T")
-
-# After a synchronous commit returns, its commit record is flushed, so the flush position
-# is at or past its end; and the walsender can always read up to the flush position. (The
-# insert position can sit past WAL nobody flushes for a while, so a reader could wait on
-# it for nothing.) With synchronous_commit=off only the insert position is past our commit.
-_TOKEN_SQL = (
-    "SELECT (CASE WHEN current_setting('synchronous_commit') = 'off'"
-    " THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END)::text AS token"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +76,7 @@ class Database:
             open=False,
             name=application_name,
             connection_class=psycopg.Connection[DictRow],
+            configure=configure,
             kwargs={
                 "autocommit": True,
                 "row_factory": dict_row,
@@ -106,8 +94,11 @@ class Database:
     def close(self) -> None:
         self.pool.close()
 
-    def write(self, entity: str, sql: str, params: Mapping[str, Any]) -> tuple[list[DictRow], str]:
+    def write(
+        self, entity: str, sql: str, params: Mapping[str, Any]
+    ) -> tuple[list[dict[str, Any]], str]:
         """Run ``sql`` in its own transaction; return its rows and the token."""
+        stmt = statement(sql)
         try:
             conn_cm = self.pool.connection()
             conn = conn_cm.__enter__()
@@ -117,39 +108,38 @@ class Database:
             raise Unavailable("could not connect to PostgreSQL") from exc
         try:
             try:
-                # Autocommit: the statement is its own transaction and has committed
-                # when its result arrives.
-                rows = conn.execute(sql, params).fetchall()
-            except psycopg.Error as exc:
-                raise _translate(entity, conn, exc) from None
-            try:
-                token_row = conn.execute(_TOKEN_SQL).fetchone()
-            except psycopg.Error:
-                # The write is committed; any session's insert position is past it now.
-                token_row = self._token_elsewhere()
-            if token_row is None:  # pragma: no cover - the server always answers
-                raise OutcomeUnknown("no WAL position came back after COMMIT")
-            token = str(token_row["token"])
-            return rows, token
+                outcome = execute_with_token(conn, stmt, params)
+            except SendFailed:
+                conn.close()
+                raise Unavailable(
+                    f"{entity}: the pooled connection was closed; nothing was written"
+                ) from None
+            except psycopg.OperationalError:
+                conn.close()
+                raise OutcomeUnknown(
+                    f"{entity}: the connection was lost after the write was sent; "
+                    "the write may or may not have been committed"
+                ) from None
+            if outcome.error is not None:
+                raise _translate(entity, outcome.error) from None
+            token = outcome.token or self._token_elsewhere()
+            return outcome.rows, token
         finally:
-            if (
-                not conn.broken
-                and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
-            ):
-                try:
-                    conn.execute("ROLLBACK")
-                except psycopg.Error:
-                    conn.close()
             conn_cm.__exit__(None, None, None)
 
-    def _token_elsewhere(self) -> DictRow | None:
+    def _token_elsewhere(self) -> str:
+        """The write committed but its token query failed: any session's position now is
+        past our commit too."""
         try:
             with self.pool.connection() as other:
-                return other.execute(_TOKEN_SQL).fetchone()
+                row = other.execute(TOKEN_SQL.decode()).fetchone()
         except (psycopg.Error, PoolTimeout) as exc:
             raise OutcomeUnknown(
                 "the write was committed but no WAL position could be read for its token"
             ) from exc
+        if row is None:  # pragma: no cover - the server always answers
+            raise OutcomeUnknown("no WAL position came back after the write")
+        return str(next(iter(row.values())))
 
     def read(self, sql: str, params: Mapping[str, Any]) -> list[DictRow]:
         try:
@@ -161,7 +151,7 @@ class Database:
             raise Unavailable("PostgreSQL read failed: connection lost") from exc
 
 
-def _translate(entity: str, conn: psycopg.Connection[DictRow], exc: psycopg.Error) -> WriterError:
+def _translate(entity: str, exc: psycopg.Error) -> WriterError:
     constraint = exc.diag.constraint_name if exc.diag else None
     if isinstance(exc, pgerrors.UniqueViolation):
         return Conflict(entity, constraint)
@@ -171,17 +161,16 @@ def _translate(entity: str, conn: psycopg.Connection[DictRow], exc: psycopg.Erro
         column = exc.diag.column_name if exc.diag else None
         where: tuple[str | int, ...] = (column,) if column else ()
         kind = type(exc).__name__
-        return InvalidInput(
-            entity, [FieldProblem(where, f"refused by PostgreSQL ({kind}, {constraint})", kind)]
-        )
+        problem = FieldProblem(where, f"refused by PostgreSQL ({kind}, {constraint})", kind)
+        return InvalidInput(entity, [problem])
     if isinstance(
         exc,
         pgerrors.SerializationFailure | pgerrors.DeadlockDetected | pgerrors.LockNotAvailable,
     ):
         return Contention(f"{entity}: {type(exc).__name__}; nothing was written, retry")
-    if conn.broken or isinstance(exc, pgerrors.AdminShutdown | pgerrors.CrashShutdown):
+    if isinstance(exc, pgerrors.AdminShutdown | pgerrors.CrashShutdown):
         return OutcomeUnknown(
-            f"{entity}: the connection was lost after COMMIT was sent; "
+            f"{entity}: the server ended the session while committing; "
             "the write may or may not have been committed"
         )
     if isinstance(exc, pgerrors.QueryCanceled):

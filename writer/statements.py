@@ -92,18 +92,33 @@ def audit_params(
 def insert(
     table_name: str, columns: Iterable[str], overrides: Mapping[str, str] | None = None
 ) -> str:
-    """``WITH row AS (INSERT … RETURNING …)`` + audit, selecting the new row.
+    """``WITH row AS (INSERT … RETURNING …)`` + audit, selecting what the server decided.
 
     ``overrides`` maps a column to an SQL expression used instead of its parameter
-    (e.g. a default when the parameter is NULL).
+    (e.g. a default when the parameter is NULL). Only ``id``, the overridden columns and
+    those left to their defaults come back: the caller already has the rest (see
+    :func:`written`), and shipping and decoding every column is measurable per write.
     """
     cols = list(columns)
     exprs = [(overrides or {}).get(c, f"%({c})s") for c in cols]
+    decided = [
+        "id",
+        *(
+            c
+            for c in returning(table_name).split(", ")
+            if c != "id" and (c not in cols or c in (overrides or {}))
+        ),
+    ]
     return (
         f"WITH row AS (INSERT INTO {table_name} ({', '.join(cols)}) "
-        f"VALUES ({', '.join(exprs)}) RETURNING {returning(table_name)})"
+        f"VALUES ({', '.join(exprs)}) RETURNING {', '.join(decided)})"
         f"{AUDIT_CTE}\nSELECT * FROM row"
     )
+
+
+def written(values: Mapping[str, Any], returned: Mapping[str, Any]) -> dict[str, Any]:
+    """The row as written: the values sent, overlaid with what the server decided."""
+    return {**values, **returned}
 
 
 def update(table_name: str, columns: Iterable[str], extra_sets: Iterable[str] = ()) -> str:
@@ -118,9 +133,9 @@ def update(table_name: str, columns: Iterable[str], extra_sets: Iterable[str] = 
 
 
 def ticket_number_default() -> str:
+    """The column's server default, as SQL (from the model: one source of truth)."""
     default = table_of(Ticket).c.ticket_number.server_default
-    text = str(getattr(default, "arg", ""))
-    return f"COALESCE(%(ticket_number)s, {text})"
+    return str(getattr(default, "arg", ""))
 
 
 def agents_table() -> Table:

@@ -28,45 +28,37 @@ from writer.base import Operations, identifier, optional_identifier, to_model, v
 from writer.db import Written
 from writer.errors import FieldProblem, InvalidInput, InvalidReference, InvalidTransition, NotFound
 from writer.ids import new_id
-from writer.statements import AUDIT_CTE, adapt, insert, returning, ticket_number_default, update
+from writer.statements import (
+    AUDIT_CTE,
+    adapt,
+    insert,
+    returning,
+    ticket_number_default,
+    update,
+    written,
+)
 
 _ALLOWED_TRANSITIONS = sorted(
     f"{src.value}>{dst.value}" for src, targets in TICKET_TRANSITIONS.items() for dst in targets
 )
 
-_CREATE_COLUMNS = (
-    "id",
-    "ticket_number",
-    "title",
-    "description",
-    "status",
-    "priority",
-    "ticket_type",
-    "category",
-    "channel",
-    "customer",
-    "session_name",
-    "assignee_id",
-    "created_by",
-    "tags",
-    "extra_data",
-    "sla_due_at",
-    "resolved_at",
-    "closed_at",
-)
-
 
 @cache
-def _create_sql() -> str:
-    return insert(
-        "tickets",
-        _CREATE_COLUMNS,
-        overrides={
-            "ticket_number": ticket_number_default(),
-            "resolved_at": "CASE WHEN %(status)s IN ('resolved', 'closed') THEN now() END",
-            "closed_at": "CASE WHEN %(status)s = 'closed' THEN now() END",
-        },
-    )
+def _create_sql(columns: tuple[str, ...]) -> str:
+    """INSERT of just the columns the caller set; the server fills in the rest.
+
+    One statement per shape of input (prepared once per connection): fewer parameters
+    to send and parse is measurably faster than sending NULLs and defaults."""
+    overrides: dict[str, str] = {}
+    insert_columns = list(columns)
+    if "ticket_number" not in columns:
+        insert_columns.append("ticket_number")
+        overrides["ticket_number"] = ticket_number_default()
+    if "status" in columns:
+        insert_columns += ["resolved_at", "closed_at"]
+        overrides["resolved_at"] = "CASE WHEN %(status)s IN ('resolved', 'closed') THEN now() END"
+        overrides["closed_at"] = "CASE WHEN %(status)s = 'closed' THEN now() END"
+    return insert("tickets", insert_columns, overrides=overrides)
 
 
 @cache
@@ -168,16 +160,16 @@ class TicketOperations(Operations):
     ) -> Written[Ticket]:
         ticket = validate(TicketCreate, data)
         actor = optional_identifier(actor, "actor")
-        values = ticket.model_dump()
+        values = ticket.model_dump(exclude_none=True, exclude_unset=True)
         values["id"] = ticket.id or new_id()
-        values["resolved_at"] = None
-        values["closed_at"] = None
+        if ticket.status is not TicketStatus.OPEN:
+            values["status"] = ticket.status
         params = adapt("tickets", values)
         params.update(
             self._audit_params("ticket.created", "ticket", actor, {"status": ticket.status.value})
         )
-        rows, token = self._db.write("ticket", _create_sql(), params)
-        return Written(to_model(Ticket, rows[0]), token)
+        rows, token = self._db.write("ticket", _create_sql(tuple(values)), params)
+        return Written(to_model(Ticket, written(values, rows[0])), token)
 
     def update_ticket(
         self, ticket_id: str, changes: TicketUpdate | Mapping[str, Any], *, actor: str | None = None
@@ -316,7 +308,7 @@ class TicketOperations(Operations):
             )
         except InvalidReference as exc:
             raise _ticket_fk_missing(exc, ticket_id) from None
-        return Written(to_model(TicketComment, rows[0]), token)
+        return Written(to_model(TicketComment, written(values, rows[0])), token)
 
     def add_attachment(
         self,
@@ -349,4 +341,4 @@ class TicketOperations(Operations):
             )
         except InvalidReference as exc:
             raise _ticket_fk_missing(exc, ticket_id) from None
-        return Written(to_model(TicketAttachment, rows[0]), token)
+        return Written(to_model(TicketAttachment, written(values, rows[0])), token)

@@ -102,9 +102,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_logs")),
     )
     op.create_index(
-        "ix_audit_logs_details", "audit_logs", ["details"], unique=False, postgresql_using="gin"
-    )
-    op.create_index(
         op.f("ix_audit_logs_event_type_created_at"),
         "audit_logs",
         ["event_type", "created_at"],
@@ -533,7 +530,6 @@ def downgrade() -> None:
     op.drop_table("email_records")
     op.drop_index(op.f("ix_audit_logs_target_type_target_id_created_at"), table_name="audit_logs")
     op.drop_index(op.f("ix_audit_logs_event_type_created_at"), table_name="audit_logs")
-    op.drop_index("ix_audit_logs_details", table_name="audit_logs", postgresql_using="gin")
     op.drop_table("audit_logs")
     op.drop_table("agents")
     op.execute("DROP SEQUENCE ticket_number_seq")
