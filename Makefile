@@ -29,7 +29,7 @@ $(SYSTEM_STAMP): devstack/system-deps.sh
 	@mkdir -p $(VENV) && touch $@
 
 # The hot path is compiled by mypyc (setup.py): rebuild when those sources change.
-COMPILED := cdc/messages.py cdc/pgoutput.py cdc/assemble.py cdc/resp.py cdc/plan.py
+COMPILED := cdc/messages.py cdc/pgoutput.py cdc/assemble.py cdc/resp.py cdc/plan.py cdc/core.py
 
 $(STAMP): $(SYSTEM_STAMP) pyproject.toml setup.py $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -19,6 +19,7 @@ COMPILED: list[str] = [
     "cdc/assemble.py",
     "cdc/resp.py",
     "cdc/plan.py",
+    "cdc/core.py",
 ]
 
 

@@ -28,6 +28,7 @@ from cdc.messages import (
     LogicalMessage,
     Message,
     Origin,
+    Record,
     Relation,
     RelationColumn,
     StreamAbort,
@@ -99,6 +100,7 @@ class TableView:
     field_names: tuple[bytes, ...]
     key_prefix: bytes
     lookup_prefixes: tuple[bytes, ...]
+    table_name: str
     # Per column: the cast from output-function text to ``::text`` (CAST_NONE mostly).
     casts: tuple[int, ...]
     has_casts: bool
@@ -136,6 +138,7 @@ def make_view(relation: Relation, tracked: TrackedTable) -> TableView:
         field_names=encoded,
         key_prefix=tracked.key_prefix.encode("utf-8"),
         lookup_prefixes=tuple((lookup.prefix + ":{").encode("utf-8") for lookup in tracked.lookups),
+        table_name=tracked.name,
         casts=casts,
         has_casts=any(casts),
     )
@@ -155,42 +158,57 @@ def view_from_columns(tracked: TrackedTable, columns: list[str]) -> TableView:
     return make_view(relation, tracked)
 
 
-@dataclass(frozen=True)
-class TxBegin:
-    xid: int
-    final_lsn: int
-    commit_time: int
+class TxBegin(Record):
+    _fields = ("xid", "final_lsn", "commit_time")
+
+    def __init__(self, xid: int, final_lsn: int, commit_time: int) -> None:
+        self.xid: Final = xid
+        self.final_lsn: Final = final_lsn
+        self.commit_time: Final = commit_time
 
 
-@dataclass(frozen=True)
-class TxCommit:
-    xid: int
-    final_lsn: int
-    end_lsn: int
-    commit_time: int
-    changes: int
+class TxCommit(Record):
+    _fields = ("xid", "final_lsn", "end_lsn", "commit_time", "changes")
+
+    def __init__(
+        self, xid: int, final_lsn: int, end_lsn: int, commit_time: int, changes: int
+    ) -> None:
+        self.xid: Final = xid
+        self.final_lsn: Final = final_lsn
+        self.end_lsn: Final = end_lsn
+        self.commit_time: Final = commit_time
+        self.changes: Final = changes
 
 
-@dataclass(frozen=True)
-class RowChange:
-    view: TableView
-    op: int
-    new: TupleData | None
-    old: TupleData | None
-    # Position of this change within its transaction, from 1.
-    seq: int
+class RowChange(Record):
+    """A row change; ``seq``: its position within its transaction, from 1."""
+
+    _fields = ("view", "op", "new", "old", "seq")
+
+    def __init__(
+        self, view: TableView, op: int, new: TupleData | None, old: TupleData | None, seq: int
+    ) -> None:
+        self.view: Final = view
+        self.op: Final = op
+        self.new: Final = new
+        self.old: Final = old
+        self.seq: Final = seq
 
 
-@dataclass(frozen=True)
-class TableTruncate:
-    views: tuple[TableView, ...]
-    seq: int
+class TableTruncate(Record):
+    _fields = ("views", "seq")
+
+    def __init__(self, views: tuple[TableView, ...], seq: int) -> None:
+        self.views: Final = views
+        self.seq: Final = seq
 
 
-@dataclass(frozen=True)
-class SchemaChange:
-    view: TableView
-    previous: tuple[str, ...]
+class SchemaChange(Record):
+    _fields = ("view", "previous")
+
+    def __init__(self, view: TableView, previous: tuple[str, ...]) -> None:
+        self.view: Final = view
+        self.previous: Final = previous
 
 
 Event = Union[TxBegin, TxCommit, RowChange, TableTruncate, SchemaChange]  # noqa: UP007

@@ -13,9 +13,10 @@ has SELECT):
    ``H``. Every transaction visible in the snapshot committed before ``H``.
 2. Keep streaming. For each transaction the stream delivers, decide from its xid whether
    the snapshot saw it. If it did not, the rows it touched are newer than ``R``: drop
-   them from ``R`` (they are *dirty*) and let the stream apply them as usual. Transactions
-   already applied before the window opened are checked the same way (a commit can reach
-   the stream before it becomes visible to snapshots).
+   them from ``R`` (they are *dirty*) and let the stream apply them as usual. A commit
+   can reach the stream before snapshots see it, so a transaction already applied to the
+   table but invisible to the snapshot means the chunk is not opened yet: it is tried
+   again a moment later (the last transactions applied are remembered per table).
 3. Once the stream has passed ``H``, every transaction the snapshot saw has been
    streamed, so what is left of ``R`` is the latest state of those rows: write it, in
    stream order, in the next batch.
@@ -98,43 +99,25 @@ class Window:
     dirty: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Applied:
     xid: int
-    touched: dict[str, set[bytes]] | None  # None: too many rows to remember
+    tables: frozenset[str]
 
 
 class RecentTransactions:
-    """The last transactions applied, with the rows they touched (bounded)."""
+    """The last transactions applied, and which tables each changed (bounded)."""
 
-    def __init__(self, keep: int = 512, max_rows: int = 1000) -> None:
+    def __init__(self, keep: int = 1024) -> None:
         self._ring: deque[_Applied] = deque(maxlen=keep)
-        self._max_rows = max_rows
-        self._current: _Applied | None = None
 
-    def begin(self, xid: int) -> None:
-        self._current = _Applied(xid, {})
+    def add(self, xid: int, tables: set[str]) -> None:
+        if tables:
+            self._ring.append(_Applied(xid, frozenset(tables)))
 
-    def touch(self, table: str, row_id: bytes) -> None:
-        current = self._current
-        if current is None or current.touched is None:
-            return
-        rows = current.touched.setdefault(table, set())
-        rows.add(row_id)
-        if len(rows) > self._max_rows:
-            current.touched = None
-
-    def touch_all(self, table: str) -> None:
-        if self._current is not None:
-            self._current.touched = None
-
-    def commit(self) -> None:
-        if self._current is not None:
-            self._ring.append(self._current)
-            self._current = None
-
-    def invisible_to(self, snapshot: XidSnapshot) -> list[_Applied]:
-        return [t for t in self._ring if not snapshot.sees(t.xid)]
+    def unseen(self, snapshot: XidSnapshot, table: str) -> bool:
+        """Whether a transaction already applied to ``table`` is invisible to ``snapshot``."""
+        return any(table in t.tables and not snapshot.sees(t.xid) for t in self._ring)
 
 
 @dataclass
@@ -142,6 +125,7 @@ class BackfillStats:
     rows_written: int = 0
     rows_dirty: int = 0
     windows: int = 0
+    retries: int = 0
     tables_done: list[str] = field(default_factory=list)
 
 
@@ -155,7 +139,6 @@ class Backfill:
         self.window: Window | None = None
         self.recent = RecentTransactions()
         self.stats = BackfillStats()
-        self._visible = True
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -190,26 +173,36 @@ class Backfill:
 
     # -- the stream's side ---------------------------------------------------------------------
 
-    def begin(self, xid: int) -> None:
-        self.recent.begin(xid)
-        window = self.window
-        self._visible = window is None or window.snapshot.sees(xid)
+    @property
+    def watch_table(self) -> str:
+        """The table whose rows the open window holds ("" when none is open)."""
+        return self.window.view.tracked.name if self.window is not None else ""
 
-    def touched(self, table: str, row_id: bytes) -> None:
-        self.recent.touch(table, row_id)
+    def sees(self, xid: int) -> bool:
+        """Whether the open window's snapshot sees a (committed) transaction."""
+        return self.window is None or self.window.snapshot.sees(xid)
+
+    def dirty(self, row_ids: list[bytes]) -> None:
+        """Rows changed by a transaction the window's snapshot did not see: the stream's
+        value is newer than the window's, so the window must not write them."""
         window = self.window
-        if window is not None and not self._visible and window.view.tracked.name == table:
+        if window is None:
+            return
+        for row_id in row_ids:
             if window.rows.pop(row_id, None) is not None:
                 window.dirty += 1
             window.missing.discard(row_id)
 
     def truncated(self, table: str) -> None:
-        self.recent.touch_all(table)
+        """An unseen TRUNCATE of the window's table: every row of the window is stale."""
         window = self.window
-        if window is not None and not self._visible and window.view.tracked.name == table:
+        if window is not None and window.view.tracked.name == table:
             window.dirty += len(window.rows)
             window.rows.clear()
             window.missing.clear()
+
+    def committed(self, xid: int, tables: set[str]) -> None:
+        self.recent.add(xid, tables)
 
     def schema_changed(self, table: TrackedTable) -> None:
         """The table's columns changed: restart its window and re-read it whole."""
@@ -221,9 +214,6 @@ class Backfill:
             req for req in self.queue if not (req.table.name == table.name and req.ids is None)
         )
         self.queue.append(Request(table, None, "schema change"))
-
-    def commit(self) -> None:
-        self.recent.commit()
 
     # -- windows -----------------------------------------------------------------------------------
 
@@ -242,6 +232,11 @@ class Backfill:
                 snapshot_row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
                 assert snapshot_row is not None
                 snapshot = XidSnapshot.parse(str(snapshot_row[0]))
+                if self.recent.unseen(snapshot, request.table.name):
+                    # A transaction already applied here is not visible to this snapshot
+                    # yet (its commit reached the stream first): try again a moment later.
+                    self.stats.retries += 1
+                    return None
                 columns = catalog.table_columns(conn, request.table)
                 view = view_from_columns(request.table, columns)
                 if request.ids is None:
@@ -271,16 +266,6 @@ class Backfill:
             exhausted = not request.ids
             missing = {w.encode() for w in wanted} - set(by_id)
         window = Window(request, view, by_id, snapshot, high_water, missing, last_key, exhausted)
-        # Transactions applied before this window that the snapshot does not see yet.
-        for applied in self.recent.invisible_to(snapshot):
-            if applied.touched is None:
-                # Too many rows to know which: try this chunk again later.
-                self.window = None
-                return None
-            for row_id in applied.touched.get(request.table.name, ()):
-                if window.rows.pop(row_id, None) is not None:
-                    window.dirty += 1
-                window.missing.discard(row_id)
         self.window = window
         self.stats.windows += 1
         return window

@@ -14,8 +14,7 @@ UPDATE did not touch (pgoutput sends no data for it; the cached field must be ke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final, Union
+from typing import Any, ClassVar, Final, Union
 
 
 class UnchangedToast:
@@ -35,153 +34,258 @@ class DecodeError(ValueError):
     """Bytes that are not a well-formed message of the protocol."""
 
 
+class Record:
+    """Base of the protocol values: immutable attributes (``Final``), compared and shown by
+    the fields named in ``_fields``.
+
+    Plain native classes rather than frozen dataclasses: compiled by mypyc, constructing
+    one costs 0.1 µs instead of 1.2 µs (a frozen dataclass keeps Python's generated
+    ``__init__``), and the stream builds several per row.
+    """
+
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, Record)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+
 # -- streaming replication framing ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class XLogData:
-    wal_start: int
-    wal_end: int
-    send_time: int
-    payload: bytes
+class XLogData(Record):
+    _fields = ("wal_start", "wal_end", "send_time", "payload")
+
+    def __init__(self, wal_start: int, wal_end: int, send_time: int, payload: bytes) -> None:
+        self.wal_start: Final = wal_start
+        self.wal_end: Final = wal_end
+        self.send_time: Final = send_time
+        self.payload: Final = payload
 
 
-@dataclass(frozen=True)
-class PrimaryKeepalive:
-    wal_end: int
-    send_time: int
-    reply_requested: bool
+class PrimaryKeepalive(Record):
+    _fields = ("wal_end", "send_time", "reply_requested")
+
+    def __init__(self, wal_end: int, send_time: int, reply_requested: bool) -> None:
+        self.wal_end: Final = wal_end
+        self.send_time: Final = send_time
+        self.reply_requested: Final = reply_requested
 
 
 # -- logical replication messages ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Begin:
-    final_lsn: int
-    commit_time: int
-    xid: int
+class Begin(Record):
+    _fields = ("final_lsn", "commit_time", "xid")
+
+    def __init__(self, final_lsn: int, commit_time: int, xid: int) -> None:
+        self.final_lsn: Final = final_lsn
+        self.commit_time: Final = commit_time
+        self.xid: Final = xid
 
 
-@dataclass(frozen=True)
-class Commit:
-    flags: int
-    commit_lsn: int
-    end_lsn: int
-    commit_time: int
+class Commit(Record):
+    _fields = ("flags", "commit_lsn", "end_lsn", "commit_time")
+
+    def __init__(self, flags: int, commit_lsn: int, end_lsn: int, commit_time: int) -> None:
+        self.flags: Final = flags
+        self.commit_lsn: Final = commit_lsn
+        self.end_lsn: Final = end_lsn
+        self.commit_time: Final = commit_time
 
 
-@dataclass(frozen=True)
-class Origin:
-    commit_lsn: int
-    name: str
+class Origin(Record):
+    _fields = ("commit_lsn", "name")
+
+    def __init__(self, commit_lsn: int, name: str) -> None:
+        self.commit_lsn: Final = commit_lsn
+        self.name: Final = name
 
 
-@dataclass(frozen=True)
-class RelationColumn:
-    flags: int
-    name: str
-    type_oid: int
-    type_modifier: int
+class RelationColumn(Record):
+    _fields = ("flags", "name", "type_oid", "type_modifier")
+
+    def __init__(self, flags: int, name: str, type_oid: int, type_modifier: int) -> None:
+        self.flags: Final = flags
+        self.name: Final = name
+        self.type_oid: Final = type_oid
+        self.type_modifier: Final = type_modifier
 
     @property
     def is_key(self) -> bool:
         return bool(self.flags & 1)
 
 
-@dataclass(frozen=True)
-class Relation:
-    relation_id: int
-    namespace: str
-    name: str
-    replica_identity: str
-    columns: tuple[RelationColumn, ...]
-    xid: int | None = None
-    # True when the decoder made this up (wal2json has no relation messages).
-    synthetic: bool = False
+class Relation(Record):
+    """``synthetic``: made up by the decoder (wal2json has no relation messages)."""
+
+    _fields = (
+        "relation_id",
+        "namespace",
+        "name",
+        "replica_identity",
+        "columns",
+        "xid",
+        "synthetic",
+    )
+
+    def __init__(
+        self,
+        relation_id: int,
+        namespace: str,
+        name: str,
+        replica_identity: str,
+        columns: tuple[RelationColumn, ...],
+        xid: int | None = None,
+        synthetic: bool = False,
+    ) -> None:
+        self.relation_id: Final = relation_id
+        self.namespace: Final = namespace
+        self.name: Final = name
+        self.replica_identity: Final = replica_identity
+        self.columns: Final = columns
+        self.xid: Final = xid
+        self.synthetic: Final = synthetic
 
     @property
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)
 
 
-@dataclass(frozen=True)
-class TypeInfo:
-    type_id: int
-    namespace: str
-    name: str
-    xid: int | None = None
+class TypeInfo(Record):
+    _fields = ("type_id", "namespace", "name", "xid")
+
+    def __init__(self, type_id: int, namespace: str, name: str, xid: int | None = None) -> None:
+        self.type_id: Final = type_id
+        self.namespace: Final = namespace
+        self.name: Final = name
+        self.xid: Final = xid
 
 
-@dataclass(frozen=True)
-class Insert:
-    relation_id: int
-    new: TupleData
-    xid: int | None = None
+class Insert(Record):
+    _fields = ("relation_id", "new", "xid")
+
+    def __init__(self, relation_id: int, new: TupleData, xid: int | None = None) -> None:
+        self.relation_id: Final = relation_id
+        self.new: Final = new
+        self.xid: Final = xid
 
 
-@dataclass(frozen=True)
-class Update:
-    relation_id: int
-    new: TupleData
-    # The old row: its replica-identity columns ('K') or all columns ('O'), when sent.
-    old: TupleData | None = None
-    old_is_key: bool = False
-    xid: int | None = None
+class Update(Record):
+    """``old``: the old row's replica-identity columns ('K') or all of it ('O'), if sent."""
+
+    _fields = ("relation_id", "new", "old", "old_is_key", "xid")
+
+    def __init__(
+        self,
+        relation_id: int,
+        new: TupleData,
+        old: TupleData | None = None,
+        old_is_key: bool = False,
+        xid: int | None = None,
+    ) -> None:
+        self.relation_id: Final = relation_id
+        self.new: Final = new
+        self.old: Final = old
+        self.old_is_key: Final = old_is_key
+        self.xid: Final = xid
 
 
-@dataclass(frozen=True)
-class Delete:
-    relation_id: int
-    old: TupleData
-    old_is_key: bool = True
-    xid: int | None = None
+class Delete(Record):
+    _fields = ("relation_id", "old", "old_is_key", "xid")
+
+    def __init__(
+        self,
+        relation_id: int,
+        old: TupleData,
+        old_is_key: bool = True,
+        xid: int | None = None,
+    ) -> None:
+        self.relation_id: Final = relation_id
+        self.old: Final = old
+        self.old_is_key: Final = old_is_key
+        self.xid: Final = xid
 
 
 TRUNCATE_CASCADE: Final = 1
 TRUNCATE_RESTART_IDENTITY: Final = 2
 
 
-@dataclass(frozen=True)
-class Truncate:
-    relation_ids: tuple[int, ...]
-    options: int = 0
-    xid: int | None = None
+class Truncate(Record):
+    _fields = ("relation_ids", "options", "xid")
+
+    def __init__(
+        self, relation_ids: tuple[int, ...], options: int = 0, xid: int | None = None
+    ) -> None:
+        self.relation_ids: Final = relation_ids
+        self.options: Final = options
+        self.xid: Final = xid
 
 
-@dataclass(frozen=True)
-class LogicalMessage:
-    transactional: bool
-    lsn: int
-    prefix: str
-    content: bytes
-    xid: int | None = None
+class LogicalMessage(Record):
+    _fields = ("transactional", "lsn", "prefix", "content", "xid")
+
+    def __init__(
+        self,
+        transactional: bool,
+        lsn: int,
+        prefix: str,
+        content: bytes,
+        xid: int | None = None,
+    ) -> None:
+        self.transactional: Final = transactional
+        self.lsn: Final = lsn
+        self.prefix: Final = prefix
+        self.content: Final = content
+        self.xid: Final = xid
 
 
-@dataclass(frozen=True)
-class StreamStart:
-    xid: int
-    first_segment: bool
+class StreamStart(Record):
+    _fields = ("xid", "first_segment")
+
+    def __init__(self, xid: int, first_segment: bool) -> None:
+        self.xid: Final = xid
+        self.first_segment: Final = first_segment
 
 
-@dataclass(frozen=True)
-class StreamStop:
-    pass
+class StreamStop(Record):
+    _fields = ()
+
+    def __init__(self) -> None:
+        pass
 
 
-@dataclass(frozen=True)
-class StreamCommit:
-    xid: int
-    flags: int
-    commit_lsn: int
-    end_lsn: int
-    commit_time: int
+class StreamCommit(Record):
+    _fields = ("xid", "flags", "commit_lsn", "end_lsn", "commit_time")
+
+    def __init__(
+        self, xid: int, flags: int, commit_lsn: int, end_lsn: int, commit_time: int
+    ) -> None:
+        self.xid: Final = xid
+        self.flags: Final = flags
+        self.commit_lsn: Final = commit_lsn
+        self.end_lsn: Final = end_lsn
+        self.commit_time: Final = commit_time
 
 
-@dataclass(frozen=True)
-class StreamAbort:
-    xid: int
-    subxid: int
+class StreamAbort(Record):
+    _fields = ("xid", "subxid")
+
+    def __init__(self, xid: int, subxid: int) -> None:
+        self.xid: Final = xid
+        self.subxid: Final = subxid
 
 
 Message = Union[  # noqa: UP007

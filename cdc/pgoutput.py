@@ -90,57 +90,67 @@ def decode_tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
     return tuple(values), pos
 
 
-def decode(payload: bytes, in_stream: bool = False) -> Message:
-    """One pgoutput message. ``in_stream``: inside StreamStart/StreamStop (protocol 2),
-    where data messages carry the transaction's xid first."""
-    if not payload:
+def decode(payload: bytes, in_stream: bool = False, at: int = 0) -> Message:
+    """One pgoutput message, starting at ``at`` in ``payload`` (so a CopyData buffer need
+    not be sliced). ``in_stream``: inside StreamStart/StreamStop (protocol 2), where data
+    messages carry the transaction's xid first."""
+    if len(payload) <= at:
         raise DecodeError("empty pgoutput message")
-    kind = payload[0]
+    kind = payload[at]
     try:
         if kind == 0x49:  # 'I'
-            return _insert(payload, in_stream)
+            return _insert(payload, in_stream, at)
         if kind == 0x55:  # 'U'
-            return _update(payload, in_stream)
+            return _update(payload, in_stream, at)
         if kind == 0x44:  # 'D'
-            return _delete(payload, in_stream)
+            return _delete(payload, in_stream, at)
         if kind == 0x42:  # 'B'
-            return Begin(_u64(payload, 1), _i64(payload, 9), _u32(payload, 17))
+            return Begin(_u64(payload, at + 1), _i64(payload, at + 9), _u32(payload, at + 17))
         if kind == 0x43:  # 'C'
-            return Commit(payload[1], _u64(payload, 2), _u64(payload, 10), _i64(payload, 18))
+            return Commit(
+                payload[at + 1],
+                _u64(payload, at + 2),
+                _u64(payload, at + 10),
+                _i64(payload, at + 18),
+            )
         if kind == 0x52:  # 'R'
-            return _relation(payload, in_stream)
+            return _relation(payload, in_stream, at)
         if kind == 0x54:  # 'T'
-            return _truncate(payload, in_stream)
+            return _truncate(payload, in_stream, at)
         if kind == 0x4F:  # 'O'
-            name, _ = _cstring(payload, 9)
-            return Origin(_u64(payload, 1), name)
+            name, _ = _cstring(payload, at + 9)
+            return Origin(_u64(payload, at + 1), name)
         if kind == 0x59:  # 'Y'
-            return _type(payload, in_stream)
+            return _type(payload, in_stream, at)
         if kind == 0x4D:  # 'M'
-            return _message(payload, in_stream)
+            return _message(payload, in_stream, at)
         if kind == 0x53:  # 'S'
-            return StreamStart(_u32(payload, 1), payload[5] == 1)
+            return StreamStart(_u32(payload, at + 1), payload[at + 5] == 1)
         if kind == 0x45:  # 'E'
             return StreamStop()
         if kind == 0x63:  # 'c'
             return StreamCommit(
-                _u32(payload, 1), payload[5], _u64(payload, 6), _u64(payload, 14), _i64(payload, 22)
+                _u32(payload, at + 1),
+                payload[at + 5],
+                _u64(payload, at + 6),
+                _u64(payload, at + 14),
+                _i64(payload, at + 22),
             )
         if kind == 0x41:  # 'A'
-            return StreamAbort(_u32(payload, 1), _u32(payload, 5))
+            return StreamAbort(_u32(payload, at + 1), _u32(payload, at + 5))
     except IndexError:
         raise DecodeError(f"truncated pgoutput message {chr(kind)!r}") from None
     raise DecodeError(f"unsupported pgoutput message type {kind:#04x}")
 
 
-def _xid_prefix(payload: bytes, in_stream: bool) -> tuple[int | None, int]:
+def _xid_prefix(payload: bytes, in_stream: bool, at: int) -> tuple[int | None, int]:
     if in_stream:
-        return _u32(payload, 1), 5
-    return None, 1
+        return _u32(payload, at + 1), at + 5
+    return None, at + 1
 
 
-def _insert(payload: bytes, in_stream: bool) -> Insert:
-    xid, pos = _xid_prefix(payload, in_stream)
+def _insert(payload: bytes, in_stream: bool, at: int) -> Insert:
+    xid, pos = _xid_prefix(payload, in_stream, at)
     relid = _u32(payload, pos)
     if payload[pos + 4] != 0x4E:  # 'N'
         raise DecodeError("Insert without a new tuple")
@@ -148,8 +158,8 @@ def _insert(payload: bytes, in_stream: bool) -> Insert:
     return Insert(relid, new, xid)
 
 
-def _update(payload: bytes, in_stream: bool) -> Update:
-    xid, pos = _xid_prefix(payload, in_stream)
+def _update(payload: bytes, in_stream: bool, at: int) -> Update:
+    xid, pos = _xid_prefix(payload, in_stream, at)
     relid = _u32(payload, pos)
     pos += 4
     old: TupleData | None = None
@@ -165,8 +175,8 @@ def _update(payload: bytes, in_stream: bool) -> Update:
     return Update(relid, new, old, old_is_key, xid)
 
 
-def _delete(payload: bytes, in_stream: bool) -> Delete:
-    xid, pos = _xid_prefix(payload, in_stream)
+def _delete(payload: bytes, in_stream: bool, at: int) -> Delete:
+    xid, pos = _xid_prefix(payload, in_stream, at)
     relid = _u32(payload, pos)
     marker = payload[pos + 4]
     if marker != 0x4B and marker != 0x4F:
@@ -175,8 +185,8 @@ def _delete(payload: bytes, in_stream: bool) -> Delete:
     return Delete(relid, old, marker == 0x4B, xid)
 
 
-def _relation(payload: bytes, in_stream: bool) -> Relation:
-    xid, pos = _xid_prefix(payload, in_stream)
+def _relation(payload: bytes, in_stream: bool, at: int) -> Relation:
+    xid, pos = _xid_prefix(payload, in_stream, at)
     relid = _u32(payload, pos)
     namespace, pos = _cstring(payload, pos + 4)
     name, pos = _cstring(payload, pos)
@@ -199,16 +209,16 @@ def _signed32(value: int) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-def _type(payload: bytes, in_stream: bool) -> TypeInfo:
-    xid, pos = _xid_prefix(payload, in_stream)
+def _type(payload: bytes, in_stream: bool, at: int) -> TypeInfo:
+    xid, pos = _xid_prefix(payload, in_stream, at)
     type_id = _u32(payload, pos)
     namespace, pos = _cstring(payload, pos + 4)
     name, _ = _cstring(payload, pos)
     return TypeInfo(type_id, namespace or "pg_catalog", name, xid)
 
 
-def _truncate(payload: bytes, in_stream: bool) -> Truncate:
-    xid, pos = _xid_prefix(payload, in_stream)
+def _truncate(payload: bytes, in_stream: bool, at: int) -> Truncate:
+    xid, pos = _xid_prefix(payload, in_stream, at)
     count = _u32(payload, pos)
     options = payload[pos + 4]
     pos += 5
@@ -218,8 +228,8 @@ def _truncate(payload: bytes, in_stream: bool) -> Truncate:
     return Truncate(relids, options, xid)
 
 
-def _message(payload: bytes, in_stream: bool) -> LogicalMessage:
-    xid, pos = _xid_prefix(payload, in_stream)
+def _message(payload: bytes, in_stream: bool, at: int) -> LogicalMessage:
+    xid, pos = _xid_prefix(payload, in_stream, at)
     transactional = bool(payload[pos] & 1)
     lsn = _u64(payload, pos + 1)
     prefix, pos = _cstring(payload, pos + 9)

@@ -2,23 +2,25 @@
 
 ::
 
-    source.read() ─▶ pgoutput.decode ─▶ Assembler.feed ─▶ Planner ─▶ CommandBatch
-                                                   │                      │
-                                      Backfill (windows, dirty rows)      ▼
-                                                                 RedisSink.apply (+checkpoint)
-                                                                          │
-                                             source.send_status(flush = applied checkpoint)
+    source.read() ─▶ StreamCore.feed (compiled: decode ─▶ assemble ─▶ plan) ─▶ CommandBatch
+                                                                                  │
+                         Backfill (windows, dirty rows)                           ▼
+                                                           RedisSink.send / receive (+checkpoint)
+                                                                                  │
+                                       source.send_status(flush = acknowledged checkpoint)
 
-Batching: messages are drained while the socket has data; the batch is applied when the
+Batching: messages are drained while the socket has data; the batch is sent when the
 socket runs dry, when it reaches ``batch_max_changes``/``batch_max_bytes``, or when a
-backfill window must be written. A batch holds whole transactions; only a transaction
-larger than the batch limit is applied in chunks, with ``partial`` in ``cdc:state``
-recording how far it got.
+backfill window must be written. A batch is sent before the answer to the previous one
+is read, so Redis executes one while the daemon plans the next (at most two in flight).
+A batch holds whole transactions; only a transaction larger than the batch limit goes in
+chunks, with ``partial`` in ``cdc:state`` recording how far it got.
 
 What was already applied is decided in one place, :class:`Position`: a transaction whose
 commit record starts before the checkpoint is a replay and is skipped; the first ``n``
 changes of a partially applied transaction are skipped too. The LSN confirmed to
-PostgreSQL is always the checkpoint Redis holds, never what was merely received.
+PostgreSQL is always a checkpoint Redis has acknowledged, never what was merely received
+or sent.
 """
 
 from __future__ import annotations
@@ -29,24 +31,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cdc import catalog, logs
-from cdc.assemble import (
-    DELETE,
-    Assembler,
-    RowChange,
-    SchemaChange,
-    TableTruncate,
-    TxBegin,
-    TxCommit,
-)
+from cdc import catalog, logs, pgoutput
+from cdc.assemble import Assembler, SchemaChange, TableTruncate, TxBegin, TxCommit
 from cdc.backfill import Backfill
+from cdc.core import BatchFull, StreamCore
 from cdc.errors import PostgresUnavailable
 from cdc.lsn import Lsn, format_lsn, lsn_bytes
-from cdc.messages import Message, PrimaryKeepalive, parse_copy_data, pg_time_to_unix
+from cdc.messages import Message, PrimaryKeepalive, pg_time_to_unix
 from cdc.metrics import Metrics
 from cdc.plan import CommandBatch, Planner
 from cdc.settings import Settings
-from cdc.sink import RedisSink
+from cdc.sink import InFlight, RedisSink
 from cdc.source import ReplicationSource
 from schema.keys import TrackedTable
 
@@ -69,16 +64,6 @@ class Position:
 
 
 @dataclass
-class _TxState:
-    xid: int = 0
-    final_lsn: int = 0
-    commit_time: int = 0
-    version: bytes = b""
-    skip: bool = False
-    skip_changes: int = 0
-
-
-@dataclass
 class _Boundary:
     """Where the batch ends at the last complete transaction."""
 
@@ -91,13 +76,24 @@ class _Boundary:
 
 
 @dataclass
+class _Sent:
+    """A batch in flight and what its acknowledgement makes true."""
+
+    handle: InFlight
+    checkpoint: int
+    partial_lsn: int | None
+    partial_count: int
+    commit_times: list[float]
+    rebuild_marker: str | None
+
+
+@dataclass
 class PipelineStats:
     transactions: int = 0
     changes: int = 0
     batches: int = 0
     last_apply_delay: float = 0.0
     received: int = 0
-    commit_times: list[float] = field(default_factory=list)
 
 
 class Pipeline:
@@ -128,21 +124,27 @@ class Pipeline:
         self.metrics = metrics
         self.stop = stop
         self._decode = decode
+        self._fast = decode is pgoutput.decode
         self.schema_requests = schema_requests
         self.on_schema_change = on_schema_change
         self.log = logs.get("cdc.pipeline")
         self.assembler = Assembler(tables)
         self.planner = Planner(settings.max_row_bytes)
+        self.core = StreamCore(self.assembler, self.planner, settings.batch_max_changes)
         self.backfill = backfill or Backfill(self.planner, settings.backfill_chunk)
         self.backfill.planner = self.planner
-        self.batch = CommandBatch()
         self.boundary = _Boundary()
-        self.tx = _TxState()
         self.stats = PipelineStats()
+        self._xid = 0
+        self._final_lsn = 0
+        self._in_skipped_tx = False
         # Highest LSN up to which every transaction has been received and processed.
         self.stream_position: int = position.checkpoint
         # Checkpoint of the batch being built (end of its last complete transaction).
         self.pending_checkpoint: int = position.checkpoint
+        # Highest checkpoint sent to Redis (acknowledged or in flight).
+        self.sent_checkpoint: int = position.checkpoint
+        self._inflight: _Sent | None = None
         self.rebuilding = rebuilding
         self._rebuild_marker = ""
         self._last_status = 0.0
@@ -152,13 +154,18 @@ class Pipeline:
         self._keepalive_target: int = 0
         self._pending_commit_times: list[float] = []
 
+    @property
+    def batch(self) -> CommandBatch:
+        return self.core.batch
+
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> None:
         """Stream until ``stop`` is set (then finish the batch and confirm) or an error."""
         source = self.source
-        limit_changes = self.settings.batch_max_changes
+        core = self.core
         limit_bytes = self.settings.batch_max_bytes
+        fast = self._fast
         while True:
             if self.stop.is_set():
                 self._shutdown()
@@ -168,93 +175,89 @@ class Pipeline:
                 self._idle()
                 continue
             self._last_received = time.monotonic()
-            self._on_copy_data(data)
-            if self.batch.changes >= limit_changes or len(self.batch.buf) >= limit_bytes:
+            if fast:
+                outcome = core.feed(data)
+                if outcome is not None:
+                    self._on_outcome(outcome)
+            else:
+                self._slow_path(data)
+            if len(core.batch.buf) >= limit_bytes:
                 self.flush()
 
-    def _on_copy_data(self, data: bytes) -> None:
-        if data[0] == 0x77:  # 'w': XLogData; the payload starts after the 25-byte header
-            decoded = self._decode(data[25:])
-            if isinstance(decoded, list):
-                for message in decoded:
-                    self._on_message(message)
-            else:
-                self._on_message(decoded)
+    def _slow_path(self, data: bytes) -> None:
+        """Other output plugins (wal2json): decode in Python, then the same core."""
+        if data[0] != 0x77:
+            self._on_outcome(self.core.feed(data))
             return
-        frame = parse_copy_data(data)
-        if isinstance(frame, PrimaryKeepalive):
-            if not self.assembler.in_transaction:
-                self.stream_position = max(self.stream_position, frame.wal_end)
-                self._keepalive_target = max(self._keepalive_target, frame.wal_end)
-            if frame.reply_requested:
-                self.send_status(reply=False)
+        decoded = self._decode(data[25:])
+        for message in decoded if isinstance(decoded, list) else [decoded]:
+            outcome = self.core.feed_message(message)
+            if outcome is not None:
+                self._on_outcome(outcome)
 
-    def _on_message(self, message: Message) -> None:
-        event = self.assembler.feed(message)
-        if event is not None:
-            if isinstance(event, RowChange):
-                self._on_change(event)
-            elif isinstance(event, TxBegin):
-                self._on_begin(event)
-            elif isinstance(event, TxCommit):
-                self._on_commit(event)
-            elif isinstance(event, TableTruncate):
-                self._on_truncate(event)
-            elif isinstance(event, SchemaChange):
-                self._on_schema_change(event)
+    def _on_outcome(self, outcome: object) -> None:
+        if isinstance(outcome, TxBegin):
+            self._on_begin(outcome)
+        elif isinstance(outcome, TxCommit):
+            self._on_commit(outcome)
+        elif isinstance(outcome, BatchFull):
+            self.flush()
+        elif isinstance(outcome, PrimaryKeepalive):
+            self._on_keepalive(outcome)
+        elif isinstance(outcome, TableTruncate):
+            self._on_truncate(outcome)
+        elif isinstance(outcome, SchemaChange):
+            self._on_schema_change(outcome)
 
     # -- events -----------------------------------------------------------------------------
 
     def _on_begin(self, event: TxBegin) -> None:
-        tx = self.tx
-        tx.xid = event.xid
-        tx.final_lsn = event.final_lsn
-        tx.commit_time = event.commit_time
-        tx.version = lsn_bytes(event.final_lsn)
-        tx.skip = self.position.is_replay(event.final_lsn)
-        tx.skip_changes = self.position.skip_count(event.final_lsn)
-        if not tx.skip:
-            self.backfill.begin(event.xid)
+        core = self.core
+        self._xid = event.xid
+        self._final_lsn = event.final_lsn
+        skip = self.position.is_replay(event.final_lsn)
+        self._in_skipped_tx = skip
+        core.version = lsn_bytes(event.final_lsn)
+        core.skip = skip
+        core.skip_changes = self.position.skip_count(event.final_lsn)
+        core.touched_tables = set()
+        backfill = self.backfill
+        core.watch_table = backfill.watch_table
+        core.tx_visible = backfill.sees(event.xid)
 
-    def _on_change(self, change: RowChange) -> None:
-        tx = self.tx
-        if tx.skip or change.seq <= tx.skip_changes:
-            return
-        self.planner.change(change, tx.version, self.batch)
-        view = change.view
-        pk = view.pk_index
-        name = view.tracked.name
-        row = change.old if change.op == DELETE else change.new
-        if row is not None:
-            value = row[pk]
-            if isinstance(value, bytes):
-                self.backfill.touched(name, value)
-        if change.old is not None and change.op != DELETE:
-            old_value = change.old[pk]
-            if isinstance(old_value, bytes) and old_value != (row[pk] if row is not None else None):
-                self.backfill.touched(name, old_value)
-        if self.batch.changes >= self.settings.batch_max_changes:
-            self.flush()
+    def _on_keepalive(self, frame: PrimaryKeepalive) -> None:
+        if not self.assembler.in_transaction:
+            self.stream_position = max(self.stream_position, frame.wal_end)
+            self._keepalive_target = max(self._keepalive_target, frame.wal_end)
+        if frame.reply_requested:
+            self.send_status(reply=False)
 
     def _on_truncate(self, event: TableTruncate) -> None:
-        if self.tx.skip or event.seq <= self.tx.skip_changes:
+        core = self.core
+        if core.skip or event.seq <= core.skip_changes:
             return
-        self.planner.truncate(event.views, self.batch)
+        self.planner.truncate(event.views, core.batch)
         for view in event.views:
-            self.backfill.truncated(view.tracked.name)
+            core.touched_tables.add(view.table_name)
+            if not core.tx_visible:
+                self.backfill.truncated(view.table_name)
 
     def _on_commit(self, event: TxCommit) -> None:
-        self.received(event.end_lsn)
-        if self.tx.skip:
-            self.stream_position = max(self.stream_position, event.end_lsn)
-            return
-        self.backfill.commit()
-        self.pending_checkpoint = event.end_lsn
+        self.stats.received = max(self.stats.received, event.end_lsn)
         self.stream_position = max(self.stream_position, event.end_lsn)
+        core = self.core
+        self._in_skipped_tx = False
+        if core.skip:
+            return
+        if core.dirty:
+            self.backfill.dirty(core.dirty)
+            core.dirty = []
+        self.backfill.committed(event.xid, core.touched_tables)
+        self.pending_checkpoint = event.end_lsn
         self._pending_commit_times.append(pg_time_to_unix(event.commit_time))
         self.stats.transactions += 1
-        self.tx.skip_changes = 0
-        batch = self.batch
+        core.skip_changes = 0
+        batch = core.batch
         self.boundary = _Boundary(
             len(batch.buf),
             batch.commands,
@@ -269,32 +272,34 @@ class Pipeline:
     def _on_schema_change(self, event: SchemaChange) -> None:
         self.log.info(
             "schema change",
-            table=event.view.tracked.name,
+            table=event.view.table_name,
             columns_before=len(event.previous),
             columns_after=len(event.view.column_names),
         )
         self.backfill.schema_changed(event.view.tracked)
 
-    def received(self, lsn: int) -> None:
-        if lsn > self.stats.received:
-            self.stats.received = Lsn(lsn)
-
     # -- applying ----------------------------------------------------------------------------
 
+    def _tx_open(self) -> bool:
+        """A transaction is in progress whose changes are being planned."""
+        return self.assembler.in_transaction and not self.core.skip
+
     def flush_complete(self) -> None:
-        """Apply the complete transactions of the batch; keep the one in progress."""
-        if not (self.assembler.in_transaction and not self.tx.skip):
+        """Send the complete transactions of the batch; keep the one in progress."""
+        if not self._tx_open():
             self.flush()
             return
+        if self.boundary.commands == 0 and self.pending_checkpoint <= self.sent_checkpoint:
+            return  # only the transaction in progress is pending: nothing to apply yet
         rest = self._split_at_boundary()
-        if not self.batch.empty or self.pending_checkpoint > self.position.checkpoint:
+        if not self.core.batch.empty or self.pending_checkpoint > self.sent_checkpoint:
             self.flush(chunk=False)
-        self.batch = rest
+        self.core.batch = rest
         self.boundary = _Boundary()
 
     def _split_at_boundary(self) -> CommandBatch:
         """Cut the batch after its last complete transaction; return the rest."""
-        batch = self.batch
+        batch = self.core.batch
         cut = self.boundary
         rest = CommandBatch()
         rest.buf = batch.buf[cut.buf_len :]
@@ -314,38 +319,71 @@ class Pipeline:
         return rest
 
     def flush(self, chunk: bool = True) -> None:
-        """Apply the batch with the checkpoint. With ``chunk`` and a transaction in
-        progress, its changes so far go too, as a chunk (only at the batch limit)."""
-        batch = self.batch
-        in_tx = chunk and self.assembler.in_transaction and not self.tx.skip
+        """Send the batch with its checkpoint (then the previous one is acknowledged).
+
+        With ``chunk`` and a transaction in progress, its changes so far go too, as a chunk
+        (only at the batch limit)."""
+        batch = self.core.batch
+        in_tx = chunk and self._tx_open()
         checkpoint = self.pending_checkpoint
-        advance = checkpoint > self.position.checkpoint
-        if batch.empty and not advance and not (in_tx and batch.changes):
+        if batch.empty and checkpoint <= self.sent_checkpoint and not (in_tx and batch.changes):
             return
         state = {"lsn": format_lsn(checkpoint)}
+        partial_lsn: int | None = None
+        partial_count = 0
         if in_tx and batch.changes:
             # A chunk of a transaction larger than the batch limit.
-            state["partial"] = f"{format_lsn(self.tx.final_lsn)}:{self._applied_in_tx()}"
+            partial_lsn = self._final_lsn
+            partial_count = self.assembler.seq
+            state["partial"] = f"{format_lsn(partial_lsn)}:{partial_count}"
         else:
             state["partial"] = ""
-        marker = self.backfill.progress_marker() if self.rebuilding else ""
-        if marker != self._rebuild_marker or (self.rebuilding and not marker):
-            state["rebuild"] = marker
-        result = self.sink.apply(batch, state)
-        self._rebuild_marker = marker
-        if self.rebuilding and not marker and not self.backfill.busy:
-            self.rebuilding = False
-            self.log.info("rebuild complete", rows=self.backfill.stats.rows_written)
+        marker: str | None = None
+        if self.rebuilding:
+            marker = self.backfill.progress_marker()
+            if marker != self._rebuild_marker or not marker:
+                state["rebuild"] = marker
+        # Send first, then take the previous batch's answer: Redis always has the next
+        # batch queued while the daemon waits, so neither side idles on the other.
+        previous = self._inflight
+        handle = self.sink.send(batch, state)
+        self._inflight = _Sent(
+            handle, checkpoint, partial_lsn, partial_count, self._pending_commit_times, marker
+        )
+        if previous is not None:
+            self._acknowledge(previous)
+        self._pending_commit_times = []
+        self.sent_checkpoint = checkpoint
+        if partial_lsn is not None:
+            self.core.skip_changes = 0
+        self.core.batch = CommandBatch()
+        self.boundary = _Boundary()
+
+    def drain(self) -> None:
+        """Wait for the batch in flight, if any."""
+        if self._inflight is not None:
+            sent, self._inflight = self._inflight, None
+            self._acknowledge(sent)
+
+    def _acknowledge(self, sent: _Sent) -> None:
+        """Take Redis' answer to ``sent`` (batches are answered in the order sent)."""
+        result = self.sink.receive(sent.handle)
         now = time.time()
-        self.position.checkpoint = Lsn(checkpoint)
-        if state.get("partial"):
-            self.position.partial_lsn = Lsn(self.tx.final_lsn)
-            self.position.partial_count = self._applied_in_tx()
-            self.tx.skip_changes = 0
+        position = self.position
+        position.checkpoint = Lsn(sent.checkpoint)
+        if sent.partial_lsn is not None:
+            position.partial_lsn = Lsn(sent.partial_lsn)
+            position.partial_count = sent.partial_count
         else:
-            self.position.partial_lsn = None
-            self.position.partial_count = 0
-        self._record(batch, now)
+            position.partial_lsn = None
+            position.partial_count = 0
+        if sent.rebuild_marker is not None:
+            self._rebuild_marker = sent.rebuild_marker
+            if not sent.rebuild_marker and not self.backfill.busy and self.rebuilding:
+                self.rebuilding = False
+                self.log.info("rebuild complete", rows=self.backfill.stats.rows_written)
+        batch = sent.handle.batch
+        self._record(batch, sent.commit_times, now)
         for table, row_id in result.incomplete_rows:
             tracked = self.tables.get(table)
             if tracked is not None:
@@ -361,43 +399,39 @@ class Pipeline:
                 count=len(result.errors),
                 first=result.errors[0],
             )
-        batch.clear()
-        self.boundary = _Boundary()
         self._last_applied_at = time.monotonic()
         if self._last_applied_at - self._last_status >= self.settings.status_interval:
             # Busy draining a backlog: keep confirming (and proving we are alive).
             self.send_status(reply=False)
 
-    def _applied_in_tx(self) -> int:
-        """Changes of the current transaction applied so far: all it has sent up to now."""
-        return self.assembler.seq
-
-    def _record(self, batch: CommandBatch, now: float) -> None:
+    def _record(self, batch: CommandBatch, commit_times: list[float], now: float) -> None:
         m = self.metrics
         for (table, op), n in batch.counts.items():
             m.changes.labels(table=table, op=op).inc(n)
         m.batches.inc()
         self.stats.batches += 1
         self.stats.changes += batch.changes
-        times = self._pending_commit_times
-        if times:
-            m.transactions.inc(len(times))
-            for commit_time in times:
+        if commit_times:
+            m.transactions.inc(len(commit_times))
+            for commit_time in commit_times:
                 m.apply_delay.observe(max(0.0, now - commit_time))
-            self.stats.last_apply_delay = max(0.0, now - times[-1])
+            self.stats.last_apply_delay = max(0.0, now - commit_times[-1])
             m.lag_seconds.set(self.stats.last_apply_delay)
-            self._pending_commit_times = []
         m.last_applied_lsn.set(self.position.checkpoint)
 
     def _flush_window(self) -> None:
-        window = self.backfill.flush(self.batch)
-        self.metrics.backfill_rows.labels(table=window.view.tracked.name).inc(len(window.rows))
+        window = self.backfill.flush(self.core.batch)
+        self.metrics.backfill_rows.labels(table=window.view.table_name).inc(len(window.rows))
         self.flush()
 
     # -- idle work ----------------------------------------------------------------------------
 
     def _idle(self) -> None:
-        """The socket is drained: apply, confirm, backfill, then wait for more."""
+        """The socket is drained: send what is complete, confirm, backfill, wait for more.
+
+        A batch in flight is not waited for here: its answer is taken when it arrives
+        (the wait below watches Redis' socket too), so Redis keeps working while the next
+        batch is planned."""
         self.flush_complete()
         now = time.monotonic()
         if self.schema_requests is not None:
@@ -416,24 +450,19 @@ class Pipeline:
         in_tx = self.assembler.in_transaction
         if backfill.window is not None and not in_tx and backfill.ready(self.stream_position):
             self._flush_window()
+            self.drain()
         if backfill.window is None and backfill.queue and not in_tx:
             window = backfill.open(self.pg)
             if window is not None and backfill.ready(self.stream_position):
                 self._flush_window()
-        if (
-            self._keepalive_target > self.position.checkpoint
-            and not self.assembler.in_transaction
-            and self.batch.empty
-        ):
+                self.drain()
+        if self._keepalive_target > self.sent_checkpoint and not in_tx and self.core.batch.empty:
             # Every transaction before the keepalive's position is applied: move the
             # checkpoint there too (read-your-writes tokens wait on it).
             self.pending_checkpoint = max(self.pending_checkpoint, self._keepalive_target)
             self.flush()
-        if (
-            self.batch.empty
-            and not self.assembler.in_transaction
-            and now - self._last_applied_at > 1.0
-        ):
+            self.drain()
+        if self.core.batch.empty and not in_tx and now - self._last_applied_at > 1.0:
             self.metrics.lag_seconds.set(0.0)
         waiting_for_window = backfill.window is not None
         if now - self._last_status >= self.settings.status_interval or (
@@ -447,11 +476,18 @@ class Pipeline:
             raise PostgresUnavailable(
                 f"no message from PostgreSQL for {self.settings.pg_timeout:.0f}s; reconnecting"
             )
-        self.source.wait(0.1 if not waiting_for_window else 0.02)
+        timeout = 0.1 if not waiting_for_window else 0.02
+        if self._inflight is None:
+            self.source.wait(timeout)
+            return
+        _, answered = self.source.wait(timeout, also=self.sink.fileno())
+        # Readable is not answered: the +QUEUED replies arrive long before EXEC's.
+        if answered and self.sink.ready(self._inflight.handle):
+            self.drain()
 
     def send_status(self, reply: bool) -> None:
         confirmed = self.position.checkpoint
-        received = max(int(self.stats.received), confirmed)
+        received = max(self.stats.received, confirmed)
         self.source.send_status(received, confirmed, confirmed, reply)
         now = time.monotonic()
         self._last_status = now
@@ -460,9 +496,10 @@ class Pipeline:
 
     def _shutdown(self) -> None:
         """Finish the batch in flight (whole transactions only), confirm it."""
-        if self.assembler.in_transaction and not self.tx.skip:
+        if self._tx_open():
             # The transaction in progress will be sent again after the restart.
             self._split_at_boundary()
         self.flush(chunk=False)
+        self.drain()
         self.send_status(reply=False)
         self.log.info("stopped", checkpoint=format_lsn(self.position.checkpoint))

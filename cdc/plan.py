@@ -4,8 +4,10 @@ Pure: commands are appended in wire form (RESP) to a :class:`CommandBatch`, whic
 sink later sends inside one ``MULTI``/``EXEC`` with the checkpoint. The layout is the
 contract's (section 6), driven by the table's :class:`~cdc.assemble.TableView`:
 
-- insert, or update with every value present: ``DEL key`` + ``HSET key <non-NULL
-  columns> _v <lsn>`` (a full replace: NULL columns and dropped columns lose their field);
+- update with every value present: ``DEL key`` + ``HSET key <non-NULL columns> _v
+  <lsn>`` (a full replace: NULL columns and dropped columns lose their field); an insert
+  is the ``HSET`` alone, since no key exists for a row that did not (deletes, truncates
+  and rebuilds remove keys);
 - update with unchanged TOASTed values: a small script keeps those fields, sets the
   others, removes NULLed ones; if a kept field is missing (the key was never loaded or was
   dropped) it deletes the key and the row is fetched again (``CommandBatch.patches``);
@@ -138,7 +140,9 @@ class Planner:
         if change.op == INSERT:
             new = change.new
             assert new is not None
-            self.write_row(view, new, version, out)
+            # A new row has no key yet (deletes, truncates and rebuilds remove keys), so
+            # no DEL first: it costs Redis a command per row on the busiest path.
+            self.write_row(view, new, version, out, replace=False)
             return
         old = change.old
         if change.op == DELETE:
@@ -164,9 +168,17 @@ class Planner:
     # -- whole rows (stream, snapshot, backfill) ------------------------------------------
 
     def write_row(
-        self, view: TableView, values: tuple[Value, ...], version: bytes, out: CommandBatch
+        self,
+        view: TableView,
+        values: tuple[Value, ...],
+        version: bytes,
+        out: CommandBatch,
+        replace: bool = True,
     ) -> None:
-        """Replace the row's hash with ``values`` (all present) and set its lookups."""
+        """Replace the row's hash with ``values`` (all present) and set its lookups.
+
+        ``replace=False`` skips the leading ``DEL`` for rows known to have no key yet.
+        """
         row_id = _pk(view, values)
         key = view.key(row_id)
         included = view.included
@@ -186,7 +198,8 @@ class Planner:
                 if isinstance(value, bytes):
                     _append_del(out, view.lookup_key(index, value))
             return
-        _append_del(out, key)
+        if replace:
+            _append_del(out, key)
         buf = out.buf
         buf += array_header(4 + 2 * fields)
         buf += _HSET

@@ -53,3 +53,35 @@ def glob_escape(text: bytes) -> bytes:
             out += b"\\"
         out.append(byte)
     return bytes(out)
+
+
+def reply_end(buf: bytearray, pos: int) -> int:
+    """Offset just past the RESP2 reply starting at ``pos`` in ``buf``; -1 if incomplete.
+
+    Lets a reader hand a parser exactly one transaction's replies, leaving the bytes of
+    the next (already arriving, as batches are pipelined) untouched.
+    """
+    size = len(buf)
+    if pos >= size:
+        return -1
+    eol = buf.find(CRLF, pos)
+    if eol < 0:
+        return -1
+    kind = buf[pos]
+    if kind == 43 or kind == 45 or kind == 58:  # "+", "-", ":"
+        return eol + 2
+    if kind == 36:  # "$"
+        length = int(buf[pos + 1 : eol])
+        if length < 0:
+            return eol + 2
+        end = eol + 2 + length + 2
+        return end if end <= size else -1
+    if kind == 42:  # "*"
+        count = int(buf[pos + 1 : eol])
+        at = eol + 2
+        for _ in range(count):
+            at = reply_end(buf, at)
+            if at < 0:
+                return -1
+        return at
+    raise ValueError(f"not a RESP2 reply at offset {pos}: {bytes(buf[pos : pos + 16])!r}")

@@ -18,6 +18,9 @@ Every batch is sent in one write::
 
     MULTI, <commands>, HSET cdc:state lsn … partial …, EXEC, WATCH cdc:state, HMGET cdc:state …
 
+and the next batch may follow before this one's answer is read (:meth:`RedisSink.send`,
+:meth:`RedisSink.receive`), so Redis works on one batch while the daemon plans the next.
+
 The ``WATCH`` armed at the end of one batch guards the next: if another daemon took the
 fence, or Redis lost its data (``FLUSHALL`` touches watched keys; a restart drops the
 connection), ``EXEC`` returns nil and nothing of the batch is applied. The sink then says
@@ -85,6 +88,14 @@ class CacheState:
 
 
 @dataclass
+class InFlight:
+    """A batch sent to Redis whose answer has not been read yet."""
+
+    batch: CommandBatch
+    queued: int
+
+
+@dataclass
 class ApplyResult:
     """What Redis said about the commands of a batch."""
 
@@ -121,6 +132,9 @@ class RedisSink:
     @property
     def connected(self) -> bool:
         return self.wire.connected
+
+    def fileno(self) -> int:
+        return self.wire.fileno()
 
     def read_state(self) -> CacheState:
         reply = self._call(b"HGETALL", _STATE)
@@ -168,7 +182,15 @@ class RedisSink:
     # -- applying ----------------------------------------------------------------------------
 
     def apply(self, batch: CommandBatch, state: dict[str, str]) -> ApplyResult:
-        """Apply ``batch`` and set ``state`` fields in one transaction."""
+        """Apply ``batch`` and set ``state`` fields in one transaction; wait for it."""
+        return self.receive(self.send(batch, state))
+
+    def send(self, batch: CommandBatch, state: dict[str, str]) -> InFlight:
+        """Send ``batch`` and ``state`` as one transaction without waiting for Redis.
+
+        The next batch may be sent before this one is received: Redis runs them in order,
+        and the WATCH armed at the end of this one guards the next, so if this one is
+        refused (fenced, state lost) the next is refused too."""
         if not self._armed:
             self._arm()
         hset = [b"HSET", _STATE]
@@ -179,20 +201,48 @@ class RedisSink:
         append_command(buf, hset)
         buf += _EXEC
         buf += _WATCH_AND_READ
-        queued = batch.commands + 1
-        replies = self._roundtrip(bytes(buf), 1 + queued + 1 + 2)
-        self._armed = False
-        exec_reply = replies[1 + queued]
+        try:
+            self.wire.send(buf)
+        except WireError as exc:
+            self._armed = False
+            raise RedisUnavailable(str(exc)) from exc
+        # The WATCH at its end guards whatever is sent next (see receive for the outcome).
+        self._armed = True
+        return InFlight(batch, batch.commands + 1)
+
+    def ready(self, sent: InFlight) -> bool:
+        """Whether Redis' whole answer to ``sent`` has arrived (never blocks)."""
+        try:
+            return self.wire.transaction_ready(sent.queued, after=2)
+        except WireError as exc:
+            self._armed = False
+            raise RedisUnavailable(str(exc)) from exc
+
+    def receive(self, sent: InFlight) -> ApplyResult:
+        """Redis' answer to a batch sent earlier: applied, or an error saying why not."""
+        queued = sent.queued
+        try:
+            replies = self.wire.read_transaction(queued, after=2)
+        except WireError as exc:
+            self._armed = False
+            raise RedisUnavailable(str(exc)) from exc
+        batch = sent.batch
+        if len(replies) > 3:
+            # Some command was refused while queuing: EXEC aborted the whole batch.
+            self._armed = False
+            rejected = [str(r) for r in replies[1 : 1 + queued] if isinstance(r, WireReplyError)]
+            raise RedisRejected(rejected[0] if rejected else str(replies[1 + queued]))
+        exec_reply = replies[0]
         fence, _lsn = replies[-1]
         if isinstance(exec_reply, WireReplyError):
-            rejected = [str(r) for r in replies[1 : 1 + queued] if isinstance(r, WireReplyError)]
-            raise RedisRejected(rejected[0] if rejected else str(exec_reply))
+            self._armed = False
+            raise RedisRejected(str(exec_reply))
         if exec_reply is None:
             # WATCH fired: nothing was applied. Say why.
+            self._armed = False
             self._check_fence(fence)
             raise Fenced("cdc:state changed under this daemon; batch not applied")
         self._check_fence(fence)
-        self._armed = True
         return self._inspect(batch, exec_reply)
 
     def _inspect(self, batch: CommandBatch, results: list[Any]) -> ApplyResult:

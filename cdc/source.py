@@ -213,25 +213,30 @@ class ReplicationSource:
         self._raise_end_of_stream(pgconn)
         raise AssertionError("unreachable")
 
-    def wait(self, timeout: float) -> bool:
-        """Wait until the socket is readable (or ``timeout``); then pull its bytes into
-        libpq's buffer. True if something arrived."""
+    def wait(self, timeout: float, also: int = -1) -> tuple[bool, bool]:
+        """Wait until the replication socket (or ``also``, another socket) is readable,
+        or ``timeout``; pull what arrived into libpq's buffer.
+
+        Returns (the replication socket had data, ``also`` is readable)."""
         pgconn = self._pgconn
         if pgconn is None:
             raise PostgresUnavailable("not streaming")
         try:
-            readable, _, _ = select.select([pgconn.socket], [], [], max(0.0, timeout))
+            sock = pgconn.socket
+            watched = [sock] if also < 0 else [sock, also]
+            readable, _, _ = select.select(watched, [], [], max(0.0, timeout))
         except (OSError, ValueError, psycopg.OperationalError) as exc:
             self.close()
             raise PostgresUnavailable(f"replication socket failed: {exc}") from None
-        if not readable:
-            return False
+        other = also >= 0 and also in readable
+        if sock not in readable:
+            return False, other
         try:
             pgconn.consume_input()
         except psycopg.OperationalError as exc:
             self.close()
             raise PostgresUnavailable(f"replication stream broke: {_first_line(exc)}") from None
-        return True
+        return True, other
 
     def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
         pgconn = self._pgconn

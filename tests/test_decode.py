@@ -325,3 +325,13 @@ def test_wal2json_new_column_announces_a_relation() -> None:
     assert [type(m).__name__ for m in wider] == ["Relation", "Insert"]
     assert isinstance(wider[0], Relation)
     assert wider[0].column_names == ("id", "x")
+
+
+def test_compiled_modules_are_not_stale() -> None:
+    """A C extension built from older source would shadow the .py silently."""
+    cdc_dir = Path(pgoutput.__file__ or "").parent
+    for source in cdc_dir.glob("*.py"):
+        for built in cdc_dir.glob(source.stem + ".*.so"):
+            assert built.stat().st_mtime >= source.stat().st_mtime, (
+                f"{built.name} is older than {source.name}: rebuild"
+            )

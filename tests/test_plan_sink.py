@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import hiredis
 import pytest
 import redis
@@ -12,7 +14,7 @@ from cdc.errors import Fenced, RedisLost
 from cdc.lsn import LsnError, format_lsn, parse_lsn
 from cdc.messages import UNCHANGED_TOAST, Relation, RelationColumn, Value
 from cdc.plan import CommandBatch, Planner
-from cdc.resp import bulk_header, command, glob_escape
+from cdc.resp import bulk_header, command, glob_escape, reply_end
 from cdc.sink import RedisSink
 from schema.keys import AGENTS, TICKETS
 
@@ -51,18 +53,16 @@ def change(
     return RowChange(view, op, new, old, 1)  # type: ignore[arg-type]
 
 
-def test_insert_is_a_full_replace_without_nulls_or_excluded_columns() -> None:
+def test_insert_writes_the_hash_without_nulls_or_excluded_columns() -> None:
     batch = CommandBatch()
     Planner(1000).change(change(TICKET, INSERT, (b"1", b"hello", None, b"true")), V, batch)
     assert commands(batch) == [
-        [b"DEL", b"ticket:{1}"],
         [b"HSET", b"ticket:{1}", b"id", b"1", b"title", b"hello", b"flag", b"true", b"_v", V],
     ]
     assert batch.counts == {("tickets", "insert"): 1}
     batch = CommandBatch()
     Planner(1000).change(change(AGENT, INSERT, (b"a", b"ann", b"$argon2id$secret")), V, batch)
     assert commands(batch) == [
-        [b"DEL", b"agent:{a}"],
         [b"HSET", b"agent:{a}", b"id", b"a", b"username", b"ann", b"_v", V],
         [b"SET", b"agent:username:{ann}", b"a"],
     ]
@@ -172,6 +172,43 @@ def test_lost_state_is_detected(sink: RedisSink, client: redis.Redis) -> None:
     with pytest.raises(RedisLost):
         apply(sink, change(TICKET, INSERT, (b"1", b"x", None, None)))
     assert client.dbsize() == 0
+
+
+def test_reply_end_finds_whole_replies_only() -> None:
+    replies = bytearray(b"+OK\r\n*3\r\n:1\r\n$-1\r\n*2\r\n$3\r\nabc\r\n-ERR x\r\n:7\r\n")
+    ends = []
+    at = 0
+    while at < len(replies):
+        at = reply_end(replies, at)
+        ends.append(at)
+    assert ends == [5, 39, len(replies)]
+    for cut in range(6, 39):  # any prefix of the array is incomplete
+        assert reply_end(replies[:cut], 5) == -1
+    with pytest.raises(ValueError, match="not a RESP2 reply"):
+        reply_end(bytearray(b"?x\r\n"), 0)
+
+
+def test_pipelined_batches_are_answered_in_order(sink: RedisSink, client: redis.Redis) -> None:
+    """Two batches in flight: readiness is the whole answer, and each gets its own."""
+    first, second = CommandBatch(), CommandBatch()
+    planner = Planner(1 << 20)
+    for i in range(3000):
+        planner.change(change(TICKET, INSERT, (b"%d" % i, b"t", None, None)), V, first)
+    planner.change(change(TICKET, UPDATE, (b"x", b"y", UNCHANGED_TOAST, None)), V, second)
+    one = sink.send(first, {"lsn": "0/10"})
+    two = sink.send(second, {"lsn": "0/20"})
+    deadline = time.monotonic() + 10
+    while not sink.ready(one):
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert sink.receive(one).incomplete_rows == []
+    # The second answer's bytes may already be buffered; it is still read whole.
+    assert sink.receive(two).incomplete_rows == [("tickets", b"x")]
+    assert client.hget("cdc:state", "lsn") == b"0/20"
+    assert client.dbsize() == 3001  # the rows and cdc:state
+    third = sink.send(CommandBatch(), {"lsn": "0/30"})
+    assert sink.receive(third).errors == []
+    assert client.hget("cdc:state", "lsn") == b"0/30"
 
 
 def test_lsn_text() -> None:
