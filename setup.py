@@ -1,10 +1,11 @@
 """Build hook: compile the daemon's hot path with mypyc when it is available.
 
-The modules listed in ``COMPILED`` are plain, typed Python (the pure decoder, the planner
-and the RESP encoder). mypyc turns them into C extensions, about 4x faster on the
-per-row work; without mypyc (or with ``CDC_PURE_PYTHON=1``) the same source runs as
-ordinary Python. Tests run against whichever was installed and, separately, against the
-pure source.
+The modules listed in ``COMPILED`` are plain, typed Python (decoder, assembler, planner,
+RESP encoder, the Redis and PostgreSQL wire loops and the pipeline). mypyc turns them
+into C extensions, several times faster on the per-row work; without mypyc (or with
+``CDC_PURE_PYTHON=1``) the same source runs as ordinary Python. The suite runs against
+whichever was installed; ``tests/test_pure_source.py`` and the decoder tests also run
+the pure source.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ COMPILED: list[str] = [
     "cdc/resp.py",
     "cdc/plan.py",
     "cdc/core.py",
+    "cdc/redis_wire.py",
+    "cdc/sink.py",
+    "cdc/source.py",
+    "cdc/pipeline.py",
 ]
 
 

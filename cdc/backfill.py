@@ -36,6 +36,7 @@ import psycopg
 
 from cdc import catalog
 from cdc.assemble import TableView, view_from_columns
+from cdc.core import RecentTransactions
 from cdc.lsn import Lsn, lsn_bytes, parse_lsn
 from cdc.plan import CommandBatch, Planner
 from cdc.rows import Row, rows_after, rows_by_id
@@ -97,27 +98,6 @@ class Window:
     last_key: str | None
     exhausted: bool
     dirty: int = 0
-
-
-@dataclass(frozen=True)
-class _Applied:
-    xid: int
-    tables: frozenset[str]
-
-
-class RecentTransactions:
-    """The last transactions applied, and which tables each changed (bounded)."""
-
-    def __init__(self, keep: int = 1024) -> None:
-        self._ring: deque[_Applied] = deque(maxlen=keep)
-
-    def add(self, xid: int, tables: set[str]) -> None:
-        if tables:
-            self._ring.append(_Applied(xid, frozenset(tables)))
-
-    def unseen(self, snapshot: XidSnapshot, table: str) -> bool:
-        """Whether a transaction already applied to ``table`` is invisible to ``snapshot``."""
-        return any(table in t.tables and not snapshot.sees(t.xid) for t in self._ring)
 
 
 @dataclass
@@ -232,7 +212,7 @@ class Backfill:
                 snapshot_row = conn.execute("SELECT pg_current_snapshot()::text").fetchone()
                 assert snapshot_row is not None
                 snapshot = XidSnapshot.parse(str(snapshot_row[0]))
-                if self.recent.unseen(snapshot, request.table.name):
+                if self.recent.unseen(snapshot.sees, request.table.name):
                     # A transaction already applied here is not visible to this snapshot
                     # yet (its commit reached the stream first): try again a moment later.
                     self.stats.retries += 1

@@ -35,6 +35,7 @@ import redis
 
 from cdc import catalog, checks, logs, pgoutput
 from cdc.backfill import Backfill
+from cdc.core import Position
 from cdc.errors import (
     CdcError,
     ConfigError,
@@ -49,7 +50,7 @@ from cdc.lsn import Lsn, format_lsn
 from cdc.messages import Message
 from cdc.metrics import Metrics
 from cdc.observer import Observer
-from cdc.pipeline import Pipeline, Position
+from cdc.pipeline import Pipeline
 from cdc.plan import Planner
 from cdc.settings import Settings
 from cdc.sink import CacheState, RedisSink

@@ -1,12 +1,20 @@
 """Prometheus metrics (contract section 8), in a registry of the daemon's own.
 
 Per-row counters are accumulated in each batch and added once per batch: the hot path
-never touches a Prometheus lock per change.
+never touches a Prometheus lock per change. The per-transaction delay histogram takes a
+batch's delays at once, too (:class:`DelayHistogram`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from schema.keys import TRACKED_TABLES
 
@@ -33,6 +41,52 @@ DELAY_BUCKETS = (
 )
 
 
+class DelayHistogram(Collector):
+    """A Prometheus histogram fed a batch of observations under one lock.
+
+    prometheus-client's ``Histogram.observe`` costs ~2 µs per value; at thousands of
+    transactions a second that is a visible share of the daemon's CPU. Exposed exactly
+    like a native histogram (``_bucket{le=…}``, ``_sum``, ``_count``).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        bounds = self._bounds
+        counts = [0] * len(self._counts)
+        total = 0.0
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+            total += value
+        with self._lock:
+            for i, n in enumerate(counts):
+                self._counts[i] += n
+            self._sum += total
+
+    def observe(self, value: float) -> None:
+        self.observe_many((value,))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts = list(self._counts)
+            total = self._sum
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, n in zip([*self._bounds, float("inf")], counts, strict=True):
+            cumulative += n
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
+
+
 class Metrics:
     def __init__(self, tables: tuple[str, ...] = TRACKED_NAMES) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -48,11 +102,11 @@ class Metrics:
             " 0 when idle and caught up",
             registry=r,
         )
-        self.apply_delay = Histogram(
+        self.apply_delay = DelayHistogram(
             "cdc_apply_delay_seconds",
             "Commit-to-applied delay per transaction",
-            buckets=DELAY_BUCKETS,
-            registry=r,
+            DELAY_BUCKETS,
+            r,
         )
         self.retained_wal = Gauge(
             "cdc_slot_retained_wal_bytes", "WAL the slot keeps on the server", registry=r

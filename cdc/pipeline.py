@@ -29,15 +29,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cdc import catalog, logs, pgoutput
-from cdc.assemble import Assembler, SchemaChange, TableTruncate, TxBegin, TxCommit
+from cdc.assemble import Assembler, SchemaChange, TableTruncate, TxCommit
 from cdc.backfill import Backfill
-from cdc.core import BatchFull, StreamCore
+from cdc.core import BatchFull, Boundary, Position, StreamCore
 from cdc.errors import PostgresUnavailable
-from cdc.lsn import Lsn, format_lsn, lsn_bytes
-from cdc.messages import Message, PrimaryKeepalive, pg_time_to_unix
+from cdc.lsn import Lsn, format_lsn
+from cdc.messages import Message, PrimaryKeepalive
 from cdc.metrics import Metrics
 from cdc.plan import CommandBatch, Planner
 from cdc.settings import Settings
@@ -46,33 +46,6 @@ from cdc.source import ReplicationSource
 from schema.keys import TrackedTable
 
 Decode = Callable[[bytes], Message | list[Message]]
-
-
-@dataclass
-class Position:
-    """What is applied: the checkpoint and, for a large transaction, how far into it."""
-
-    checkpoint: Lsn
-    partial_lsn: Lsn | None = None
-    partial_count: int = 0
-
-    def is_replay(self, final_lsn: int) -> bool:
-        return final_lsn < self.checkpoint
-
-    def skip_count(self, final_lsn: int) -> int:
-        return self.partial_count if self.partial_lsn == final_lsn else 0
-
-
-@dataclass
-class _Boundary:
-    """Where the batch ends at the last complete transaction."""
-
-    buf_len: int = 0
-    commands: int = 0
-    patches: int = 0
-    changes: int = 0
-    counts: dict[tuple[str, str], int] = field(default_factory=dict)
-    oversized: int = 0
 
 
 @dataclass
@@ -89,11 +62,9 @@ class _Sent:
 
 @dataclass
 class PipelineStats:
-    transactions: int = 0
     changes: int = 0
     batches: int = 0
     last_apply_delay: float = 0.0
-    received: int = 0
 
 
 class Pipeline:
@@ -130,18 +101,17 @@ class Pipeline:
         self.log = logs.get("cdc.pipeline")
         self.assembler = Assembler(tables)
         self.planner = Planner(settings.max_row_bytes)
-        self.core = StreamCore(self.assembler, self.planner, settings.batch_max_changes)
         self.backfill = backfill or Backfill(self.planner, settings.backfill_chunk)
         self.backfill.planner = self.planner
-        self.boundary = _Boundary()
+        self.core = StreamCore(
+            self.assembler,
+            self.planner,
+            settings.batch_max_changes,
+            position,
+            self.backfill.recent,
+        )
+        self._watch_window()
         self.stats = PipelineStats()
-        self._xid = 0
-        self._final_lsn = 0
-        self._in_skipped_tx = False
-        # Highest LSN up to which every transaction has been received and processed.
-        self.stream_position: int = position.checkpoint
-        # Checkpoint of the batch being built (end of its last complete transaction).
-        self.pending_checkpoint: int = position.checkpoint
         # Highest checkpoint sent to Redis (acknowledged or in flight).
         self.sent_checkpoint: int = position.checkpoint
         self._inflight: _Sent | None = None
@@ -151,8 +121,6 @@ class Pipeline:
         self._last_received = time.monotonic()
         self._last_reply_request = 0.0
         self._last_applied_at = time.monotonic()
-        self._keepalive_target: int = 0
-        self._pending_commit_times: list[float] = []
 
     @property
     def batch(self) -> CommandBatch:
@@ -196,9 +164,7 @@ class Pipeline:
                 self._on_outcome(outcome)
 
     def _on_outcome(self, outcome: object) -> None:
-        if isinstance(outcome, TxBegin):
-            self._on_begin(outcome)
-        elif isinstance(outcome, TxCommit):
+        if isinstance(outcome, TxCommit):
             self._on_commit(outcome)
         elif isinstance(outcome, BatchFull):
             self.flush()
@@ -211,24 +177,8 @@ class Pipeline:
 
     # -- events -----------------------------------------------------------------------------
 
-    def _on_begin(self, event: TxBegin) -> None:
-        core = self.core
-        self._xid = event.xid
-        self._final_lsn = event.final_lsn
-        skip = self.position.is_replay(event.final_lsn)
-        self._in_skipped_tx = skip
-        core.version = lsn_bytes(event.final_lsn)
-        core.skip = skip
-        core.skip_changes = self.position.skip_count(event.final_lsn)
-        core.touched_tables = set()
-        backfill = self.backfill
-        core.watch_table = backfill.watch_table
-        core.tx_visible = backfill.sees(event.xid)
-
     def _on_keepalive(self, frame: PrimaryKeepalive) -> None:
-        if not self.assembler.in_transaction:
-            self.stream_position = max(self.stream_position, frame.wal_end)
-            self._keepalive_target = max(self._keepalive_target, frame.wal_end)
+        """A keepalive asking for a reply (the core took its position)."""
         if frame.reply_requested:
             self.send_status(reply=False)
 
@@ -243,31 +193,21 @@ class Pipeline:
                 self.backfill.truncated(view.table_name)
 
     def _on_commit(self, event: TxCommit) -> None:
-        self.stats.received = max(self.stats.received, event.end_lsn)
-        self.stream_position = max(self.stream_position, event.end_lsn)
+        """A commit while a backfill window is open (the core handled the rest)."""
         core = self.core
-        self._in_skipped_tx = False
         if core.skip:
             return
         if core.dirty:
             self.backfill.dirty(core.dirty)
             core.dirty = []
-        self.backfill.committed(event.xid, core.touched_tables)
-        self.pending_checkpoint = event.end_lsn
-        self._pending_commit_times.append(pg_time_to_unix(event.commit_time))
-        self.stats.transactions += 1
-        core.skip_changes = 0
-        batch = core.batch
-        self.boundary = _Boundary(
-            len(batch.buf),
-            batch.commands,
-            len(batch.patches),
-            batch.changes,
-            dict(batch.counts),
-            len(batch.oversized),
-        )
-        if self.backfill.ready(self.stream_position):
+        if self.backfill.ready(core.stream_position):
             self._flush_window()
+
+    def _watch_window(self) -> None:
+        """Tell the core which backfill window is open (after it opens or closes)."""
+        window = self.backfill.window
+        self.core.watch_table = self.backfill.watch_table
+        self.core.window_sees = window.snapshot.sees if window is not None else None
 
     def _on_schema_change(self, event: SchemaChange) -> None:
         self.log.info(
@@ -277,6 +217,7 @@ class Pipeline:
             columns_after=len(event.view.column_names),
         )
         self.backfill.schema_changed(event.view.tracked)
+        self._watch_window()
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -289,18 +230,21 @@ class Pipeline:
         if not self._tx_open():
             self.flush()
             return
-        if self.boundary.commands == 0 and self.pending_checkpoint <= self.sent_checkpoint:
+        if (
+            self.core.boundary.commands == 0
+            and self.core.pending_checkpoint <= self.sent_checkpoint
+        ):
             return  # only the transaction in progress is pending: nothing to apply yet
         rest = self._split_at_boundary()
-        if not self.core.batch.empty or self.pending_checkpoint > self.sent_checkpoint:
+        if not self.core.batch.empty or self.core.pending_checkpoint > self.sent_checkpoint:
             self.flush(chunk=False)
         self.core.batch = rest
-        self.boundary = _Boundary()
+        self.core.boundary = Boundary()
 
     def _split_at_boundary(self) -> CommandBatch:
         """Cut the batch after its last complete transaction; return the rest."""
         batch = self.core.batch
-        cut = self.boundary
+        cut = self.core.boundary
         rest = CommandBatch()
         rest.buf = batch.buf[cut.buf_len :]
         rest.commands = batch.commands - cut.commands
@@ -325,7 +269,7 @@ class Pipeline:
         (only at the batch limit)."""
         batch = self.core.batch
         in_tx = chunk and self._tx_open()
-        checkpoint = self.pending_checkpoint
+        checkpoint = self.core.pending_checkpoint
         if batch.empty and checkpoint <= self.sent_checkpoint and not (in_tx and batch.changes):
             return
         state = {"lsn": format_lsn(checkpoint)}
@@ -333,7 +277,7 @@ class Pipeline:
         partial_count = 0
         if in_tx and batch.changes:
             # A chunk of a transaction larger than the batch limit.
-            partial_lsn = self._final_lsn
+            partial_lsn = self.core.final_lsn
             partial_count = self.assembler.seq
             state["partial"] = f"{format_lsn(partial_lsn)}:{partial_count}"
         else:
@@ -348,16 +292,16 @@ class Pipeline:
         previous = self._inflight
         handle = self.sink.send(batch, state)
         self._inflight = _Sent(
-            handle, checkpoint, partial_lsn, partial_count, self._pending_commit_times, marker
+            handle, checkpoint, partial_lsn, partial_count, self.core.commit_times, marker
         )
         if previous is not None:
             self._acknowledge(previous)
-        self._pending_commit_times = []
+        self.core.commit_times = []
         self.sent_checkpoint = checkpoint
         if partial_lsn is not None:
             self.core.skip_changes = 0
         self.core.batch = CommandBatch()
-        self.boundary = _Boundary()
+        self.core.boundary = Boundary()
 
     def drain(self) -> None:
         """Wait for the batch in flight, if any."""
@@ -413,14 +357,14 @@ class Pipeline:
         self.stats.changes += batch.changes
         if commit_times:
             m.transactions.inc(len(commit_times))
-            for commit_time in commit_times:
-                m.apply_delay.observe(max(0.0, now - commit_time))
+            m.apply_delay.observe_many([max(0.0, now - t) for t in commit_times])
             self.stats.last_apply_delay = max(0.0, now - commit_times[-1])
             m.lag_seconds.set(self.stats.last_apply_delay)
         m.last_applied_lsn.set(self.position.checkpoint)
 
     def _flush_window(self) -> None:
         window = self.backfill.flush(self.core.batch)
+        self._watch_window()
         self.metrics.backfill_rows.labels(table=window.view.table_name).inc(len(window.rows))
         self.flush()
 
@@ -431,10 +375,13 @@ class Pipeline:
 
         A batch in flight is not waited for here: its answer is taken when it arrives
         (the wait below watches Redis' socket too), so Redis keeps working while the next
-        batch is planned."""
-        self.flush_complete()
+        batch is planned. Until that answer, what completes meanwhile waits to go as one
+        batch: a quiet stream still sends each commit at once, a busy one sends fewer,
+        larger batches instead of one round trip per commit."""
+        if self._inflight is None:
+            self.flush_complete()
         now = time.monotonic()
-        if self.schema_requests is not None:
+        if self.schema_requests is not None and not self.schema_requests.empty():
             while True:
                 try:
                     name = self.schema_requests.get_nowait()
@@ -446,22 +393,29 @@ class Pipeline:
                     if self.on_schema_change is not None:
                         self.on_schema_change(tracked)
                     self.backfill.schema_changed(tracked)
+                    self._watch_window()
         backfill = self.backfill
         in_tx = self.assembler.in_transaction
-        if backfill.window is not None and not in_tx and backfill.ready(self.stream_position):
+        if backfill.window is not None and not in_tx and backfill.ready(self.core.stream_position):
             self._flush_window()
             self.drain()
         if backfill.window is None and backfill.queue and not in_tx:
             window = backfill.open(self.pg)
-            if window is not None and backfill.ready(self.stream_position):
+            self._watch_window()
+            if window is not None and backfill.ready(self.core.stream_position):
                 self._flush_window()
                 self.drain()
-        if self._keepalive_target > self.sent_checkpoint and not in_tx and self.core.batch.empty:
+        core = self.core
+        if (
+            core.keepalive_target > self.sent_checkpoint
+            and self._inflight is None
+            and not in_tx
+            and core.batch.empty
+        ):
             # Every transaction before the keepalive's position is applied: move the
             # checkpoint there too (read-your-writes tokens wait on it).
-            self.pending_checkpoint = max(self.pending_checkpoint, self._keepalive_target)
+            core.pending_checkpoint = max(core.pending_checkpoint, core.keepalive_target)
             self.flush()
-            self.drain()
         if self.core.batch.empty and not in_tx and now - self._last_applied_at > 1.0:
             self.metrics.lag_seconds.set(0.0)
         waiting_for_window = backfill.window is not None
@@ -487,7 +441,7 @@ class Pipeline:
 
     def send_status(self, reply: bool) -> None:
         confirmed = self.position.checkpoint
-        received = max(self.stats.received, confirmed)
+        received = max(self.core.received, confirmed)
         self.source.send_status(received, confirmed, confirmed, reply)
         now = time.monotonic()
         self._last_status = now

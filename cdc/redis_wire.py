@@ -233,6 +233,21 @@ class RedisWire:
         sock = self._sock
         if sock is None:
             raise WireError("not connected")
+        if not isinstance(sock, ssl.SSLSocket):
+            # One non-blocking read (the caller saw the socket readable): no mode
+            # switches, and no exception on the common path.
+            try:
+                chunk = sock.recv(1 << 20, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.close()
+                raise WireError(f"read from Redis failed: {exc}") from exc
+            if not chunk:
+                self.close()
+                raise WireError("Redis closed the connection")
+            self._pending += chunk
+            return
         sock.setblocking(False)
         try:
             while True:

@@ -63,6 +63,8 @@ class Daemon:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     metrics_port: int = field(default_factory=free_port)
+    # Where ``python -m cdc`` starts: its packages are imported from here first.
+    cwd: Path = ROOT
     proc: subprocess.Popen[bytes] | None = None
 
     def environment(self) -> dict[str, str]:
@@ -96,7 +98,7 @@ class Daemon:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cdc", "run", *args],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.environment(),
             stdout=log,
             stderr=subprocess.STDOUT,
