@@ -33,10 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FENCE_ID = "__fence__"
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 30.0,
+    what: str = "condition",
+    max_delay: float = 0.2,
+) -> Any:
     """Poll ``predicate`` until it returns something truthy (no fixed sleeps in tests).
 
-    Connection errors are retried; anything else (an assertion) fails at once."""
+    The delay between polls grows to ``max_delay`` (keep it small to catch a short-lived
+    state). Connection errors are retried; anything else (an assertion) fails at once."""
     deadline = time.monotonic() + timeout
     delay = 0.01
     last_error: Exception | None = None
@@ -50,7 +56,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}") from last_error
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.2)
+        delay = min(delay * 1.5, max_delay)
 
 
 @dataclass

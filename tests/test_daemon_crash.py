@@ -118,14 +118,19 @@ def test_kill_9_in_the_middle_of_a_large_transaction(
     env = {"CDC_BATCH_MAX_CHANGES": "500"}
     daemon = make_daemon(**env).start().wait_ready()
     pg.execute("INSERT INTO tickets (id, title) VALUES ('k0', 'before')")
-    # 60,000 changes in one transaction; each row is also updated twice, so a replay
-    # from the start would move keys back in time (the monitor would see it).
+    # 160,000 changes in one transaction; each "big" row is also updated twice, so a
+    # replay from the start would move keys back in time (the monitor would see it). The
+    # 100,000-row tail keeps the transaction unfinished for a while after the "big" rows
+    # reach their final value, so the kill below lands inside it however fast the daemon.
     with psycopg.connect(database_url) as conn:
         conn.execute(
             "INSERT INTO tickets (id, title) SELECT 'big' || g, 'v1' FROM generate_series(1, 20000) g"
         )
         conn.execute("UPDATE tickets SET title = 'v2' WHERE id LIKE 'big%'")
         conn.execute("UPDATE tickets SET title = 'v3' WHERE id LIKE 'big%'")
+        conn.execute(
+            "INSERT INTO tickets (id, title) SELECT 'tail' || g, 't' FROM generate_series(1, 100000) g"
+        )
     client = redis.Redis.from_url(redis_url)
 
     def late_in_the_transaction() -> bool:
@@ -134,7 +139,9 @@ def test_kill_9_in_the_middle_of_a_large_transaction(
             client.hget("ticket:{big1}", "title") == b"v3" and redis_state(redis_url).get("partial")
         )
 
-    wait_for(late_in_the_transaction, 120, "the large transaction to be mostly applied")
+    wait_for(
+        late_in_the_transaction, 120, "the large transaction to be mostly applied", max_delay=0.005
+    )
     daemon.kill()
     partial = redis_state(redis_url)["partial"]
     assert partial
