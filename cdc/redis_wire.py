@@ -135,6 +135,30 @@ class RedisWire:
             self.close()
             raise WireError(f"write to Redis failed: {exc}") from exc
 
+    def send_parts(self, parts: list[bytes | bytearray]) -> None:
+        """Send ``parts`` back to back without joining them (one gathered write each time).
+
+        A batch is megabytes; framing it with MULTI/EXEC by concatenation would copy it
+        once more into freshly faulted-in memory."""
+        sock = self._sock
+        if sock is None:
+            raise WireError("not connected")
+        try:
+            if isinstance(sock, ssl.SSLSocket):  # TLS has no sendmsg
+                sock.sendall(b"".join(parts))
+                return
+            views = [memoryview(part) for part in parts if part]
+            while views:
+                sent = sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if sent:
+                    views[0] = views[0][sent:]
+        except OSError as exc:
+            self.close()
+            raise WireError(f"write to Redis failed: {exc}") from exc
+
     def read(self, count: int) -> list[Any]:
         """The next ``count`` replies; error replies are returned as WireReplyError values."""
         end = 0

@@ -196,13 +196,12 @@ class RedisSink:
         hset = [b"HSET", _STATE]
         for key, value in state.items():
             hset += [key.encode(), value.encode()]
-        buf = bytearray(_MULTI)
-        buf += batch.buf
-        append_command(buf, hset)
-        buf += _EXEC
-        buf += _WATCH_AND_READ
+        tail = bytearray()
+        append_command(tail, hset)
+        tail += _EXEC
+        tail += _WATCH_AND_READ
         try:
-            self.wire.send(buf)
+            self.wire.send_parts([_MULTI, batch.buf, tail])
         except WireError as exc:
             self._armed = False
             raise RedisUnavailable(str(exc)) from exc
