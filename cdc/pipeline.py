@@ -456,4 +456,6 @@ class Pipeline:
         self.flush(chunk=False)
         self.drain()
         self.send_status(reply=False)
+        if not self.source.finish():
+            self.log.warning("the server did not end the stream in time; closing it")
         self.log.info("stopped", checkpoint=format_lsn(self.position.checkpoint))

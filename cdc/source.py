@@ -256,6 +256,46 @@ class ReplicationSource:
                 f"sending the status update failed: {_first_line(exc)}"
             ) from None
 
+    def finish(self, timeout: float = 5.0) -> bool:
+        """End the stream the way the protocol says: CopyDone, then wait for the server's.
+
+        The walsender handles messages in order, so once its CopyDone arrives it has
+        applied every status update sent before: the slot's confirmed position is
+        exactly the last one sent (closing the socket straight away could leave it
+        unread). Data still in flight is dropped (it was not confirmed). Returns whether
+        the server ended the stream in time; never raises (the caller is stopping)."""
+        pgconn = self._pgconn
+        if pgconn is None:
+            return False
+        deadline = time.monotonic() + timeout
+        try:
+            pgconn.put_copy_end()
+            while pgconn.flush() == 1:
+                if time.monotonic() > deadline:
+                    return False
+                select.select([], [pgconn.socket], [], 0.1)
+            while True:
+                nbytes, _data = pgconn.get_copy_data(1)
+                if nbytes < 0:
+                    break
+                if nbytes == 0:
+                    if time.monotonic() > deadline:
+                        return False
+                    select.select([pgconn.socket], [], [], 0.1)
+                    pgconn.consume_input()
+            while True:
+                while pgconn.is_busy():
+                    if time.monotonic() > deadline:
+                        return False
+                    select.select([pgconn.socket], [], [], 0.1)
+                    pgconn.consume_input()
+                if pgconn.get_result() is None:
+                    break
+        except (OSError, psycopg.OperationalError):
+            return False
+        self.streaming = False
+        return True
+
     def _raise_end_of_stream(self, pgconn: pq.abc.PGconn) -> None:
         result = pgconn.get_result()
         message = "the server ended the replication stream"

@@ -205,6 +205,10 @@ def test_sigterm_finishes_the_batch_and_confirms(
     confirmed = slot_confirmed(database_url, slot_name)
     assert confirmed is not None
     assert confirmed == parse_lsn(state["lsn"])  # confirmed exactly what Redis holds
+    # It ended the stream with CopyDone (so the server had read that confirmation).
+    assert "the server did not end the stream in time; closing it" not in [
+        e.get("event") for e in daemon.events()
+    ]
     restarted = make_daemon().start().wait_ready()
     assert_converged(database_url, redis_url)
     restarted.stop()
