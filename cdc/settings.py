@@ -1,44 +1,56 @@
 """The daemon's configuration: one object, read once at start, passed down.
 
 Read from the environment (and ``.env``); nothing reads the environment at import time.
-Connection URLs are secrets: they are held as :class:`pydantic.SecretStr` and only ever
-shown through :func:`redact_url`.
+Connection strings are secrets: they are held as :class:`pydantic.SecretStr`, parsed by
+:func:`schema.dsn.parse_dsn` (every form libpq takes), and only ever shown rebuilt from
+their non-secret parts (:meth:`schema.dsn.Dsn.describe`, :func:`describe_redis_url`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from psycopg.conninfo import conninfo_to_dict
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.connection import parse_url
 
 from cdc.errors import ConfigError
+from schema.dsn import Dsn, DsnError, environment_secrets, parse_dsn
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its password (safe for logs and messages)."""
+def describe_redis_url(url: str) -> str:
+    """``url`` rebuilt from its non-secret parts: scheme, user, hosts, path (no password,
+    no query parameters, which may carry ``password=`` or ``sentinel_password=``)."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = unquote(userinfo.partition(":")[0])
+    auth = f"{quote(user, safe='')}:***@" if ":" in userinfo else (f"{user}@" if user else "")
+    query = "?…" if parts.query else ""
+    return f"{parts.scheme}://{auth}{hosts}{parts.path}{query}"
 
 
-def postgres_conninfo(url: str) -> str:
-    for prefix in ("postgresql+psycopg://", "postgres+psycopg://"):
-        if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix) :]
-    return url
+def redis_secrets(url: str) -> list[str]:
+    """The secrets a Redis URL carries (user-info password, ``password=`` parameters)."""
+    try:
+        parts = urlsplit(url)
+        found = [unquote(parts.password)] if parts.password else []
+        found += [
+            value
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+            if "password" in key and value
+        ]
+    except ValueError:
+        return []
+    return found
 
 
 def _env(*names: str) -> AliasChoices:
@@ -110,9 +122,16 @@ class Settings(BaseSettings):
     # -- derived ------------------------------------------------------------------------------
 
     @property
+    def dsn(self) -> Dsn:
+        """The daemon's PostgreSQL connection (``CDC_DATABASE_URL`` or ``DATABASE_URL``)."""
+        if self.cdc_database_url is not None:
+            return parse_dsn(self.cdc_database_url.get_secret_value(), "CDC_DATABASE_URL")
+        return parse_dsn(self.database_url.get_secret_value(), "DATABASE_URL")
+
+    @property
     def replication_conninfo(self) -> str:
-        url = self.cdc_database_url or self.database_url
-        return postgres_conninfo(url.get_secret_value())
+        """The daemon's libpq keyword DSN (contains the password: never print it)."""
+        return self.dsn.conninfo
 
     @property
     def redis(self) -> str:
@@ -126,14 +145,31 @@ class Settings(BaseSettings):
     def describe(self) -> dict[str, object]:
         """The settings without secrets (for the startup log line)."""
         return {
-            "database": redact_url(self.replication_conninfo),
-            "redis": redact_url(self.redis),
+            "database": self.dsn.describe(),
+            "redis": describe_redis_url(self.redis),
             "slot": self.slot,
             "publication": self.publication,
             "plugin": self.plugin,
             "metrics": self.metrics_addr,
             "batch_max_changes": self.batch_max_changes,
         }
+
+    def postgres_urls(self) -> list[tuple[str, str]]:
+        """(variable, value) of each PostgreSQL connection string that is set."""
+        urls = [("DATABASE_URL", self.database_url.get_secret_value())]
+        if self.cdc_database_url is not None:
+            urls.append(("CDC_DATABASE_URL", self.cdc_database_url.get_secret_value()))
+        return urls
+
+    def secrets(self) -> list[str]:
+        """Every secret the configuration carries, to be masked wherever text is printed."""
+        found: list[str] = []
+        for name, value in self.postgres_urls():
+            with contextlib.suppress(DsnError):
+                found += parse_dsn(value, name).secrets
+        found += redis_secrets(self.redis)
+        found += environment_secrets(os.environ)
+        return found
 
 
 _ENV_NAMES = {
@@ -154,29 +190,25 @@ def load_settings(**overrides: object) -> Settings:
         if first["type"] == "missing":
             raise ConfigError(f"{name} is not set") from None
         raise ConfigError(f"{name}: {first['msg']}") from None
-    if not settings.database_url.get_secret_value():
+    if not settings.database_url.get_secret_value().strip():
         raise ConfigError("DATABASE_URL is not set")
-    _check_postgres_url(
-        "CDC_DATABASE_URL" if settings.cdc_database_url else "DATABASE_URL",
-        settings.replication_conninfo,
-    )
+    for name, value in settings.postgres_urls():
+        try:
+            parse_dsn(value, name)
+        except DsnError as exc:
+            raise ConfigError(str(exc)) from None
     _check_redis_url(settings.redis)
     return settings
 
 
-def _check_postgres_url(name: str, url: str) -> None:
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"{name} must be a postgresql:// URL (got {redact_url(url)})")
-    try:
-        conninfo_to_dict(url)
-    except Exception as exc:  # noqa: BLE001 - psycopg raises ProgrammingError here
-        raise ConfigError(f"{name} is not a valid URL: {type(exc).__name__}") from None
-
-
 def _check_redis_url(url: str) -> None:
-    if not url.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"REDIS_URL must be a redis:// or rediss:// URL (got {redact_url(url)})")
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in ("redis", "rediss"):
+        shown = f"not a {scheme}:// URL" if scheme.isalpha() else "not a URL"
+        raise ConfigError(f"REDIS_URL must be a redis:// or rediss:// URL ({shown})")
     try:
         parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
-        raise ConfigError(f"REDIS_URL is not a valid URL: {exc}") from None
+    except ValueError:
+        raise ConfigError(
+            "REDIS_URL is not a valid URL (redis://[user:password@]host:port/db)"
+        ) from None

@@ -20,6 +20,7 @@ from psycopg import errors as pgerrors
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from schema.dsn import DsnError, parse_dsn
 from writer.errors import (
     Conflict,
     FieldProblem,
@@ -46,12 +47,17 @@ class Contention(Unavailable):
     """Deadlock, serialization failure or lock timeout: nothing was written; retry."""
 
 
+class InvalidDatabaseUrl(WriterError, DsnError):
+    """The connection string is not one libpq takes (the message never quotes it)."""
+
+
 def normalize_conninfo(url: str) -> str:
-    """Accept ``postgresql+psycopg://`` (SQLAlchemy's form) as well as ``postgresql://``."""
-    for prefix in ("postgresql+psycopg://", "postgres+psycopg://"):
-        if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix) :]
-    return url
+    """The libpq keyword DSN for any form :func:`schema.dsn.parse_dsn` takes (URL, keyword
+    DSN, service, ``postgresql+psycopg://``, ``postgresql+asyncpg://``)."""
+    try:
+        return parse_dsn(url, "the database URL").conninfo
+    except DsnError as exc:
+        raise InvalidDatabaseUrl(str(exc)) from None
 
 
 class Database:
