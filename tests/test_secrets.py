@@ -154,7 +154,7 @@ def secret_role(postgres: PostgresEndpoint, database_name: str) -> Iterator[str]
 
 
 def _port(postgres: PostgresEndpoint) -> int:
-    return int(conninfo_to_dict(postgres.admin_url)["port"])
+    return int(str(conninfo_to_dict(postgres.admin_url)["port"]))
 
 
 FORMS = [
