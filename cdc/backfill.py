@@ -112,9 +112,11 @@ class BackfillStats:
 class Backfill:
     """Queue of backfill requests and the one open window."""
 
-    def __init__(self, planner: Planner, chunk: int) -> None:
+    def __init__(self, planner: Planner, chunk: int, publication: str | None = None) -> None:
         self.planner = planner
         self.chunk = chunk
+        # Rows are read with the publication's columns (never an excluded one).
+        self.publication = publication
         self.queue: deque[Request] = deque()
         self.window: Window | None = None
         self.recent = RecentTransactions()
@@ -217,7 +219,7 @@ class Backfill:
                     # yet (its commit reached the stream first): try again a moment later.
                     self.stats.retries += 1
                     return None
-                columns = catalog.table_columns(conn, request.table)
+                columns = catalog.readable_columns(conn, request.table, self.publication)
                 view = view_from_columns(request.table, columns)
                 if request.ids is None:
                     rows = rows_after(conn, request.table, columns, request.after, self.chunk)

@@ -95,7 +95,7 @@ class Daemon:
         self.stop = threading.Event()
         self.log = logs.get("cdc")
         self.planner = Planner(settings.max_row_bytes)
-        self.backfill = Backfill(self.planner, settings.backfill_chunk)
+        self.backfill = Backfill(self.planner, settings.backfill_chunk, settings.publication)
         self.observer: Observer | None = None
         self._busy_since: float | None = None
         self._standby_logged = False
@@ -339,6 +339,7 @@ class Daemon:
             source_id=source_id,
             batch_rows=settings.backfill_chunk,
             progress=progress,
+            publication=settings.publication,
         )
         self.log.info(
             "snapshot loaded",

@@ -178,6 +178,7 @@ def reset(
             source_id=f"{system.system_id}/{system.dbname}/{settings.slot}",
             batch_rows=settings.backfill_chunk,
             progress=progress,
+            publication=settings.publication,
         )
     finally:
         source.close()

@@ -53,6 +53,7 @@ def create_slot_and_load(
     source_id: str,
     batch_rows: int,
     progress: Progress | None = None,
+    publication: str | None = None,
 ) -> LoadReport:
     """Create ``slot`` with an exported snapshot, take the fence, load every tracked row as
     of that snapshot, delete stale keys, and set the checkpoint to the consistent point.
@@ -70,6 +71,7 @@ def create_slot_and_load(
         planner,
         batch_rows,
         progress,
+        publication,
     )
     client = redis.Redis.from_url(redis_url, socket_timeout=redis_timeout)
     try:
@@ -92,6 +94,7 @@ def load_snapshot(
     planner: Planner,
     batch_rows: int,
     progress: Progress | None = None,
+    publication: str | None = None,
 ) -> LoadReport:
     """Write every tracked row, as of ``snapshot``, into Redis with ``_v`` = ``version``."""
     report = LoadReport()
@@ -106,7 +109,8 @@ def load_snapshot(
             if snapshot is not None:
                 conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             for table in tables:
-                columns = catalog.table_columns(conn, table)
+                # Only what the publication streams, never an excluded column.
+                columns = catalog.readable_columns(conn, table, publication)
                 view = view_from_columns(table, columns)
                 batch = CommandBatch()
                 loaded = 0

@@ -149,7 +149,8 @@ class Verifier:
         try:
             suspects: list[tuple[TrackedTable, TableView, str]] = []
             for table in self.tables:
-                view = view_from_columns(table, catalog.table_columns(conn, table))
+                columns = catalog.readable_columns(conn, table, self.settings.publication)
+                view = view_from_columns(table, columns)
                 suspects += self._scan_table(conn, table, view, report)
             if suspects:
                 self._wait_for_daemon(conn)
