@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from cdc.errors import PostgresUnavailable
 from cdc.lsn import Lsn, parse_lsn
@@ -20,11 +21,18 @@ Conn = psycopg.Connection[tuple[object, ...]]
 
 
 def connect(conninfo: str, what: str = "PostgreSQL", timeout: float = 10.0) -> Conn:
+    """An autocommit session with the replication session's settings, keeping the
+    ``options`` of ``conninfo`` (``Settings.catalog_conninfo`` carries the timeouts there)."""
+    try:
+        own = conninfo_to_dict(conninfo).get("options")
+    except psycopg.Error:
+        own = None
+    options = f"{own} {SESSION_OPTIONS}" if own else SESSION_OPTIONS
     try:
         return psycopg.connect(
             conninfo,
             autocommit=True,
-            options=SESSION_OPTIONS,
+            options=options,
             application_name="cdc",
             connect_timeout=max(1, int(timeout)),
         )

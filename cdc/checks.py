@@ -20,7 +20,7 @@ SAFE_EVICTION = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random"
 
 
 def check_postgres(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
-    conn = catalog.connect(settings.replication_conninfo, "PostgreSQL")
+    conn = catalog.connect(settings.catalog_conninfo, "PostgreSQL")
     try:
         wal_level = catalog.setting(conn, "wal_level")
         if wal_level != "logical":

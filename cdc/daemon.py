@@ -207,7 +207,7 @@ class Daemon:
         sink = RedisSink(settings.redis, settings.redis_timeout)
         pg: catalog.Conn | None = None
         try:
-            pg = catalog.connect(settings.replication_conninfo, "PostgreSQL")
+            pg = catalog.connect(settings.catalog_conninfo, "PostgreSQL")
             system = source.connect()
             self.metrics.connected.labels(target="postgres").set(1)
             sink.connect()
@@ -331,7 +331,7 @@ class Daemon:
             sink,
             self.planner,
             self.tables,
-            conninfo=settings.replication_conninfo,
+            conninfo=settings.catalog_conninfo,
             redis_url=settings.redis,
             redis_timeout=settings.redis_timeout,
             slot=settings.slot,

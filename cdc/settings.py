@@ -103,6 +103,13 @@ class Settings(BaseSettings):
         default=2.0, gt=0, validation_alias=_env("CDC_OBSERVE_INTERVAL")
     )
     backfill_chunk: int = Field(default=2_000, ge=1, validation_alias=_env("CDC_BACKFILL_CHUNK"))
+    # Every query of the daemon outside the replication stream (catalog, snapshot, backfill,
+    # verify) gives up after these, so none can hang behind a lock or a slow server; a
+    # backfill that timed out is tried again later while the stream goes on.
+    statement_timeout: float = Field(
+        default=30.0, gt=0, validation_alias=_env("CDC_STATEMENT_TIMEOUT")
+    )
+    lock_timeout: float = Field(default=0.5, gt=0, validation_alias=_env("CDC_LOCK_TIMEOUT"))
 
     @field_validator("slot", "publication")
     @classmethod
@@ -132,6 +139,18 @@ class Settings(BaseSettings):
     def replication_conninfo(self) -> str:
         """The daemon's libpq keyword DSN (contains the password: never print it)."""
         return self.dsn.conninfo
+
+    @property
+    def catalog_conninfo(self) -> str:
+        """The daemon's DSN for ordinary (non-replication) sessions: catalog, snapshot,
+        backfill and verify queries, with ``statement_timeout`` and ``lock_timeout``."""
+        dsn = self.dsn
+        timeouts = (
+            f"-c statement_timeout={max(1, round(self.statement_timeout * 1000))}"
+            f" -c lock_timeout={max(1, round(self.lock_timeout * 1000))}"
+        )
+        options = " ".join(o for o in (dsn.params.get("options", ""), timeouts) if o)
+        return dsn.with_params(options=options).conninfo
 
     @property
     def redis(self) -> str:

@@ -63,7 +63,7 @@ def _number(value: int | None) -> str:
 
 
 def status(settings: Settings) -> SlotStatus:
-    conn = catalog.connect(settings.replication_conninfo)
+    conn = catalog.connect(settings.catalog_conninfo)
     try:
         info = catalog.slot_info(conn, settings.slot)
         if info is None:
@@ -117,7 +117,7 @@ class ResetPlan:
 def plan_reset(
     settings: Settings, force: bool, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
 ) -> ResetPlan:
-    conn = catalog.connect(settings.replication_conninfo)
+    conn = catalog.connect(settings.catalog_conninfo)
     try:
         info = catalog.slot_info(conn, settings.slot)
         if info is not None and info.active and not force:
@@ -149,7 +149,7 @@ def reset(
     settings: Settings, plan: ResetPlan, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
 ) -> LoadReport:
     log = logs.get("cdc.slot")
-    conn = catalog.connect(settings.replication_conninfo)
+    conn = catalog.connect(settings.catalog_conninfo)
     source = ReplicationSource(settings.replication_conninfo)
     sink = RedisSink(settings.redis, settings.redis_timeout)
     try:
@@ -170,7 +170,7 @@ def reset(
             sink,
             Planner(settings.max_row_bytes),
             tables,
-            conninfo=settings.replication_conninfo,
+            conninfo=settings.catalog_conninfo,
             redis_url=settings.redis,
             redis_timeout=settings.redis_timeout,
             slot=settings.slot,

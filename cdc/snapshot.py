@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 
 import psycopg
 import redis
+from psycopg import errors as pgerrors
 
 from cdc import catalog
 from cdc.assemble import view_from_columns
+from cdc.errors import PostgresUnavailable
 from cdc.lsn import Lsn, format_lsn, lsn_bytes
 from cdc.plan import CommandBatch, Planner
 from cdc.rows import iter_rows
@@ -101,6 +103,7 @@ def load_snapshot(
     started = time.monotonic()
     stamp = lsn_bytes(version)
     conn = catalog.connect(conninfo, "PostgreSQL (snapshot)")
+    table_name = ""
     try:
         conn.autocommit = False
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -109,6 +112,7 @@ def load_snapshot(
             if snapshot is not None:
                 conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             for table in tables:
+                table_name = table.name
                 # Only what the publication streams, never an excluded column.
                 columns = catalog.readable_columns(conn, table, publication)
                 view = view_from_columns(table, columns)
@@ -128,6 +132,17 @@ def load_snapshot(
                 report.rows[table.name] = loaded
                 if progress is not None:
                     progress(table.name, loaded, time.monotonic() - started)
+    except (pgerrors.LockNotAvailable, pgerrors.QueryCanceled) as exc:
+        # The slot stays and cdc:state says loading: the next session rebuilds online,
+        # streaming while the backfill waits for the table (contract 7, case 20).
+        reason = "lock_timeout" if isinstance(exc, pgerrors.LockNotAvailable) else "timeout"
+        raise PostgresUnavailable(
+            f"snapshot of {table_name} timed out ({reason}); rebuilding online"
+        ) from None
+    except psycopg.OperationalError as exc:
+        raise PostgresUnavailable(
+            f"snapshot of {table_name}: connection lost ({type(exc).__name__})"
+        ) from None
     finally:
         conn.close()
     report.seconds = time.monotonic() - started

@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from psycopg import errors as pgerrors
 
 from cdc import catalog
 from cdc.assemble import TableView, view_from_columns
+from cdc.errors import PostgresUnavailable
 from cdc.lsn import lsn_bytes, parse_lsn
 from cdc.rows import Row, existing_ids, iter_rows, rows_by_id
 from cdc.settings import Settings
@@ -145,7 +147,7 @@ class Verifier:
         report = Report()
         state = self.redis.hgetall(STATE_KEY)
         report.rebuilding = bool(state.get(b"rebuild")) or state.get(b"loading") == b"1"
-        conn = catalog.connect(self.settings.replication_conninfo, "PostgreSQL (verify)")
+        conn = catalog.connect(self.settings.catalog_conninfo, "PostgreSQL (verify)")
         try:
             suspects: list[tuple[TrackedTable, TableView, str]] = []
             for table in self.tables:
@@ -158,6 +160,13 @@ class Verifier:
             report.differences = self._describe(conn, suspects)
             if repair and report.differences:
                 report.repaired = self._repair(conn, suspects)
+        except (pgerrors.LockNotAvailable, pgerrors.QueryCanceled) as exc:
+            what = (
+                "a lock (CDC_LOCK_TIMEOUT)"
+                if isinstance(exc, pgerrors.LockNotAvailable)
+                else ("a slow query (CDC_STATEMENT_TIMEOUT)")
+            )
+            raise PostgresUnavailable(f"verify gave up waiting for {what}; try again") from None
         finally:
             conn.close()
         return report

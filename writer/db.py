@@ -74,6 +74,8 @@ class Database:
         application_name: str = "writer",
     ) -> None:
         self.timeout = timeout
+        # Longest wait for an answer: the server's statement_timeout, plus the pool's.
+        self.wait_timeout = statement_timeout_ms / 1000 + max(timeout, 5.0)
         self.pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
             normalize_conninfo(conninfo),
             min_size=min_size,
@@ -114,7 +116,7 @@ class Database:
             raise Unavailable("could not connect to PostgreSQL") from exc
         try:
             try:
-                outcome = execute_with_token(conn, stmt, params)
+                outcome = execute_with_token(conn, stmt, params, self.wait_timeout)
             except SendFailed:
                 conn.close()
                 raise Unavailable(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import select
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -96,8 +97,20 @@ class Outcome:
     error: psycopg.Error | None
 
 
+#: Longest wait for the server (seconds) when the caller gives none: a peer that vanished
+#: without closing the socket (a partition, a stopped host) must not hang a write forever.
+WAIT_TIMEOUT = 60.0
+
+
+class WaitTimeout(psycopg.OperationalError):
+    """No answer from the server within the wait: the write may or may not have committed."""
+
+
 def execute_with_token(
-    conn: psycopg.Connection[Any], stmt: Statement, params: Mapping[str, Any]
+    conn: psycopg.Connection[Any],
+    stmt: Statement,
+    params: Mapping[str, Any],
+    timeout: float = WAIT_TIMEOUT,
 ) -> Outcome:
     """Run ``stmt`` (autocommit) and read the token after it, in one round trip.
 
@@ -121,8 +134,12 @@ def execute_with_token(
         pgconn.pipeline_sync()
         pgconn.send_query_params(_TOKEN.get(conn, TOKEN_SQL), None)
         pgconn.pipeline_sync()
-        _flush(pgconn)
-        results = _collect(pgconn, syncs=2)
+        deadline = time.monotonic() + timeout
+        _flush(pgconn, deadline)
+        results = _collect(pgconn, syncs=2, deadline=deadline)
+    except WaitTimeout:
+        conn.close()  # the results may still arrive: the connection cannot be reused
+        raise
     finally:
         if pgconn.status == pq.ConnStatus.OK:
             pgconn.exit_pipeline_mode()
@@ -143,19 +160,30 @@ def execute_with_token(
     return Outcome(_rows(transformer, result), token, None)
 
 
-def _flush(pgconn: pq.abc.PGconn) -> None:
+def _wait(pgconn: pq.abc.PGconn, deadline: float, write: bool = False) -> None:
+    """Wait until the socket is ready, or raise :class:`WaitTimeout` at ``deadline``."""
+    left = deadline - time.monotonic()
+    if left > 0:
+        sock = pgconn.socket
+        ready = select.select([sock], [sock] if write else [], [], left)
+        if ready[0] or ready[1]:
+            return
+    raise WaitTimeout("no answer from PostgreSQL in time; the connection is abandoned")
+
+
+def _flush(pgconn: pq.abc.PGconn, deadline: float) -> None:
     while pgconn.flush() == 1:
-        select.select([pgconn.socket], [pgconn.socket], [])
+        _wait(pgconn, deadline, write=True)
         pgconn.consume_input()
 
 
-def _collect(pgconn: pq.abc.PGconn, syncs: int) -> list[pq.abc.PGresult]:
+def _collect(pgconn: pq.abc.PGconn, syncs: int, deadline: float) -> list[pq.abc.PGresult]:
     """Every result up to the ``syncs``-th PIPELINE_SYNC (the syncs left out)."""
     results: list[pq.abc.PGresult] = []
     seen = 0
     while seen < syncs:
         while pgconn.is_busy():
-            select.select([pgconn.socket], [], [])
+            _wait(pgconn, deadline)
             pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:

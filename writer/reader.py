@@ -50,8 +50,18 @@ class CacheReader:
         self._poll = poll
 
     @classmethod
-    def connect(cls, redis_url: str, database: Database | None = None) -> CacheReader:
-        return cls(redis.Redis.from_url(redis_url, decode_responses=True), database)
+    def connect(
+        cls, redis_url: str, database: Database | None = None, *, socket_timeout: float = 5.0
+    ) -> CacheReader:
+        """``socket_timeout`` bounds connecting and every reply (a stalled Redis raises
+        ``redis.TimeoutError`` instead of hanging the caller)."""
+        client = redis.Redis.from_url(
+            redis_url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+        )
+        return cls(client, database)
 
     # -- read-your-writes --------------------------------------------------------------
 
