@@ -137,7 +137,7 @@ def load_snapshot(
         # streaming while the backfill waits for the table (contract 7, case 20).
         reason = "lock_timeout" if isinstance(exc, pgerrors.LockNotAvailable) else "timeout"
         raise PostgresUnavailable(
-            f"snapshot of {table_name} timed out ({reason}); rebuilding online"
+            f"snapshot of {table_name} gave up waiting ({reason}); try again"
         ) from None
     except psycopg.OperationalError as exc:
         raise PostgresUnavailable(

@@ -223,3 +223,21 @@ def test_replica_identity_full_on_agents_is_refused(
     last = [line for line in daemon.log().splitlines() if line.strip()][-1]
     assert last.startswith("cdc: ")
     assert "REPLICA IDENTITY FULL" in last
+
+
+def test_without_column_lists_the_fallback_warns_and_reads_no_hash(
+    pg: Conn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL < 15 (simulated): no column list to rely on; the daemon says where the
+    hash travels and still never reads it."""
+    from cdc import catalog, checks
+    from cdc.settings import Settings
+    from schema.keys import AGENTS
+
+    monkeypatch.setattr(catalog, "has_column_lists", lambda conn: False)
+    settings = Settings(database_url="dbname=x")
+    role = catalog.RoleInfo("cdc", superuser=False, replication=True)
+    warnings = checks.column_list_warnings(pg, settings, (AGENTS,), role)
+    assert any("has no publication column lists" in w for w in warnings), warnings
+    assert "password_hash" not in catalog.readable_columns(pg, AGENTS, "cdc_cache")
+    assert "username" in catalog.readable_columns(pg, AGENTS, "cdc_cache")

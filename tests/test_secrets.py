@@ -383,3 +383,47 @@ def test_redis_passwords_are_never_shown(
             done = _cdc({"DATABASE_URL": database_url, "REDIS_URL": wrong}, "run")
             assert done.returncode == 2, done.stderr
             assert redis_pw not in done.stdout + done.stderr
+
+
+# -- the same normaliser in the migrations and the writer -------------------------------------
+
+
+def test_migrations_and_the_writer_take_a_keyword_dsn_and_pgpassword(
+    postgres: PostgresEndpoint, empty_database_url: str, tmp_path: Path
+) -> None:
+    from writer import Writer
+
+    params = conninfo_to_dict(empty_database_url)
+    keyword = (
+        f"host={params['host']} port={params['port']} dbname={params['dbname']}"
+        f" user={params['user']}"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CDC_", "PG", "DATABASE_URL"))}
+    done = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "alembic"), "upgrade", "head"],
+        cwd=ROOT,
+        env={**env, "DATABASE_URL": keyword, "PGPASSWORD": str(params["password"])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(params["password"]) not in done.stdout + done.stderr
+    refused = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "alembic"), "upgrade", "head"],
+        cwd=ROOT,
+        env={**env, "DATABASE_URL": f"{keyword} password='{PW}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "unterminated quoted value" in refused.stderr
+    assert PW not in refused.stdout + refused.stderr
+    with Writer.connect(f"{keyword} password={params['password']}") as writer:
+        written = writer.create_ticket({"title": "through a keyword DSN"})
+        assert written.token
+    with Writer.connect("postgresql+asyncpg://" + empty_database_url.split("://", 1)[1]) as writer:
+        assert writer.create_ticket({"title": "through the asyncpg form"}).token
