@@ -65,8 +65,20 @@ def _thread_excepthook(args: threading.ExceptHookArgs) -> None:
     sys.stderr.write(scrub(f"Exception in thread {name}:\n{text}"))
 
 
+class _ScrubbingFormatter(logging.Formatter):
+    """For libraries logging through :mod:`logging` (psycopg, redis): masked too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
+
 def configure(fmt: str = "text", level: str = "info", secrets: Iterable[str] = ()) -> None:
     set_secrets(secrets)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ScrubbingFormatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(_LEVELS.get(level, logging.INFO), logging.WARNING))
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
