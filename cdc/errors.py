@@ -14,9 +14,9 @@
     ├── Fenced               another daemon took over; this one must not write again
     ├── ProtocolError        the stream broke the protocol (a bug; never retried blindly)
     ├── RecordError          one record cannot be decoded, assembled or planned
-    │   ├── DecodeError      (cdc.messages: bytes that are not a well-formed message)
-    │   ├── AssemblyError    (cdc.assemble: messages in an order the protocol forbids)
-    │   └── PlanError        (cdc.plan: a change that cannot be mirrored)
+    │   ├── DecodeError      (cdc.protocol.messages: bytes that are not a well-formed message)
+    │   ├── AssemblyError    (cdc.transform.assemble: messages in an order the protocol forbids)
+    │   └── PlanError        (cdc.transform.plan: a change that cannot be mirrored)
     └── PoisonRecord         fatal, exit code 3: names the record's LSN and table
         └── ApplyFailed      Redis refused a command of the batch for good
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hiredis
 import psycopg
 
-from cdc.backfill import Backfill
-from cdc.plan import CommandBatch, Planner
+from cdc.runtime.backfill import Backfill
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TICKETS
 
 Conn = psycopg.Connection[tuple[object, ...]]

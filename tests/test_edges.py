@@ -394,3 +394,24 @@ def daemon_cli(daemon: Daemon, *args: str) -> Any:
         timeout=120,
         check=False,
     )
+
+
+def test_the_checkpoint_format_is_migrated_or_refused(
+    make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """An older ``cdc:state`` (no ``format``) is migrated at the claim; a newer one is
+    refused with exit 2 and one line rather than misread."""
+    client = redis.Redis.from_url(redis_url)
+    with running(make_daemon()):
+        fence(database_url, redis_url)
+    assert client.hget("cdc:state", "format") == b"2"
+    client.hdel("cdc:state", "format")  # as version 1 left it
+    pg.execute("INSERT INTO tickets (id, title) VALUES ('f1', 'after the upgrade')")
+    with running(make_daemon()):
+        assert_converged(database_url, redis_url)
+    assert client.hget("cdc:state", "format") == b"2"
+    client.hset("cdc:state", "format", "99")
+    newer = make_daemon()
+    newer.start()
+    assert newer.wait_exit(60) == 2
+    assert "format '99'" in newer.log()

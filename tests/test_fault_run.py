@@ -198,7 +198,7 @@ class Faults:
         os.kill(self.daemon.pid, signal.SIGCONT)
 
     def stall_redis(self) -> None:
-        pid = self.stack.redis.pid()
+        pid = self.stack.redis.pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
         time.sleep(self.rng.uniform(0.5, 4.0))

@@ -8,14 +8,14 @@ import hiredis
 import pytest
 import redis
 
-from cdc.assemble import DELETE, INSERT, UPDATE, RowChange, make_view
-from cdc.backfill import XidSnapshot
+from cdc.cache.resp import bulk_header, command, glob_escape, reply_end
+from cdc.cache.sink import RedisSink
 from cdc.errors import Fenced, RedisLost
-from cdc.lsn import LsnError, format_lsn, parse_lsn
-from cdc.messages import UNCHANGED_TOAST, Relation, RelationColumn, Value
-from cdc.plan import CommandBatch, Planner
-from cdc.resp import bulk_header, command, glob_escape, reply_end
-from cdc.sink import RedisSink
+from cdc.protocol.lsn import LsnError, format_lsn, parse_lsn
+from cdc.protocol.messages import UNCHANGED_TOAST, Relation, RelationColumn, Value
+from cdc.runtime.backfill import XidSnapshot
+from cdc.transform.assemble import DELETE, INSERT, UPDATE, RowChange, make_view
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import AGENTS, TICKETS
 
 TICKET_REL = Relation(

@@ -18,10 +18,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final, Union
 
-from cdc import pgoutput
-from cdc.assemble import DELETE, Assembler, Event, RowChange, TxBegin, TxCommit
-from cdc.messages import Message, PrimaryKeepalive, XLogData, parse_copy_data, pg_time_to_unix
-from cdc.plan import Boundary, CommandBatch, Planner
+from cdc.protocol import pgoutput
+from cdc.protocol.messages import (
+    Message,
+    PrimaryKeepalive,
+    XLogData,
+    parse_copy_data,
+    pg_time_to_unix,
+)
+from cdc.transform.assemble import DELETE, Assembler, Event, RowChange, TxBegin, TxCommit
+from cdc.transform.plan import Boundary, CommandBatch, Planner
 
 
 class BatchFull:
@@ -130,10 +136,8 @@ class StreamCore:
             return frame
         if not self.assembler.in_transaction:
             wal_end = frame.wal_end
-            if wal_end > self.stream_position:
-                self.stream_position = wal_end
-            if wal_end > self.keepalive_target:
-                self.keepalive_target = wal_end
+            self.stream_position = max(self.stream_position, wal_end)
+            self.keepalive_target = max(self.keepalive_target, wal_end)
         return frame if frame.reply_requested else None
 
     def _event(self, event: Event | None) -> Outcome:

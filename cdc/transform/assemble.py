@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Final, Union
 
 from cdc.errors import RecordError
-from cdc.messages import (
+from cdc.protocol.messages import (
     Begin,
     Commit,
     Delete,

@@ -3,7 +3,7 @@
 Pure: operations are appended in wire form (RESP bulk strings) to a
 :class:`CommandBatch`, which the sink later sends as the arguments of one
 :data:`BATCH_SCRIPT` run, with the checkpoint. The layout is the contract's (section 6),
-driven by the table's :class:`~cdc.assemble.TableView`:
+driven by the table's :class:`~cdc.transform.assemble.TableView`:
 
 - update with every value present: ``DEL key`` + ``HSET key <non-NULL columns> _v
   <lsn>`` (a full replace: NULL columns and dropped columns lose their field); an insert
@@ -26,16 +26,16 @@ from __future__ import annotations
 
 from typing import Final
 
-from cdc.assemble import DELETE, INSERT, OP_NAMES, RowChange, TableView
+from cdc.cache.resp import CRLF, append_bulk, bulk_header, glob_escape
 from cdc.errors import RecordError
-from cdc.messages import UnchangedToast, Value
-from cdc.resp import CRLF, append_bulk, bulk_header, glob_escape
+from cdc.protocol.messages import UnchangedToast, Value
+from cdc.transform.assemble import DELETE, INSERT, OP_NAMES, RowChange, TableView
 from schema.keys import VERSION_FIELD
 
 _VERSION_RESP: Final = b"$%d\r\n%s\r\n" % (len(VERSION_FIELD), VERSION_FIELD.encode())
 
 BATCH_SCRIPT: Final = b"""#!lua
--- One batch, applied atomically with the checkpoint (see cdc.sink for ARGV's head).
+-- One batch, applied atomically with the checkpoint (see cdc.cache.sink for ARGV's head).
 local STATE = 'cdc:state'
 local head = redis.call('HMGET', STATE, 'fence', 'lsn', 'partial')
 if head[1] ~= ARGV[1] then

@@ -20,12 +20,12 @@ from typing import Any
 
 import redis
 
-from cdc import catalog
-from cdc.assemble import TableView, view_from_columns
-from cdc.lsn import lsn_bytes, parse_lsn
-from cdc.rows import Row, existing_ids, iter_rows, rows_by_id
+from cdc.postgres import catalog
+from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
+from cdc.protocol.lsn import lsn_bytes, parse_lsn
+from cdc.runtime.snapshot import scan_keys
 from cdc.settings import Settings
-from cdc.snapshot import scan_keys
+from cdc.transform.assemble import TableView, view_from_columns
 from schema.keys import (
     RESERVED_FIELD_PREFIX,
     STATE_KEY,

@@ -31,18 +31,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cdc import catalog, failpoints, logs, pgoutput
-from cdc.assemble import Assembler, SchemaChange, TableTruncate, TxCommit
-from cdc.backfill import Backfill
-from cdc.core import BatchFull, Position, StreamCore
+from cdc import failpoints
+from cdc.cache.checkpoint import format_partial
+from cdc.cache.sink import InFlight, RedisSink
 from cdc.errors import PoisonRecord, PostgresUnavailable, RecordError
-from cdc.lsn import Lsn, format_lsn
-from cdc.messages import Message, PrimaryKeepalive
-from cdc.metrics import Metrics
-from cdc.plan import Boundary, CommandBatch, Planner
+from cdc.postgres import catalog
+from cdc.postgres.source import ReplicationSource
+from cdc.protocol import pgoutput
+from cdc.protocol.lsn import Lsn, format_lsn
+from cdc.protocol.messages import Message, PrimaryKeepalive
+from cdc.runtime.backfill import Backfill
 from cdc.settings import Settings
-from cdc.sink import InFlight, RedisSink
-from cdc.source import ReplicationSource
+from cdc.telemetry import logs
+from cdc.telemetry.metrics import Metrics
+from cdc.transform.assemble import Assembler, SchemaChange, TableTruncate, TxCommit
+from cdc.transform.core import BatchFull, Position, StreamCore
+from cdc.transform.plan import Boundary, CommandBatch, Planner
 from schema.keys import TrackedTable
 
 Decode = Callable[[bytes], Message | list[Message]]
@@ -98,7 +102,7 @@ class Pipeline:
         self._fast = decode is pgoutput.decode
         self.schema_requests = schema_requests
         self.on_schema_change = on_schema_change
-        self.log = logs.get("cdc.pipeline")
+        self.log = logs.get("cdc.runtime.pipeline")
         self.assembler = Assembler(tables)
         self.planner = Planner(settings.max_row_bytes)
         self.backfill = backfill or Backfill(self.planner, settings.backfill_chunk)
@@ -295,7 +299,7 @@ class Pipeline:
             # A chunk of a transaction larger than the batch limit.
             partial_lsn = self.core.final_lsn
             partial_count = self.assembler.seq
-            state["partial"] = f"{format_lsn(partial_lsn)}:{partial_count}"
+            state["partial"] = format_partial(partial_lsn, partial_count)
         else:
             state["partial"] = ""
         marker: str | None = None

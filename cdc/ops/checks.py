@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import redis
 
-from cdc import catalog
 from cdc.errors import ConfigError, RedisUnavailable
+from cdc.postgres import catalog
 from cdc.settings import Settings
 from schema.keys import TrackedTable
 

@@ -21,7 +21,7 @@ from typing import Any
 import hiredis
 from redis.connection import parse_url
 
-from cdc.resp import command, reply_end
+from cdc.cache.resp import command, reply_end
 
 
 class WireError(Exception):

@@ -1,20 +1,8 @@
 """The Redis sink: apply a batch of operations and the checkpoint together, or not at all.
 
-Redis state lives in one hash, ``cdc:state`` (:data:`schema.keys.STATE_KEY`):
+The state it keeps with every batch is described in :mod:`cdc.cache.checkpoint`.
 
-=========  =============================================================================
-field      meaning
-=========  =============================================================================
-lsn        checkpoint: every transaction whose commit record starts before it is applied
-partial    ``<final_lsn>:<n>``: the first n changes of that (large) transaction are applied
-fence      token of the one daemon allowed to write (set when it acquired the slot)
-owner      host and pid of that daemon (for people)
-source     system identifier / database / slot the cache was built from
-loading    ``1`` while a snapshot is being loaded (the cache is not consistent yet)
-rebuild    progress of an online rebuild (see :mod:`cdc.backfill`), empty when none
-=========  =============================================================================
-
-Every batch is one ``EVAL`` of :data:`cdc.plan.BATCH_SCRIPT`, whose arguments start with
+Every batch is one ``EVAL`` of :data:`cdc.transform.plan.BATCH_SCRIPT`, whose arguments start with
 a head::
 
     <fence> <expected lsn> <expected partial> <lsn to publish> <n> <state field value>…
@@ -40,13 +28,13 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
+from cdc.cache.resp import append_bulk, append_command, array_header, command
+from cdc.cache.wire import RedisAddress, RedisWire, WireError, WireReplyError
 from cdc.errors import ApplyFailed, Fenced, RedisLost, RedisRejected, RedisUnavailable
-from cdc.lsn import Lsn, parse_lsn
-from cdc.plan import BATCH_SCRIPT, CommandBatch
-from cdc.redis_wire import RedisAddress, RedisWire, WireError, WireReplyError
-from cdc.resp import append_bulk, append_command, array_header, command
+from cdc.transform.plan import BATCH_SCRIPT, CommandBatch
 from schema.keys import STATE_KEY
 
 _STATE = STATE_KEY.encode()
@@ -54,42 +42,6 @@ _EVAL_HEAD = b"$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(BATCH_SCRIPT), BAT
 _HEAD_ARGS = 5
 # Errors Redis may clear by itself: retried (never confirmed meanwhile).
 _TRANSIENT = ("OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN")
-
-
-@dataclass(frozen=True)
-class CacheState:
-    """What ``cdc:state`` says about the cache."""
-
-    lsn: Lsn | None = None
-    partial: tuple[Lsn, int] | None = None
-    fence: str | None = None
-    owner: str | None = None
-    source: str | None = None
-    loading: bool = False
-    rebuild: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def exists(self) -> bool:
-        return self.lsn is not None or self.fence is not None or self.loading
-
-    @classmethod
-    def from_hash(cls, data: dict[bytes, bytes]) -> CacheState:
-        text = {k.decode(): v.decode() for k, v in data.items()}
-        partial = None
-        if raw := text.get("partial"):
-            lsn_text, _, count = raw.partition(":")
-            partial = (parse_lsn(lsn_text), int(count))
-        return cls(
-            lsn=parse_lsn(text["lsn"]) if text.get("lsn") else None,
-            partial=partial,
-            fence=text.get("fence") or None,
-            owner=text.get("owner") or None,
-            source=text.get("source") or None,
-            loading=text.get("loading") == "1",
-            rebuild=text.get("rebuild") or None,
-            extra=text,
-        )
 
 
 @dataclass
@@ -155,7 +107,8 @@ class RedisSink:
         Returns the state as it is *after* the claim: from then on no predecessor can
         write, so this is the position to resume from."""
         token = uuid.uuid4().hex
-        self._call(*_hset_args({"fence": token, "owner": owner_label(), **fields}))
+        values = {"fence": token, "owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
+        self._call(*_hset_args({**values, **fields}))
         self.fence = token
         state = self.read_state()
         self._follow(state.extra)
@@ -166,7 +119,8 @@ class RedisSink:
         assert self.fence is not None
         buf = bytearray()
         append_command(buf, [b"DEL", _STATE])
-        append_command(buf, _hset_args({"fence": self.fence, "owner": owner_label(), **fields}))
+        values = {"fence": self.fence, "owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
+        append_command(buf, _hset_args({**values, **fields}))
         self._roundtrip(bytes(buf), 2)
         self._follow(fields)
 

@@ -17,7 +17,7 @@ no slot, a cache from a slot          refuse (exit 2): the slot was dropped; ``c
 slot invalidated (wal_status lost)    drop and recreate it, load a new snapshot (automatic)
 slot, cache consistent with it        resume from the checkpoint (replays are skipped)
 slot, cache missing or behind slot    online rebuild: clear the tracked keys, stream, and
-(Redis lost data)                     backfill every table while streaming (:mod:`cdc.backfill`)
+(Redis lost data)                     backfill every table while streaming (:mod:`.backfill`)
 ====================================  ===========================================================
 """
 
@@ -33,9 +33,8 @@ from types import FrameType
 
 import redis
 
-from cdc import catalog, checks, logs, pgoutput
-from cdc.backfill import Backfill
-from cdc.core import Position
+from cdc.cache.checkpoint import CacheState, check_format
+from cdc.cache.sink import RedisSink
 from cdc.errors import (
     CdcError,
     ConfigError,
@@ -46,19 +45,24 @@ from cdc.errors import (
     SlotInUse,
     SlotInvalidated,
 )
-from cdc.health import HealthServer, Readiness
-from cdc.lsn import Lsn, format_lsn
-from cdc.messages import Message
-from cdc.metrics import Metrics
-from cdc.observer import Observer
-from cdc.pipeline import Pipeline
-from cdc.plan import Planner
+from cdc.ops import checks
+from cdc.postgres import catalog
+from cdc.postgres.source import ReplicationSource, SystemInfo
+from cdc.protocol import pgoutput
+from cdc.protocol.lsn import Lsn, format_lsn
+from cdc.protocol.messages import Message
+from cdc.protocol.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
+from cdc.protocol.wal2json import Wal2JsonDecoder
+from cdc.runtime.backfill import Backfill
+from cdc.runtime.observer import Observer
+from cdc.runtime.pipeline import Pipeline
+from cdc.runtime.snapshot import create_slot_and_load, scan_keys
 from cdc.settings import Settings
-from cdc.sink import CacheState, RedisSink
-from cdc.snapshot import create_slot_and_load, scan_keys
-from cdc.source import ReplicationSource, SystemInfo
-from cdc.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
-from cdc.wal2json import Wal2JsonDecoder
+from cdc.telemetry import logs
+from cdc.telemetry.health import HealthServer, Readiness
+from cdc.telemetry.metrics import Metrics
+from cdc.transform.core import Position
+from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
 
 
@@ -270,6 +274,7 @@ class Daemon:
         name = settings.slot
         source_id = f"{system.system_id}/{system.dbname}/{name}"
         state = sink.read_state()
+        check_format(state)
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:
             raise SlotInUse(name, slot.active_pid)

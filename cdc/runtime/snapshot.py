@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 import psycopg
 import redis
 
-from cdc import catalog
-from cdc.assemble import view_from_columns
-from cdc.lsn import Lsn, format_lsn, lsn_bytes
-from cdc.plan import CommandBatch, Planner
-from cdc.rows import iter_rows
-from cdc.sink import RedisSink
-from cdc.source import ReplicationSource
+from cdc.cache.sink import RedisSink
+from cdc.postgres import catalog
+from cdc.postgres.rows import iter_rows
+from cdc.postgres.source import ReplicationSource
+from cdc.protocol.lsn import Lsn, format_lsn, lsn_bytes
+from cdc.transform.assemble import view_from_columns
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import VERSION_FIELD, TrackedTable
 
 Progress = Callable[[str, int, float], None]
