@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import redis
 
-from cdc import catalog
+from cdc import catalog, logs
 from cdc.errors import ConfigError, RedisUnavailable
 from cdc.settings import Settings
 from schema.keys import TrackedTable
+from schema.redis_url import probe_tls, redis_client, tls_problem
 
 SAFE_EVICTION = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl")
 
@@ -91,21 +92,30 @@ def check_table(conn: catalog.Conn, table: TrackedTable, role: str) -> None:
 
 
 def check_redis(settings: Settings) -> None:
-    client = redis.Redis.from_url(
+    client = redis_client(
         settings.redis,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
     )
     try:
         client.ping()
-        info = client.info("memory")
+        try:
+            info = client.info("memory")
+            cluster = client.info("cluster")
+        except redis.exceptions.NoPermissionError:
+            # A least-privilege ACL user (README "TLS and ACL") may not run INFO: say what
+            # is not checked and go on; the daemon needs nothing else from INFO.
+            logs.get("cdc.checks").warning(
+                "the Redis user may not run INFO: maxmemory-policy (must not evict) and"
+                " cluster mode are not checked"
+            )
+            return
         policy = str(info.get("maxmemory_policy", "noeviction"))
         if policy not in SAFE_EVICTION:
             raise ConfigError(
                 f"Redis maxmemory-policy is {policy}: set it to noeviction"
                 " so cached rows are never evicted"
             )
-        cluster = client.info("cluster")
         if int(cluster.get("cluster_enabled", 0)):
             raise ConfigError(
                 "REDIS_URL points at a Redis Cluster node: point it at a single Redis node"
@@ -118,6 +128,10 @@ def check_redis(settings: Settings) -> None:
             raise ConfigError(f"Redis refused REDIS_URL's user: {text.split(' ', 1)[0]}") from None
         raise RedisUnavailable(f"Redis: {text}") from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if problem := tls_problem(exc) or probe_tls(
+            settings.redis, min(1.0, settings.redis_timeout)
+        ):
+            raise ConfigError(problem) from None
         raise RedisUnavailable(f"cannot reach Redis: {exc}") from None
     finally:
         client.close()

@@ -93,6 +93,7 @@ class InFlight:
 
     batch: CommandBatch
     queued: int
+    waits: int = 0  # 1 when a WAIT for replicas follows the batch (see _wait_command)
 
 
 @dataclass
@@ -110,11 +111,14 @@ def owner_label() -> str:
 class RedisSink:
     """Applies batches atomically with the checkpoint, under this daemon's fence."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, min_replicas: int = 0) -> None:
         self.address = RedisAddress.from_url(url)
         self.wire = RedisWire(self.address, timeout)
         self.fence: str | None = None
         self._armed = False
+        self.min_replicas = min_replicas
+        # WAIT gives up a little before the socket's own timeout would fire.
+        self._wait_ms = max(1, int(timeout * 800))
 
     # -- connection and state ------------------------------------------------------------
 
@@ -152,6 +156,9 @@ class RedisSink:
             args += [key.encode(), value.encode()]
         self._call(*args)
         self.fence = token
+        # Everything this session resumes from (and will confirm) must be on the replicas,
+        # including batches a previous session applied but could not confirm.
+        self._check_replicas(self._call(*self._wait_command()) if self.min_replicas else None)
         self._arm()
         return token
 
@@ -200,6 +207,10 @@ class RedisSink:
         append_command(tail, hset)
         tail += _EXEC
         tail += _WATCH_AND_READ
+        waits = 0
+        if self.min_replicas:
+            tail += command(*self._wait_command())
+            waits = 1
         try:
             self.wire.send_parts([_MULTI, batch.buf, tail])
         except WireError as exc:
@@ -207,12 +218,12 @@ class RedisSink:
             raise RedisUnavailable(str(exc)) from exc
         # The WATCH at its end guards whatever is sent next (see receive for the outcome).
         self._armed = True
-        return InFlight(batch, batch.commands + 1)
+        return InFlight(batch, batch.commands + 1, waits)
 
     def ready(self, sent: InFlight) -> bool:
         """Whether Redis' whole answer to ``sent`` has arrived (never blocks)."""
         try:
-            return self.wire.transaction_ready(sent.queued, after=2)
+            return self.wire.transaction_ready(sent.queued, after=2 + sent.waits)
         except WireError as exc:
             self._armed = False
             raise RedisUnavailable(str(exc)) from exc
@@ -222,6 +233,7 @@ class RedisSink:
         queued = sent.queued
         try:
             replies = self.wire.read_transaction(queued, after=2)
+            replicas = self.wire.read(1)[0] if sent.waits else None
         except WireError as exc:
             self._armed = False
             raise RedisUnavailable(str(exc)) from exc
@@ -242,6 +254,7 @@ class RedisSink:
             self._check_fence(fence)
             raise Fenced("cdc:state changed under this daemon; batch not applied")
         self._check_fence(fence)
+        self._check_replicas(replicas)
         return self._inspect(batch, exec_reply)
 
     def _inspect(self, batch: CommandBatch, results: list[Any]) -> ApplyResult:
@@ -251,6 +264,29 @@ class RedisSink:
                 incomplete.append((table, row_id))
         errors = [str(r) for r in results if isinstance(r, WireReplyError)]
         return ApplyResult(incomplete, errors)
+
+    # -- replicas (CDC_REDIS_MIN_REPLICAS) ------------------------------------------------------
+    # ``WAIT n timeout`` goes right after a batch on the same connection (Redis answers it
+    # once n replicas acknowledged every write this connection made, or at the timeout);
+    # its reply is read after the batch's. Too few replicas: the batch is applied on the
+    # master but must not be confirmed to PostgreSQL, so receive raises (retryable) and the
+    # next session's claim waits again before anything is confirmed.
+
+    def _wait_command(self) -> tuple[bytes, ...]:
+        return (b"WAIT", str(self.min_replicas).encode(), str(self._wait_ms).encode())
+
+    def _check_replicas(self, reply: Any) -> None:
+        if reply is None:
+            return
+        if isinstance(reply, WireReplyError):
+            self._armed = False
+            raise RedisRejected(f"WAIT for replicas failed: {reply.code or reply}")
+        if int(reply) < self.min_replicas:
+            self._armed = False
+            raise RedisUnavailable(
+                f"only {int(reply)} of {self.min_replicas} Redis replicas acknowledged within"
+                f" {self._wait_ms} ms (CDC_REDIS_MIN_REPLICAS); not confirming, retrying"
+            )
 
     def checkpoint(self, lsn: int, partial: str = "") -> None:
         """Move the checkpoint alone (idle progress: keepalives past our last commit)."""

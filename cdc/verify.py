@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from cdc import catalog
 from cdc.assemble import TableView, view_from_columns
 from cdc.lsn import lsn_bytes, parse_lsn
@@ -32,6 +30,7 @@ from schema.keys import (
     VERSION_FIELD,
     TrackedTable,
 )
+from schema.redis_url import redis_client
 
 CHUNK = 1000
 
@@ -134,9 +133,7 @@ class Verifier:
     ) -> None:
         self.settings = settings
         self.tables = tables
-        self.redis = redis.Redis.from_url(
-            settings.redis, socket_timeout=max(settings.redis_timeout, 10)
-        )
+        self.redis = redis_client(settings.redis, socket_timeout=max(settings.redis_timeout, 10))
 
     def close(self) -> None:
         self.redis.close()

@@ -1,0 +1,233 @@
+"""Redis beyond one plain node, for tests: TLS certificates, Sentinels, the daemon's ACL user.
+
+* :func:`make_tls_files` creates a throw-away CA, a server certificate for loopback and a
+  client certificate it signed (with the ``openssl`` command line), and
+  :func:`tls_server_args` turns them into ``redis-server`` arguments that accept TLS
+  only (``--port 0``) and require a client certificate (``--tls-auth-clients yes``).
+* :class:`SentinelServer` is a ``redis-server --sentinel`` on loopback watching one
+  master; start two or three for a real quorum.
+* :data:`DAEMON_ACL_RULES` is the least-privilege ACL of the daemon: its key prefixes
+  (contract section 6b), its channels and the commands it sends, nothing else. The README
+  prints :func:`acl_setuser` of it, and a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devstack.servers import ServerError, _wait_port, free_port
+
+__all__ = [
+    "DAEMON_ACL_RULES",
+    "SentinelServer",
+    "TlsFiles",
+    "acl_setuser",
+    "make_tls_files",
+    "tls_server_args",
+]
+
+# Keys: the prefixes of contract section 6b; channels: the daemon's own. Commands: what
+# cdc/ sends (the sink and planner, snapshot sweeps, rebuilds, verify, the startup checks
+# and the Sentinel role check) and nothing else: no INFO, CONFIG, FLUSH*, KEYS, DEBUG, ACL.
+DAEMON_ACL_RULES: tuple[str, ...] = (
+    "resetkeys",
+    "~ticket:*",
+    "~agent:*",
+    "~tickets:*",
+    "~agents:*",
+    "~changes:*",
+    "~cdc:*",
+    "resetchannels",
+    "&cdc:*",
+    "-@all",
+    "+ping",
+    "+select",
+    "+role",
+    "+multi",
+    "+exec",
+    "+watch",
+    "+unwatch",
+    "+wait",
+    "+eval",
+    "+evalsha",
+    "+script|load",
+    "+scan",
+    "+type",
+    "+exists",
+    "+get",
+    "+mget",
+    "+set",
+    "+del",
+    "+unlink",
+    "+rename",
+    "+hget",
+    "+hmget",
+    "+hgetall",
+    "+hexists",
+    "+hset",
+    "+hdel",
+    "+sadd",
+    "+srem",
+    "+zadd",
+    "+zrem",
+    "+xadd",
+    "+publish",
+)
+
+
+def acl_setuser(user: str, password: str) -> str:
+    """The ``ACL SETUSER`` line for the daemon's user (as printed in the README)."""
+    return " ".join(["ACL SETUSER", user, "on", f">{password}", *DAEMON_ACL_RULES])
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    directory: Path
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def client_query(self) -> str:
+        """The ``rediss://`` query naming the client certificate and the CA."""
+        return (
+            f"ssl_certfile={self.client_cert}&ssl_keyfile={self.client_key}"
+            f"&ssl_ca_certs={self.ca_cert}&ssl_cert_reqs=required"
+        )
+
+
+def _openssl(directory: Path, *args: str) -> None:
+    binary = shutil.which("openssl")
+    if binary is None:
+        raise ServerError("openssl not found: install the openssl package")
+    done = subprocess.run(
+        [binary, *args], cwd=directory, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise ServerError(f"openssl {args[0]} failed: {done.stderr.strip()[-500:]}")
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """A test CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(
+        directory,
+        ca_cert=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+    )
+    _openssl(
+        directory,
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=cdc test CA",
+    )  # fmt: skip
+    (directory / "server.ext").write_text(
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\nextendedKeyUsage = serverAuth\n"
+    )
+    (directory / "client.ext").write_text("extendedKeyUsage = clientAuth\n")
+    for name, subject in (("server", "/CN=localhost"), ("client", "/CN=cdc-daemon")):
+        _openssl(
+            directory,
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", "-subj", subject,
+        )  # fmt: skip
+        _openssl(
+            directory,
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-out", f"{name}.crt", "-extfile", f"{name}.ext",
+        )  # fmt: skip
+    for key in (files.server_key, files.client_key):
+        os.chmod(key, 0o600)
+    return files
+
+
+def tls_server_args(files: TlsFiles, port: int, auth_clients: bool = True) -> tuple[str, ...]:
+    """``redis-server`` arguments: TLS on ``port`` only, client certificates required."""
+    return (
+        "--port", "0",
+        "--tls-port", str(port),
+        "--tls-cert-file", str(files.server_cert),
+        "--tls-key-file", str(files.server_key),
+        "--tls-ca-cert-file", str(files.ca_cert),
+        "--tls-auth-clients", "yes" if auth_clients else "no",
+        "--tls-replication", "yes",
+    )  # fmt: skip
+
+
+@dataclass
+class SentinelServer:
+    """``redis-server --sentinel`` on loopback, watching the master ``master_name``."""
+
+    directory: Path
+    master_port: int
+    master_name: str = "cdcmaster"
+    quorum: int = 1
+    port: int = field(default_factory=free_port)
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 5000
+    password: str | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServerError("redis-server not found: install the redis-server package")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "sentinel.conf"
+        if not conf.exists():  # Sentinel rewrites its file with what it learned
+            name = self.master_name
+            lines = [
+                f"port {self.port}",
+                "bind 127.0.0.1",
+                "protected-mode no",
+                f"dir {self.directory}",
+                f"logfile {self.directory / 'sentinel.log'}",
+                f"sentinel monitor {name} 127.0.0.1 {self.master_port} {self.quorum}",
+                f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+                f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+                f"sentinel parallel-syncs {name} 1",
+            ]
+            if self.password is not None:
+                lines.append(f"requirepass {self.password}")
+            conf.write_text("\n".join(lines) + "\n")
+        self._proc = subprocess.Popen(
+            [binary, str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_port(self.port, timeout, self._proc)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[SentinelServer]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
