@@ -123,7 +123,7 @@ def acl_url(redis_endpoint: RedisEndpoint, redis_url: str) -> Iterator[str]:
     user = f"cdc_{uuid.uuid4().hex[:8]}"
     password = uuid.uuid4().hex
     admin = redis.Redis.from_url(redis_url)
-    admin.execute_command(*acl_setuser(user, password).split())
+    admin.execute_command(*acl_setuser(user, password).split())  # type: ignore[no-untyped-call]
     db = redis_url.rsplit("/", 1)[1]
     host_port = redis_url.split("://", 1)[1].split("/", 1)[0]
     yield f"redis://{user}:{password}@{host_port}/{db}"
