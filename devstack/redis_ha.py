@@ -18,14 +18,19 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from devstack.servers import ServerError, _wait_port, free_port
+import redis
+
+from devstack.servers import RedisServer, ServerError, _wait_port, free_port
 
 __all__ = [
     "DAEMON_ACL_RULES",
+    "SentinelGroup",
     "SentinelServer",
     "TlsFiles",
     "acl_setuser",
@@ -226,6 +231,151 @@ class SentinelServer:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[SentinelServer]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+@dataclass
+class SentinelGroup:
+    """A primary, its replicas and ``sentinels`` Sentinels (quorum: a majority), on loopback.
+
+    ``sentinels=0`` gives a plain primary with replicas (for ``WAIT`` cases)."""
+
+    directory: Path
+    replicas: int = 1
+    sentinels: int = 3
+    master_name: str = "cdcmaster"
+    nodes: dict[int, RedisServer] = field(default_factory=dict)
+    watchers: list[SentinelServer] = field(default_factory=list)
+    first_master: int = 0
+
+    def start(self, timeout: float = 30.0) -> SentinelGroup:
+        common = ("--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1")
+        primary = RedisServer(self.directory / "primary", extra_args=common)
+        primary.start()
+        self.first_master = primary.port
+        self.nodes[primary.port] = primary
+        for i in range(self.replicas):
+            port = free_port()
+            replica = RedisServer(
+                self.directory / f"replica-{i}",
+                port=port,
+                extra_args=(*common, "--replicaof", "127.0.0.1", str(primary.port)),
+            )
+            replica.start()
+            self.nodes[port] = replica
+        quorum = self.sentinels // 2 + 1
+        for i in range(self.sentinels):
+            watcher = SentinelServer(
+                self.directory / f"sentinel-{i}",
+                primary.port,
+                self.master_name,
+                quorum=quorum,
+            )
+            watcher.start()
+            self.watchers.append(watcher)
+        self._wait_settled(timeout)
+        return self
+
+    def _wait_settled(self, timeout: float) -> None:
+        """Every replica in sync, every Sentinel knows them and the other Sentinels."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._settled():
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError("the Sentinel group did not settle")
+            time.sleep(0.1)
+
+    def _settled(self) -> bool:
+        master = redis.Redis(port=self.master_port())
+        try:
+            info = master.info("replication")
+        finally:
+            master.close()
+        online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        if len([s for s in online if s.get("state") == "online"]) < self.replicas:
+            return False
+        for watcher in self.watchers:
+            client = redis.Redis(port=watcher.port)
+            try:
+                state: Any = client.sentinel_master(self.master_name)
+                known: Any = client.sentinel_slaves(self.master_name)
+            finally:
+                client.close()
+            if state["num-other-sentinels"] < self.sentinels - 1:
+                return False
+            if len([r for r in known if not r["is_sdown"]]) < self.replicas:
+                return False
+        return True
+
+    def url(self, db: int = 0, scheme: str = "redis+sentinel") -> str:
+        hosts = ",".join(w.address for w in self.watchers)
+        return f"{scheme}://{hosts}/{self.master_name}/{db}"
+
+    def master_port(self) -> int:
+        """Where the Sentinels say the master is (the first primary without Sentinels)."""
+        for watcher in self.watchers:
+            client = redis.Redis(port=watcher.port, socket_timeout=2)
+            try:
+                found: Any = client.sentinel_get_master_addr_by_name(self.master_name)
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+            if found:
+                return int(found[1])
+        if self.watchers:
+            raise ServerError("no Sentinel names a master")
+        return self.first_master
+
+    def master_url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.master_port()}/{db}"
+
+    def replica_ports(self) -> list[int]:
+        master = self.master_port()
+        return [p for p in self.nodes if p != master]
+
+    def wait_failover(self, old_master: int, timeout: float = 60.0) -> int:
+        """Wait until every Sentinel names another master and it says ROLE master."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ports = set()
+                for watcher in self.watchers:
+                    client = redis.Redis(port=watcher.port, socket_timeout=2)
+                    try:
+                        named: Any = client.sentinel_get_master_addr_by_name(self.master_name)
+                    finally:
+                        client.close()
+                    ports.add(int(named[1]) if named else 0)
+                if len(ports) == 1 and (port := ports.pop()) not in (0, old_master):
+                    node = redis.Redis(port=port, socket_timeout=2)
+                    try:
+                        role: Any = node.execute_command("ROLE")  # type: ignore[no-untyped-call]
+                        if role[0] in (b"master", "master"):
+                            return port
+                    finally:
+                        node.close()
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        raise ServerError("no failover happened")
+
+    def stop(self) -> None:
+        for watcher in self.watchers:
+            watcher.stop()
+        for node in self.nodes.values():
+            node.stop()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[SentinelGroup]:
         self.start()
         try:
             yield self

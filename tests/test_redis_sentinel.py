@@ -1,0 +1,192 @@
+"""Redis high availability: ``redis+sentinel://`` and ``CDC_REDIS_MIN_REPLICAS`` (case 22).
+
+A primary, a replica and three Sentinels run on loopback (:class:`SentinelGroup`); the
+daemon is a subprocess given the Sentinel URL. The primary is killed with SIGKILL while
+writes stream: the daemon follows the promoted replica with no manual step, repairs what
+the replica lacked (a replay from its checkpoint, or an online rebuild when the checkpoint
+is behind what PostgreSQL already confirmed), and converges. With
+``CDC_REDIS_MIN_REPLICAS=1`` nothing is confirmed to PostgreSQL while the replica is
+stopped, and confirmation resumes once it is back.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from devstack.redis_ha import SentinelGroup
+from tests.helpers import (
+    Daemon,
+    Load,
+    assert_converged,
+    fence,
+    parse_lsn,
+    running,
+    slot_confirmed,
+    wait_for,
+)
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    with SentinelGroup(tmp_path / "sentinel-group").running() as g:
+        yield g
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A primary and one replica, no Sentinels."""
+    with SentinelGroup(tmp_path / "pair", sentinels=0).running() as g:
+        yield g
+
+
+def _state_lsn(url: str) -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        raw = client.hget("cdc:state", "lsn")
+    finally:
+        client.close()
+    assert isinstance(raw, bytes)
+    return parse_lsn(raw.decode())
+
+
+def _events(daemon: Daemon, event: str) -> list[dict[str, Any]]:
+    return [e for e in daemon.events() if e.get("event") == event]
+
+
+def test_follows_the_master_through_a_failover_under_load(
+    make_daemon: Callable[..., Daemon], database_url: str, group: SentinelGroup
+) -> None:
+    rows = [f"sen-{i}" for i in range(30)]
+    with running(make_daemon(REDIS_URL=group.url())) as daemon:
+        load = Load(database_url, rows).start()
+        try:
+            load.wait_commits(100)
+            fence(database_url, group.master_url())
+            old = group.master_port()
+            load.wait_commits(50)
+            group.nodes[old].kill()  # SIGKILL, while the load goes on
+            new = group.wait_failover(old)
+            load.wait_commits(100)
+            # Writes made after the failover reach the new master through the daemon.
+            fence(database_url, group.master_url(), timeout=60)
+        finally:
+            load.stop()
+        assert load.commits > 250
+        assert new != old
+        assert_converged(database_url, group.master_url())
+        assert daemon.proc is not None
+        assert daemon.proc.poll() is None
+        assert daemon.ready()
+        assert _events(daemon, "connection problem"), daemon.log()
+
+
+def test_a_promoted_replica_behind_the_confirmed_position_is_rebuilt(
+    make_daemon: Callable[..., Daemon], database_url: str, group: SentinelGroup, pg: Conn
+) -> None:
+    """The replica misses writes PostgreSQL already counts as confirmed: its ``cdc:state``
+    is present but behind the slot. The daemon notices and rebuilds online."""
+    daemon = make_daemon(REDIS_URL=group.url())
+    with running(daemon):
+        pg.execute("INSERT INTO tickets (id, title) VALUES ('old-1', 'before')")
+        fence(database_url, group.master_url())
+        old = group.master_port()
+        (replica_port,) = group.replica_ports()
+        replica = group.nodes[replica_port]
+        replica.signal(signal.SIGSTOP)
+        try:
+            # Cut the replication link too: what already sits in the stopped replica's
+            # socket buffer would otherwise still reach it after SIGCONT.
+            master = redis.Redis(port=old)
+            master.client_kill_filter(_type="replica")
+            master.close()
+            stale = _state_lsn(group.master_url())
+            for i in range(20):
+                pg.execute("INSERT INTO tickets (id, title) VALUES (%s, 'lost')", (f"lost-{i}",))
+            pg.execute("UPDATE tickets SET title = 'changed' WHERE id = 'old-1'")
+            fence(database_url, group.master_url())
+            wait_for(
+                lambda: (slot_confirmed(database_url, daemon.slot) or 0) > stale,
+                30,
+                "PostgreSQL to confirm past the replica's checkpoint",
+            )
+            group.nodes[old].kill()
+        finally:
+            replica.signal(signal.SIGCONT)
+        group.wait_failover(old)
+        # The promoted replica holds the old checkpoint and none of the "lost" rows.
+        client = redis.Redis.from_url(group.master_url())
+        assert client.hget("ticket:{old-1}", "title") in (b"before", b"changed")
+        wait_for(lambda: client.hget("ticket:{lost-19}", "title") == b"lost", 60, "repair")
+        assert_converged(database_url, group.master_url())
+        client.close()
+        rebuilds = _events(daemon, "the cache must be rebuilt")
+        assert rebuilds, daemon.log()
+        assert "behind" in rebuilds[-1]["reason"], rebuilds
+        assert daemon.ready()
+
+
+def test_min_replicas_holds_the_confirmation_until_a_replica_has_the_batch(
+    make_daemon: Callable[..., Daemon], database_url: str, pair: SentinelGroup, pg: Conn
+) -> None:
+    master = pair.master_url()
+    (replica_port,) = pair.replica_ports()
+    replica = pair.nodes[replica_port]
+    daemon = make_daemon(REDIS_URL=master, CDC_REDIS_MIN_REPLICAS="1")
+    with running(daemon):
+        fence(database_url, master)
+        wait_for(
+            lambda: (slot_confirmed(database_url, daemon.slot) or 0) >= _state_lsn(master),
+            30,
+            "the first confirmation",
+        )
+        replica.signal(signal.SIGSTOP)
+        try:
+            row = pg.execute(
+                "INSERT INTO tickets (id, title) VALUES ('wait-1', 'needs a replica')"
+                " RETURNING pg_current_wal_insert_lsn()::text"
+            ).fetchone()
+            assert row is not None
+            written = parse_lsn(row[0])
+            client = redis.Redis.from_url(master)
+            # Applied on the master...
+            wait_for(lambda: client.hget("ticket:{wait-1}", "title"), 30, "the apply")
+            # ... but WAIT found no replica, twice (the batch, then the retry's claim).
+            wait_for(
+                lambda: (
+                    len(
+                        [
+                            e
+                            for e in _events(daemon, "connection problem")
+                            if "CDC_REDIS_MIN_REPLICAS" in e.get("error", "")
+                        ]
+                    )
+                    >= 2
+                ),
+                60,
+                "WAIT to time out twice",
+            )
+            confirmed = slot_confirmed(database_url, daemon.slot) or 0
+            assert confirmed < written, "confirmed without a replica"
+            assert _state_lsn(master) >= written
+        finally:
+            replica.signal(signal.SIGCONT)
+        wait_for(
+            lambda: (slot_confirmed(database_url, daemon.slot) or 0) >= written,
+            60,
+            "the confirmation once the replica is back",
+        )
+        replica_client = redis.Redis(port=replica_port)
+        assert replica_client.hget("ticket:{wait-1}", "title") == b"needs a replica"
+        replica_client.close()
+        client.close()
+        assert_converged(database_url, master)
+        assert daemon.ready()
