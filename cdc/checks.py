@@ -8,6 +8,7 @@ identities itself (those belong to the migrations).
 from __future__ import annotations
 
 import redis
+import redis.sentinel
 
 from cdc import catalog, logs
 from cdc.errors import ConfigError, RedisUnavailable
@@ -127,6 +128,13 @@ def check_redis(settings: Settings) -> None:
         if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
             raise ConfigError(f"Redis refused REDIS_URL's user: {text.split(' ', 1)[0]}") from None
         raise RedisUnavailable(f"Redis: {text}") from None
+    except redis.sentinel.MasterNotFoundError as exc:
+        text = str(exc)
+        if "AuthenticationError" in text or "WRONGPASS" in text or "NOAUTH" in text:
+            raise ConfigError(
+                "the Sentinels refused the credentials in REDIS_URL (sentinel_password)"
+            ) from None
+        raise RedisUnavailable(f"no Sentinel names the master: {text}") from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         if problem := tls_problem(exc) or probe_tls(
             settings.redis, min(1.0, settings.redis_timeout)

@@ -137,7 +137,7 @@ def make_tls_files(directory: Path) -> TlsFiles:
         "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=cdc test CA",
     )  # fmt: skip
     (directory / "server.ext").write_text(
-        "subjectAltName = IP:127.0.0.1, DNS:localhost\nextendedKeyUsage = serverAuth\n"
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\nextendedKeyUsage = serverAuth, clientAuth\n"
     )
     (directory / "client.ext").write_text("extendedKeyUsage = clientAuth\n")
     for name, subject in (("server", "/CN=localhost"), ("client", "/CN=cdc-daemon")):
@@ -181,6 +181,8 @@ class SentinelServer:
     down_after_ms: int = 1000
     failover_timeout_ms: int = 5000
     password: str | None = None
+    master_password: str | None = None
+    tls: TlsFiles | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -195,8 +197,22 @@ class SentinelServer:
         conf = self.directory / "sentinel.conf"
         if not conf.exists():  # Sentinel rewrites its file with what it learned
             name = self.master_name
+            tls = self.tls
+            listen = (
+                [f"port {self.port}"]
+                if tls is None
+                else [
+                    "port 0",
+                    f"tls-port {self.port}",
+                    f"tls-cert-file {tls.server_cert}",
+                    f"tls-key-file {tls.server_key}",
+                    f"tls-ca-cert-file {tls.ca_cert}",
+                    "tls-auth-clients yes",
+                    "tls-replication yes",
+                ]
+            )
             lines = [
-                f"port {self.port}",
+                *listen,
                 "bind 127.0.0.1",
                 "protected-mode no",
                 f"dir {self.directory}",
@@ -207,7 +223,10 @@ class SentinelServer:
                 f"sentinel parallel-syncs {name} 1",
             ]
             if self.password is not None:
-                lines.append(f"requirepass {self.password}")
+                # Clients and the other Sentinels alike must authenticate.
+                lines += [f"requirepass {self.password}", f"sentinel sentinel-pass {self.password}"]
+            if self.master_password is not None:
+                lines.append(f"sentinel auth-pass {name} {self.master_password}")
             conf.write_text("\n".join(lines) + "\n")
         self._proc = subprocess.Popen(
             [binary, str(conf), "--sentinel"],
@@ -248,13 +267,18 @@ class SentinelGroup:
     replicas: int = 1
     sentinels: int = 3
     master_name: str = "cdcmaster"
+    tls: TlsFiles | None = None
+    password: str | None = None  # the master's (requirepass/masterauth)
+    sentinel_password: str | None = None
     nodes: dict[int, RedisServer] = field(default_factory=dict)
     watchers: list[SentinelServer] = field(default_factory=list)
     first_master: int = 0
 
     def start(self, timeout: float = 30.0) -> SentinelGroup:
-        common = ("--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1")
-        primary = RedisServer(self.directory / "primary", extra_args=common)
+        primary_port = free_port()
+        primary = RedisServer(
+            self.directory / "primary", port=primary_port, extra_args=self._args(primary_port)
+        )
         primary.start()
         self.first_master = primary.port
         self.nodes[primary.port] = primary
@@ -263,7 +287,7 @@ class SentinelGroup:
             replica = RedisServer(
                 self.directory / f"replica-{i}",
                 port=port,
-                extra_args=(*common, "--replicaof", "127.0.0.1", str(primary.port)),
+                extra_args=(*self._args(port), "--replicaof", "127.0.0.1", str(primary.port)),
             )
             replica.start()
             self.nodes[port] = replica
@@ -274,11 +298,44 @@ class SentinelGroup:
                 primary.port,
                 self.master_name,
                 quorum=quorum,
+                password=self.sentinel_password,
+                master_password=self.password,
+                tls=self.tls,
             )
             watcher.start()
             self.watchers.append(watcher)
         self._wait_settled(timeout)
         return self
+
+    def _args(self, port: int) -> tuple[str, ...]:
+        args: tuple[str, ...] = (
+            "--repl-diskless-sync-delay", "0", "--repl-ping-replica-period", "1",
+        )  # fmt: skip
+        if self.password is not None:
+            args += ("--requirepass", self.password, "--masterauth", self.password)
+        if self.tls is not None:
+            args += tls_server_args(self.tls, port)
+        return args
+
+    def node(self, port: int, **kwargs: Any) -> redis.Redis:
+        """A client of one node (TLS and password as the group runs them)."""
+        return redis.Redis(port=port, password=self.password, **self._tls_kwargs(), **kwargs)
+
+    def watcher(self, port: int, **kwargs: Any) -> redis.Redis:
+        """A client of one Sentinel."""
+        return redis.Redis(
+            port=port, password=self.sentinel_password, **self._tls_kwargs(), **kwargs
+        )
+
+    def _tls_kwargs(self) -> dict[str, Any]:
+        if self.tls is None:
+            return {}
+        return {
+            "ssl": True,
+            "ssl_certfile": str(self.tls.client_cert),
+            "ssl_keyfile": str(self.tls.client_key),
+            "ssl_ca_certs": str(self.tls.ca_cert),
+        }
 
     def _wait_settled(self, timeout: float) -> None:
         """Every replica in sync, every Sentinel knows them and the other Sentinels."""
@@ -294,7 +351,7 @@ class SentinelGroup:
             time.sleep(0.1)
 
     def _settled(self) -> bool:
-        master = redis.Redis(port=self.master_port())
+        master = self.node(self.master_port())
         try:
             info = master.info("replication")
         finally:
@@ -303,7 +360,7 @@ class SentinelGroup:
         if len([s for s in online if s.get("state") == "online"]) < self.replicas:
             return False
         for watcher in self.watchers:
-            client = redis.Redis(port=watcher.port)
+            client = self.watcher(watcher.port)
             try:
                 state: Any = client.sentinel_master(self.master_name)
                 known: Any = client.sentinel_slaves(self.master_name)
@@ -315,14 +372,23 @@ class SentinelGroup:
                 return False
         return True
 
-    def url(self, db: int = 0, scheme: str = "redis+sentinel") -> str:
+    def url(self, db: int = 0) -> str:
+        """The daemon's ``REDIS_URL`` for this group."""
         hosts = ",".join(w.address for w in self.watchers)
-        return f"{scheme}://{hosts}/{self.master_name}/{db}"
+        scheme = "redis+sentinel" if self.tls is None else "rediss+sentinel"
+        auth = f":{self.password}@" if self.password is not None else ""
+        query = []
+        if self.sentinel_password is not None:
+            query.append(f"sentinel_password={self.sentinel_password}")
+        if self.tls is not None:
+            query.append(self.tls.client_query())
+        tail = "?" + "&".join(query) if query else ""
+        return f"{scheme}://{auth}{hosts}/{self.master_name}/{db}{tail}"
 
     def master_port(self) -> int:
         """Where the Sentinels say the master is (the first primary without Sentinels)."""
         for watcher in self.watchers:
-            client = redis.Redis(port=watcher.port, socket_timeout=2)
+            client = self.watcher(watcher.port, socket_timeout=2)
             try:
                 found: Any = client.sentinel_get_master_addr_by_name(self.master_name)
             except redis.RedisError:
@@ -336,7 +402,11 @@ class SentinelGroup:
         return self.first_master
 
     def master_url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.master_port()}/{db}"
+        """A direct URL of the current master (for checks in tests)."""
+        auth = f":{self.password}@" if self.password is not None else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.master_port()}/{db}"
+        return f"rediss://{auth}127.0.0.1:{self.master_port()}/{db}?{self.tls.client_query()}"
 
     def replica_ports(self) -> list[int]:
         master = self.master_port()
@@ -349,14 +419,14 @@ class SentinelGroup:
             try:
                 ports = set()
                 for watcher in self.watchers:
-                    client = redis.Redis(port=watcher.port, socket_timeout=2)
+                    client = self.watcher(watcher.port, socket_timeout=2)
                     try:
                         named: Any = client.sentinel_get_master_addr_by_name(self.master_name)
                     finally:
                         client.close()
                     ports.add(int(named[1]) if named else 0)
                 if len(ports) == 1 and (port := ports.pop()) not in (0, old_master):
-                    node = redis.Redis(port=port, socket_timeout=2)
+                    node = self.node(port, socket_timeout=2)
                     try:
                         role: Any = node.execute_command("ROLE")  # type: ignore[no-untyped-call]
                         if role[0] in (b"master", "master"):

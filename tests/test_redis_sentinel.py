@@ -20,7 +20,7 @@ import psycopg
 import pytest
 import redis
 
-from devstack.redis_ha import SentinelGroup
+from devstack.redis_ha import SentinelGroup, make_tls_files
 from tests.helpers import (
     Daemon,
     Load,
@@ -31,6 +31,7 @@ from tests.helpers import (
     slot_confirmed,
     wait_for,
 )
+from writer import CacheReader, Writer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -105,7 +106,7 @@ def test_a_promoted_replica_behind_the_confirmed_position_is_rebuilt(
         try:
             # Cut the replication link too: what already sits in the stopped replica's
             # socket buffer would otherwise still reach it after SIGCONT.
-            master = redis.Redis(port=old)
+            master = group.node(old)
             master.client_kill_filter(_type="replica")
             master.close()
             stale = _state_lsn(group.master_url())
@@ -190,3 +191,54 @@ def test_min_replicas_holds_the_confirmation_until_a_replica_has_the_batch(
         client.close()
         assert_converged(database_url, master)
         assert daemon.ready()
+
+
+MASTER_SECRET = "master-pw-7f3a"
+SENTINEL_SECRET = "sentinel-pw-91c2"
+
+
+def test_tls_sentinels_with_passwords_followed_through_a_failover(
+    make_daemon: Callable[..., Daemon], database_url: str, writer: Writer, tmp_path: Path
+) -> None:
+    """``rediss+sentinel://`` with the master's password and ``?sentinel_password=``: TLS
+    with a client certificate to the Sentinels and the master, then a failover."""
+    files = make_tls_files(tmp_path / "tls")
+    with SentinelGroup(
+        tmp_path / "tls-group", tls=files, password=MASTER_SECRET, sentinel_password=SENTINEL_SECRET
+    ).running() as group:
+        url = group.url()
+        assert url.startswith("rediss+sentinel://")
+        with running(make_daemon(REDIS_URL=url)) as daemon:
+            written = writer.create_ticket({"id": "ts-1", "title": "over TLS"})
+            reader = CacheReader.connect(url)
+            ticket = reader.ticket("ts-1", after=written.token, timeout=30)
+            assert ticket is not None
+            assert ticket.title == "over TLS"
+            old = group.master_port()
+            group.nodes[old].kill()
+            group.wait_failover(old)
+            written = writer.create_ticket({"id": "ts-2", "title": "after the failover"})
+            # The reader follows the new master too (redis-py's Sentinel pool).
+            wait_for(
+                lambda: reader.wait(written.token, timeout=1), 60, "the write on the new master"
+            )
+            assert_converged(database_url, group.master_url())
+            assert daemon.ready()
+            for secret in (MASTER_SECRET, SENTINEL_SECRET):
+                assert secret not in daemon.log()
+
+
+def test_wrong_sentinel_password_exits_2(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    with SentinelGroup(
+        tmp_path / "auth-group", replicas=0, sentinels=1, sentinel_password=SENTINEL_SECRET
+    ).running() as group:
+        url = group.url().replace(SENTINEL_SECRET, "wrong-pw-55e1")
+        daemon = make_daemon(REDIS_URL=url).start()
+        code = daemon.wait_exit(60)
+        lines = [line for line in daemon.log().splitlines() if line.strip()]
+        assert code == 2, daemon.log()
+        assert len(lines) == 1, daemon.log()
+        assert "sentinel_password" in lines[0]
+        assert "wrong-pw-55e1" not in daemon.log()
