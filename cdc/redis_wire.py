@@ -115,37 +115,43 @@ class RedisWire:
         Asked on every connect, so a session that lost its master (connection gone,
         ``READONLY``) finds the new one after a failover."""
         addr = self.address
-        assert addr.master is not None
         problems: list[str] = []
         for host, port in addr.hosts:
-            sentinel = RedisWire(
-                RedisTarget(
-                    hosts=((host, port),),
-                    username=addr.sentinel_username,
-                    password=addr.sentinel_password,
-                    tls=addr.tls,
-                ),
-                self.timeout,
-            )
-            try:
-                if addr.tls is not None:
-                    sentinel._context = self._tls_context()
-                sentinel.connect()
-                reply = sentinel.call(b"SENTINEL", b"get-master-addr-by-name", addr.master.encode())
-            except OSError as exc:  # the TLS files
-                raise WireError(f"cannot set up TLS for {addr.describe()}: {exc}") from exc
-            except WireError as exc:
-                problems.append(str(exc))
-                continue
-            except WireReplyError as exc:
-                problems.append(f"Sentinel {host}:{port}: {exc.code or exc}")
-                continue
-            finally:
-                sentinel.close()
-            if isinstance(reply, list) and len(reply) == 2:
-                return reply[0].decode(), int(reply[1])
-            problems.append(f"Sentinel {host}:{port} does not know master {addr.master!r}")
+            found = self._ask_sentinel(host, port)
+            if isinstance(found, tuple):
+                return found
+            problems.append(found)
         raise WireError(f"no Sentinel of {addr.describe()} names a master: " + "; ".join(problems))
+
+    def _ask_sentinel(self, host: str, port: int) -> tuple[str, int] | str:
+        """``SENTINEL get-master-addr-by-name`` on one Sentinel: the address, or why not."""
+        addr = self.address
+        assert addr.master is not None
+        sentinel = RedisWire(
+            RedisTarget(
+                hosts=((host, port),),
+                username=addr.sentinel_username,
+                password=addr.sentinel_password,
+                tls=addr.tls,
+            ),
+            self.timeout,
+        )
+        try:
+            if addr.tls is not None:
+                sentinel._context = self._tls_context()
+            sentinel.connect()
+            reply = sentinel.call(b"SENTINEL", b"get-master-addr-by-name", addr.master.encode())
+        except WireError as exc:
+            return str(exc)
+        except WireReplyError as exc:
+            return f"Sentinel {host}:{port}: {exc.code or exc}"
+        except OSError as exc:  # the TLS files
+            raise WireError(f"cannot set up TLS for {addr.describe()}: {exc}") from exc
+        finally:
+            sentinel.close()
+        if isinstance(reply, list) and len(reply) == 2:
+            return reply[0].decode(), int(reply[1])
+        return f"Sentinel {host}:{port} does not know master {addr.master!r}"
 
     def _check_master(self, host: str, port: int) -> None:
         """Refuse a node the Sentinels still call master but that is a replica now."""
