@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,10 @@ def test_follows_the_master_through_a_failover_under_load(
             fence(database_url, group.master_url())
             old = group.master_port()
             load.wait_commits(50)
+            killed_at = datetime.now(UTC)
             group.nodes[old].kill()  # SIGKILL, while the load goes on
             new = group.wait_failover(old)
+            promoted_at = datetime.now(UTC)
             load.wait_commits(100)
             # Writes made after the failover reach the new master through the daemon.
             fence(database_url, group.master_url(), timeout=60)
@@ -88,6 +91,17 @@ def test_follows_the_master_through_a_failover_under_load(
         assert daemon.proc.poll() is None
         assert daemon.ready()
         assert _events(daemon, "connection problem"), daemon.log()
+        resumed = [
+            datetime.fromisoformat(e["timestamp"])
+            for e in _events(daemon, "streaming")
+            if datetime.fromisoformat(e["timestamp"]) > killed_at
+        ]
+        assert resumed, daemon.log()
+        print(
+            f"failover: Sentinels promoted after {(promoted_at - killed_at).total_seconds():.2f}s,"
+            f" the daemon streamed to the new master after"
+            f" {(resumed[0] - killed_at).total_seconds():.2f}s"
+        )
 
 
 def test_a_promoted_replica_behind_the_confirmed_position_is_rebuilt(
