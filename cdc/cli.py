@@ -47,7 +47,7 @@ def _guard(fn: F) -> F:
         except ConfigError as exc:
             fail(str(exc))
         except CdcError as exc:
-            fail(str(exc), code=1)
+            fail(str(exc), code=getattr(exc, "exit_code", 1))
         return None
 
     wrapper.__name__ = fn.__name__

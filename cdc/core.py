@@ -21,7 +21,7 @@ from typing import Final, Union
 from cdc import pgoutput
 from cdc.assemble import DELETE, Assembler, Event, RowChange, TxBegin, TxCommit
 from cdc.messages import Message, PrimaryKeepalive, XLogData, parse_copy_data, pg_time_to_unix
-from cdc.plan import CommandBatch, Planner
+from cdc.plan import Boundary, CommandBatch, Planner
 
 
 class BatchFull:
@@ -51,26 +51,6 @@ class Position:
 
     def __repr__(self) -> str:
         return f"Position({self.checkpoint}, {self.partial_lsn}, {self.partial_count})"
-
-
-class Boundary:
-    """Where the batch ends at the last complete transaction."""
-
-    def __init__(
-        self,
-        buf_len: int = 0,
-        commands: int = 0,
-        patches: int = 0,
-        changes: int = 0,
-        counts: dict[tuple[str, str], int] | None = None,
-        oversized: int = 0,
-    ) -> None:
-        self.buf_len = buf_len
-        self.commands = commands
-        self.patches = patches
-        self.changes = changes
-        self.counts: dict[tuple[str, str], int] = counts if counts is not None else {}
-        self.oversized = oversized
 
 
 class RecentTransactions:
@@ -196,15 +176,7 @@ class StreamCore:
         self.commit_times.append(pg_time_to_unix(event.commit_time))
         self.transactions += 1
         self.skip_changes = 0
-        batch = self.batch
-        self.boundary = Boundary(
-            len(batch.buf),
-            batch.commands,
-            len(batch.patches),
-            batch.changes,
-            dict(batch.counts),
-            len(batch.oversized),
-        )
+        self.boundary = self.batch.mark()
 
     def _row(self, change: RowChange) -> None:
         if self.skip or change.seq <= self.skip_changes:

@@ -40,6 +40,7 @@ from cdc.errors import (
     CdcError,
     ConfigError,
     Fenced,
+    PoisonRecord,
     RedisLost,
     Retryable,
     SlotInUse,
@@ -290,7 +291,12 @@ class Daemon:
         reason = rebuild_reason(state, confirmed, source_id)
         start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
         source.start(name, start, stream_options(settings, self.tables))
-        sink.claim({"slot": name, "source": source_id})
+        # The state read after the claim is the one to resume from: no predecessor can
+        # write once the fence is ours.
+        claimed = sink.claim({"slot": name, "source": source_id})
+        if not reason:
+            reason = rebuild_reason(claimed, confirmed, source_id)
+            state = claimed
         if reason:
             self.log.warning("the cache must be rebuilt", reason=reason)
             self._clear_tracked_keys()
@@ -388,8 +394,8 @@ def run(settings: Settings) -> int:
     daemon.install_signal_handlers()
     try:
         return daemon.run()
-    except ConfigError:
-        raise
+    except (ConfigError, PoisonRecord):
+        raise  # the command line prints the one line and exits 2 / 3
     except CdcError as exc:
         daemon.log.error("stopped on an error", error=str(exc))
         return 1

@@ -1,10 +1,10 @@
 """A minimal pipelined Redis connection for the apply path.
 
-Applying a batch sends one buffer holding ``MULTI``, thousands of commands, ``EXEC`` and
-the next ``WATCH`` in a single write, then reads the replies: the ``+QUEUED`` run is
-skipped as raw bytes, the rest parsed by hiredis in C. redis-py's
-per-reply overhead (about 2 µs) would double the cost of a row, so the hot path uses this
-instead; everything else (checks, verify, the cache reader) uses redis-py.
+Applying a batch sends one ``EVAL`` whose arguments are thousands of operations in a
+single gathered write, then reads its one reply, parsed by hiredis in C. redis-py would
+copy the batch into its own argument list and encoder (about 2 µs per row on this path),
+so the hot path uses this instead; everything else (checks, verify, the cache reader)
+uses redis-py.
 
 URLs are parsed by :mod:`schema.redis_url`, shared with the redis-py clients, so both agree
 on what a ``REDIS_URL`` means: ``rediss://`` wraps the socket in TLS with the URL's client
@@ -213,47 +213,20 @@ class RedisWire:
             end = self._reply_end_blocking(end)
         return self._parse(end, count)
 
-    def read_transaction(self, queued: int, after: int) -> list[Any]:
-        """The replies to ``MULTI``, ``queued`` commands, ``EXEC`` and ``after`` more.
-
-        Returns ``[exec_reply, *after_replies]`` when every command was queued, else
-        every reply (the caller looks for the errors). A queued command answers exactly
-        ``+QUEUED\r\n``; skipping thousands of them as raw bytes (one ``find`` in C)
-        instead of parsing each is a visible share of a batch's cost.
-        """
-        head = 5 + 9 * queued  # "+OK\r\n" then "+QUEUED\r\n" per command
-        pending = self._pending
-        while len(pending) < head:
-            self._fill()
-        if pending.startswith(b"+OK\r\n") and pending.find(b"-", 0, head) == -1:
-            del pending[:head]
-            return self.read(1 + after)
-        return self._transaction_replies(self.read(1 + queued + 1 + after), queued)
-
-    def transaction_ready(self, queued: int, after: int) -> bool:
-        """Whether the whole answer to a transaction has arrived (reads without blocking)."""
+    def replies_ready(self, count: int) -> bool:
+        """Whether ``count`` whole replies have arrived (reads without blocking)."""
         self._fill_available()
         pending = self._pending
-        head = 5 + 9 * queued
-        if len(pending) < head:
-            return False
-        if not (pending.startswith(b"+OK\r\n") and pending.find(b"-", 0, head) == -1):
-            head, after = 0, 1 + queued + 1 + after
-        else:
-            after += 1
-        at = head
-        for _ in range(after):
-            at = reply_end(pending, at)
+        at = 0
+        for _ in range(count):
+            try:
+                at = reply_end(pending, at)
+            except ValueError as exc:
+                self.close()
+                raise WireError(f"Redis protocol error: {exc}") from None
             if at < 0:
                 return False
         return True
-
-    @staticmethod
-    def _transaction_replies(replies: list[Any], queued: int) -> list[Any]:
-        """Full replies, shaped like the fast path's when every command was queued."""
-        if any(isinstance(r, WireReplyError) for r in replies[: 1 + queued]):
-            return replies
-        return replies[1 + queued :]
 
     # -- raw bytes ----------------------------------------------------------------------------
     # Bytes received but not parsed wait in ``_pending``; the parser is only ever given
@@ -346,6 +319,7 @@ class RedisWire:
         return self.read(count)
 
     def call(self, *args: bytes) -> Any:
+        """One command and its reply; an error reply is raised as WireReplyError."""
         (reply,) = self.roundtrip(command(*args), 1)
         if isinstance(reply, WireReplyError):
             raise reply

@@ -1,4 +1,4 @@
-"""The Redis sink: apply a batch of commands and the checkpoint together, or not at all.
+"""The Redis sink: apply a batch of operations and the checkpoint together, or not at all.
 
 Redis state lives in one hash, ``cdc:state`` (:data:`schema.keys.STATE_KEY`):
 
@@ -14,17 +14,25 @@ loading    ``1`` while a snapshot is being loaded (the cache is not consistent y
 rebuild    progress of an online rebuild (see :mod:`cdc.backfill`), empty when none
 =========  =============================================================================
 
-Every batch is sent in one write::
+Every batch is one ``EVAL`` of :data:`cdc.plan.BATCH_SCRIPT`, whose arguments start with
+a head::
 
-    MULTI, <commands>, HSET cdc:state lsn … partial …, EXEC, WATCH cdc:state, HMGET cdc:state …
+    <fence> <expected lsn> <expected partial> <lsn to publish> <n> <state field value>…
 
-and the next batch may follow before this one's answer is read (:meth:`RedisSink.send`,
+followed by the batch's operations. The script writes nothing unless, at the moment it
+runs, the fence is this daemon's and the state's position is the one the batch follows;
+it moves the checkpoint last, and only when every operation succeeded, then publishes
+the new position on ``cdc:applied`` (readers waiting for a token wake on it). So:
+
+- a successor's claim makes every later batch of a paused predecessor fail, including
+  batches already sent but not yet answered (the check runs inside the atomic script,
+  not in a ``WATCH`` armed earlier);
+- a batch sent behind one that failed finds the position unmoved and writes nothing, so
+  pipelining never skips a failed batch;
+- a command Redis refuses is never covered by a checkpoint.
+
+The next batch may be sent before this one's answer is read (:meth:`RedisSink.send`,
 :meth:`RedisSink.receive`), so Redis works on one batch while the daemon plans the next.
-
-The ``WATCH`` armed at the end of one batch guards the next: if another daemon took the
-fence, or Redis lost its data (``FLUSHALL`` touches watched keys; a restart drops the
-connection), ``EXEC`` returns nil and nothing of the batch is applied. The sink then says
-which: :class:`Fenced` or :class:`RedisLost`.
 """
 
 from __future__ import annotations
@@ -33,22 +41,19 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
-from cdc.errors import Fenced, RedisLost, RedisRejected, RedisUnavailable
-from cdc.lsn import Lsn, format_lsn, parse_lsn
-from cdc.plan import CommandBatch
+from cdc.errors import ApplyFailed, Fenced, RedisLost, RedisRejected, RedisUnavailable
+from cdc.lsn import Lsn, parse_lsn
+from cdc.plan import BATCH_SCRIPT, CommandBatch
 from cdc.redis_wire import RedisAddress, RedisWire, WireError, WireReplyError
-from cdc.resp import append_command, command
+from cdc.resp import append_bulk, append_command, array_header, command
 from schema.keys import STATE_KEY
 
 _STATE = STATE_KEY.encode()
-_MULTI = command(b"MULTI")
-_EXEC = command(b"EXEC")
-_WATCH_AND_READ = command(b"WATCH", _STATE) + command(b"HMGET", _STATE, b"fence", b"lsn")
-# UNWATCH first: our own writes to the watched key since the last WATCH would otherwise
-# abort the next EXEC (Redis flags the connection itself, too).
-_REARM = command(b"UNWATCH") + _WATCH_AND_READ
+_EVAL_HEAD = b"$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(BATCH_SCRIPT), BATCH_SCRIPT)
+_HEAD_ARGS = 5
+# Errors Redis may clear by itself: retried (never confirmed meanwhile).
+_TRANSIENT = ("OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "READONLY")
 
 
 @dataclass(frozen=True)
@@ -92,16 +97,16 @@ class InFlight:
     """A batch sent to Redis whose answer has not been read yet."""
 
     batch: CommandBatch
-    queued: int
+    lsn: str
     waits: int = 0  # 1 when a WAIT for replicas follows the batch (see _wait_command)
 
 
 @dataclass
 class ApplyResult:
-    """What Redis said about the commands of a batch."""
+    """What Redis said about a batch it applied."""
 
     incomplete_rows: list[tuple[str, bytes]]
-    errors: list[str]
+    repaired: int = 0
 
 
 def owner_label() -> str:
@@ -115,10 +120,13 @@ class RedisSink:
         self.address = RedisAddress.from_url(url)
         self.wire = RedisWire(self.address, timeout)
         self.fence: str | None = None
-        self._armed = False
         self.min_replicas = min_replicas
         # WAIT gives up a little before the socket's own timeout would fire.
         self._wait_ms = max(1, int(timeout * 800))
+        # The position the next batch follows: what the last batch sent (or the state
+        # read at the claim) left in ``cdc:state``.
+        self._lsn = ""
+        self._partial = ""
 
     # -- connection and state ------------------------------------------------------------
 
@@ -127,11 +135,9 @@ class RedisSink:
             self.wire.connect()
         except WireError as exc:
             raise RedisUnavailable(str(exc)) from exc
-        self._armed = False
 
     def close(self) -> None:
         self.wire.close()
-        self._armed = False
 
     @property
     def connected(self) -> bool:
@@ -147,123 +153,113 @@ class RedisSink:
             return CacheState.from_hash(pairs)
         return CacheState()
 
-    def claim(self, fields: dict[str, str]) -> str:
-        """Take the fence (after acquiring the slot) and write ``fields`` to the state."""
+    def claim(self, fields: dict[str, str]) -> CacheState:
+        """Take the fence (after acquiring the slot) and write ``fields`` to the state.
+
+        Returns the state as it is *after* the claim: from then on no predecessor can
+        write, so this is the position to resume from."""
         token = uuid.uuid4().hex
-        values = {"fence": token, "owner": owner_label(), **fields}
-        args = [b"HSET", _STATE]
-        for key, value in values.items():
-            args += [key.encode(), value.encode()]
-        self._call(*args)
+        self._call(*_hset_args({"fence": token, "owner": owner_label(), **fields}))
         self.fence = token
         # Everything this session resumes from (and will confirm) must be on the replicas,
         # including batches a previous session applied but could not confirm.
         self._check_replicas(self._call(*self._wait_command()) if self.min_replicas else None)
-        self._arm()
-        return token
+        state = self.read_state()
+        self._follow(state.extra)
+        return state
 
     def reset_state(self, fields: dict[str, str]) -> None:
         """Replace the whole state hash (snapshot load, reset): keeps our fence."""
         assert self.fence is not None
-        values = {"fence": self.fence, "owner": owner_label(), **fields}
         buf = bytearray()
         append_command(buf, [b"DEL", _STATE])
-        hset = [b"HSET", _STATE]
-        for key, value in values.items():
-            hset += [key.encode(), value.encode()]
-        append_command(buf, hset)
+        append_command(buf, _hset_args({"fence": self.fence, "owner": owner_label(), **fields}))
         self._roundtrip(bytes(buf), 2)
-        self._arm()
+        self._follow(fields)
 
-    def _arm(self) -> None:
-        (_unwatch, _watch, (fence, _lsn)) = self._roundtrip(_REARM, 3)
-        self._check_fence(fence)
-        self._armed = True
-
-    def _check_fence(self, fence: bytes | None) -> None:
-        if fence is None:
-            raise RedisLost("cdc:state is gone: Redis lost its data")
-        if self.fence is None or fence.decode() != self.fence:
-            raise Fenced("another daemon took over the cache (fence changed)")
+    def _follow(self, state: dict[str, str]) -> None:
+        self._lsn = state.get("lsn", "")
+        self._partial = state.get("partial", "")
 
     # -- applying ----------------------------------------------------------------------------
 
     def apply(self, batch: CommandBatch, state: dict[str, str]) -> ApplyResult:
-        """Apply ``batch`` and set ``state`` fields in one transaction; wait for it."""
+        """Apply ``batch`` and set ``state`` fields in one script run; wait for it."""
         return self.receive(self.send(batch, state))
 
     def send(self, batch: CommandBatch, state: dict[str, str]) -> InFlight:
-        """Send ``batch`` and ``state`` as one transaction without waiting for Redis.
+        """Send ``batch`` and ``state`` as one script run without waiting for Redis.
 
-        The next batch may be sent before this one is received: Redis runs them in order,
-        and the WATCH armed at the end of this one guards the next, so if this one is
-        refused (fenced, state lost) the next is refused too."""
-        if not self._armed:
-            self._arm()
-        hset = [b"HSET", _STATE]
+        The next batch may be sent before this one is received: Redis runs them in
+        order, and each follows the position the one before it sets, so if this one
+        is refused (fenced, failed, state lost) every later one writes nothing too."""
+        assert self.fence is not None
+        lsn = state.get("lsn")
+        head = bytearray()
+        head += array_header(3 + _HEAD_ARGS + 2 * len(state) + batch.args)
+        head += _EVAL_HEAD
+        append_bulk(head, self.fence.encode())
+        append_bulk(head, self._lsn.encode())
+        append_bulk(head, self._partial.encode())
+        append_bulk(head, lsn.encode() if lsn is not None else b"")
+        append_bulk(head, b"%d" % len(state))
         for key, value in state.items():
-            hset += [key.encode(), value.encode()]
-        tail = bytearray()
-        append_command(tail, hset)
-        tail += _EXEC
-        tail += _WATCH_AND_READ
-        waits = 0
+            append_bulk(head, key.encode())
+            append_bulk(head, value.encode())
+        parts: list[bytes | bytearray] = [head, batch.buf]
         if self.min_replicas:
-            tail += command(*self._wait_command())
-            waits = 1
+            parts.append(command(*self._wait_command()))
         try:
-            self.wire.send_parts([_MULTI, batch.buf, tail])
+            self.wire.send_parts(parts)
         except WireError as exc:
-            self._armed = False
             raise RedisUnavailable(str(exc)) from exc
-        # The WATCH at its end guards whatever is sent next (see receive for the outcome).
-        self._armed = True
-        return InFlight(batch, batch.commands + 1, waits)
+        if lsn is not None:
+            self._lsn = lsn
+        if "partial" in state:
+            self._partial = state["partial"]
+        return InFlight(batch, lsn or self._lsn, 1 if self.min_replicas else 0)
 
     def ready(self, sent: InFlight) -> bool:
         """Whether Redis' whole answer to ``sent`` has arrived (never blocks)."""
         try:
-            return self.wire.transaction_ready(sent.queued, after=2 + sent.waits)
+            return self.wire.replies_ready(1 + sent.waits)
         except WireError as exc:
-            self._armed = False
             raise RedisUnavailable(str(exc)) from exc
 
     def receive(self, sent: InFlight) -> ApplyResult:
         """Redis' answer to a batch sent earlier: applied, or an error saying why not."""
-        queued = sent.queued
         try:
-            replies = self.wire.read_transaction(queued, after=2)
-            replicas = self.wire.read(1)[0] if sent.waits else None
+            replies = self.wire.read(1 + sent.waits)
         except WireError as exc:
-            self._armed = False
             raise RedisUnavailable(str(exc)) from exc
+        reply = replies[0]
         batch = sent.batch
-        if len(replies) > 3:
-            # Some command was refused while queuing: EXEC aborted the whole batch.
-            self._armed = False
-            rejected = [str(r) for r in replies[1 : 1 + queued] if isinstance(r, WireReplyError)]
-            raise RedisRejected(rejected[0] if rejected else str(replies[1 + queued]))
-        exec_reply = replies[0]
-        fence, _lsn = replies[-1]
-        if isinstance(exec_reply, WireReplyError):
-            self._armed = False
-            raise RedisRejected(str(exec_reply))
-        if exec_reply is None:
-            # WATCH fired: nothing was applied. Say why.
-            self._armed = False
-            self._check_fence(fence)
-            raise Fenced("cdc:state changed under this daemon; batch not applied")
-        self._check_fence(fence)
-        self._check_replicas(replicas)
-        return self._inspect(batch, exec_reply)
-
-    def _inspect(self, batch: CommandBatch, results: list[Any]) -> ApplyResult:
+        if isinstance(reply, WireReplyError):
+            # The script was refused whole (out of memory) or stopped by an error: the
+            # checkpoint did not move.
+            raise _refused(str(reply), batch.table_of(0), sent.lsn)
+        status = reply[0]
+        if status == b"lost":
+            raise RedisLost("cdc:state is gone: Redis lost its data")
+        if status == b"fenced":
+            raise Fenced("another daemon took over the cache (fence changed)")
+        if status == b"moved":
+            raise RedisLost(
+                "cdc:state is not at the position this daemon left it (an earlier batch "
+                "was not applied, or something else wrote the state)"
+            )
+        incomplete_ops, failed, repaired = reply[1], reply[2], reply[3]
+        if failed:
+            index, error = int(failed[0]), failed[1].decode(errors="replace")
+            raise _refused(error, batch.table_of(index), sent.lsn)
         incomplete: list[tuple[str, bytes]] = []
-        for index, table, row_id in batch.patches:
-            if results[index] == 1:
-                incomplete.append((table, row_id))
-        errors = [str(r) for r in results if isinstance(r, WireReplyError)]
-        return ApplyResult(incomplete, errors)
+        if incomplete_ops:
+            wanted = {int(i) for i in incomplete_ops}
+            for index, table, row_id in batch.patches:
+                if index in wanted:
+                    incomplete.append((table, row_id))
+        self._check_replicas(replies[1] if sent.waits else None)
+        return ApplyResult(incomplete, int(repaired))
 
     # -- replicas (CDC_REDIS_MIN_REPLICAS) ------------------------------------------------------
     # ``WAIT n timeout`` goes right after a batch on the same connection (Redis answers it
@@ -275,34 +271,43 @@ class RedisSink:
     def _wait_command(self) -> tuple[bytes, ...]:
         return (b"WAIT", str(self.min_replicas).encode(), str(self._wait_ms).encode())
 
-    def _check_replicas(self, reply: Any) -> None:
+    def _check_replicas(self, reply: object) -> None:
         if reply is None:
             return
         if isinstance(reply, WireReplyError):
-            self._armed = False
             raise RedisRejected(f"WAIT for replicas failed: {reply.code or reply}")
-        if int(reply) < self.min_replicas:
-            self._armed = False
+        acked = int(reply) if isinstance(reply, int) else 0
+        if acked < self.min_replicas:
             raise RedisUnavailable(
-                f"only {int(reply)} of {self.min_replicas} Redis replicas acknowledged within"
+                f"only {acked} of {self.min_replicas} Redis replicas acknowledged within"
                 f" {self._wait_ms} ms (CDC_REDIS_MIN_REPLICAS); not confirming, retrying"
             )
 
-    def checkpoint(self, lsn: int, partial: str = "") -> None:
-        """Move the checkpoint alone (idle progress: keepalives past our last commit)."""
-        self.apply(CommandBatch(), {"lsn": format_lsn(lsn), "partial": partial})
-
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _roundtrip(self, data: bytes, count: int) -> list[Any]:
+    def _roundtrip(self, data: bytes, count: int) -> list[object]:
         try:
             return self.wire.roundtrip(data, count)
         except WireError as exc:
-            self._armed = False
             raise RedisUnavailable(str(exc)) from exc
 
-    def _call(self, *args: bytes) -> Any:
+    def _call(self, *args: bytes) -> object:
         (reply,) = self._roundtrip(command(*args), 1)
         if isinstance(reply, WireReplyError):
             raise RedisRejected(str(reply))
         return reply
+
+
+def _hset_args(values: dict[str, str]) -> list[bytes]:
+    args = [b"HSET", _STATE]
+    for key, value in values.items():
+        args += [key.encode(), value.encode()]
+    return args
+
+
+def _refused(error: str, table: str, lsn: str) -> RedisRejected | ApplyFailed:
+    """A transient refusal is retried; any other stops the daemon (exit 3)."""
+    code = error.split(" ", 1)[0].upper()
+    if code in _TRANSIENT or "OOM command not allowed" in error:
+        return RedisRejected(f"Redis refused the batch ({code}); retrying")
+    return ApplyFailed(lsn, table or "?", f"Redis refused a command ({code})")

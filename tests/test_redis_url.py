@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cdc.errors import ConfigError, RedisUnavailable
+from cdc.plan import CommandBatch
 from cdc.settings import load_settings
 from cdc.sink import RedisSink
 from schema.redis_url import RedisTarget, redis_client
@@ -129,5 +130,5 @@ def test_too_few_replicas_is_retryable_and_not_silent(redis_url: str) -> None:
     plain = RedisSink(redis_url, timeout=0.5)
     plain.connect()
     plain.claim({"slot": "s"})
-    plain.checkpoint(16)
+    plain.apply(CommandBatch(), {"lsn": "0/10", "partial": ""})
     plain.close()
