@@ -21,7 +21,11 @@ import psycopg
 import pytest
 import redis
 
-from devstack.redis_ha import SentinelGroup, make_tls_files
+from cdc.errors import RedisUnavailable
+from cdc.redis_wire import RedisWire, WireError
+from cdc.sink import RedisSink
+from devstack.redis_ha import SentinelGroup, SentinelServer, make_tls_files
+from schema.redis_url import RedisTarget
 from tests.helpers import (
     Daemon,
     Load,
@@ -256,3 +260,37 @@ def test_wrong_sentinel_password_exits_2(
         assert len(lines) == 1, daemon.log()
         assert "sentinel_password" in lines[0]
         assert "wrong-pw-55e1" not in daemon.log()
+
+
+def test_a_demoted_master_is_left_like_a_lost_connection(pair: SentinelGroup) -> None:
+    """READONLY (the node became a replica under us) closes the connection, so the session
+    reconnects and asks the Sentinels again, instead of failing the batch."""
+    (replica_port,) = pair.replica_ports()
+    sink = RedisSink(f"redis://127.0.0.1:{replica_port}/0", timeout=2)
+    sink.connect()
+    with pytest.raises(RedisUnavailable, match="READONLY"):
+        sink.claim({"slot": "s"})
+    assert not sink.connected
+
+
+def test_a_node_the_sentinels_still_call_master_is_checked_with_role(
+    pair: SentinelGroup, tmp_path: Path
+) -> None:
+    (replica_port,) = pair.replica_ports()
+    watcher = SentinelServer(tmp_path / "wrong", replica_port, "wrongmaster")
+    with watcher.running():
+        wire = RedisWire(RedisTarget.parse(f"redis+sentinel://{watcher.address}/wrongmaster"), 2)
+        with pytest.raises(WireError, match="not a master"):
+            wire.connect()
+        assert not wire.connected
+        right = SentinelServer(tmp_path / "right", pair.master_port(), "rightmaster")
+        with right.running():
+            wire = RedisWire(
+                RedisTarget.parse(
+                    f"redis+sentinel://{watcher.address},{right.address}/rightmaster/3"
+                ),
+                2,
+            )
+            wire.connect()  # the first Sentinel does not know it, the second does
+            assert wire.call(b"SET", b"k", b"v") == b"OK"
+            wire.close()
