@@ -12,6 +12,7 @@ stopped, and confirmation resumes once it is back.
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +26,7 @@ from cdc.errors import RedisUnavailable
 from cdc.redis_wire import RedisWire, WireError
 from cdc.sink import RedisSink
 from devstack.redis_ha import SentinelGroup, SentinelServer, make_tls_files
-from schema.redis_url import RedisTarget
+from schema.redis_url import RedisTarget, redis_client
 from tests.helpers import (
     Daemon,
     Load,
@@ -68,12 +69,73 @@ def _events(daemon: Daemon, event: str) -> list[dict[str, Any]]:
     return [e for e in daemon.events() if e.get("event") == event]
 
 
+class PairSampler:
+    """Writes two rows in each transaction with the same value; samples both in one MULTI."""
+
+    def __init__(self, database_url: str, redis_url: str) -> None:
+        self.database_url = database_url
+        self.redis_url = redis_url
+        self.samples = 0
+        self.torn: list[tuple[bytes | None, bytes | None]] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._write, daemon=True),
+            threading.Thread(target=self._sample, daemon=True),
+        ]
+
+    def start(self) -> PairSampler:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def wait_samples(self, more: int) -> None:
+        target = self.samples + more
+        wait_for(lambda: self.samples >= target, 60, f"{more} more samples")
+
+    def _write(self) -> None:
+        value = 0
+        with psycopg.connect(self.database_url) as conn:
+            while not self._stop.is_set():
+                value += 1
+                for row in ("pair-a", "pair-b"):
+                    conn.execute(
+                        "INSERT INTO tickets (id, title) VALUES (%s, %s)"
+                        " ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title",
+                        (row, str(value)),
+                    )
+                conn.commit()
+                self._stop.wait(0.005)
+
+    def _sample(self) -> None:
+        client = redis_client(self.redis_url, socket_timeout=2)
+        while not self._stop.is_set():
+            try:
+                pipe = client.pipeline(transaction=True)
+                pipe.hget("ticket:{pair-a}", "title")
+                pipe.hget("ticket:{pair-b}", "title")
+                a, b = pipe.execute()
+            except redis.RedisError:
+                self._stop.wait(0.05)  # the master is changing: ask the Sentinels again
+                continue
+            self.samples += 1
+            if a is not None and b is not None and a != b:
+                self.torn.append((a, b))
+            self._stop.wait(0.002)
+        client.close()
+
+
 def test_follows_the_master_through_a_failover_under_load(
     make_daemon: Callable[..., Daemon], database_url: str, group: SentinelGroup
 ) -> None:
     rows = [f"sen-{i}" for i in range(30)]
     with running(make_daemon(REDIS_URL=group.url())) as daemon:
         load = Load(database_url, rows).start()
+        pairs = PairSampler(database_url, group.url()).start()
         try:
             load.wait_commits(100)
             fence(database_url, group.master_url())
@@ -86,8 +148,14 @@ def test_follows_the_master_through_a_failover_under_load(
             load.wait_commits(100)
             # Writes made after the failover reach the new master through the daemon.
             fence(database_url, group.master_url(), timeout=60)
+            pairs.wait_samples(50)
         finally:
             load.stop()
+            pairs.stop()
+        # Both rows of a transaction, read in one MULTI from whichever node was master:
+        # never one without the other's value (a promoted replica is a consistent prefix).
+        assert pairs.torn == [], pairs.torn[:5]
+        assert pairs.samples > 50
         assert load.commits > 250
         assert new != old
         assert_converged(database_url, group.master_url())
@@ -104,7 +172,7 @@ def test_follows_the_master_through_a_failover_under_load(
         print(
             f"failover: Sentinels promoted after {(promoted_at - killed_at).total_seconds():.2f}s,"
             f" the daemon streamed to the new master after"
-            f" {(resumed[0] - killed_at).total_seconds():.2f}s"
+            f" {(resumed[0] - killed_at).total_seconds():.2f}s; {pairs.samples} atomic samples, 0 torn"
         )
 
 
