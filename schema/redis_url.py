@@ -27,6 +27,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
+import redis.asyncio
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 from redis.sentinel import Sentinel
 
@@ -269,6 +271,22 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     sentinel = Sentinel(list(target.hosts), sentinel_kwargs=target.sentinel_kwargs(timeout))  # type: ignore[no-untyped-call]
     assert target.master is not None
     client: redis.Redis = sentinel.master_for(target.master, **{**target.node_kwargs(), **kwargs})  # type: ignore[no-untyped-call]
+    return client
+
+
+def async_redis_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
+    """:func:`redis_client` for asyncio (``AsyncCacheReader``): the same forms and options."""
+    target = RedisTarget.parse(url)
+    if not target.sentinel:
+        return redis.asyncio.Redis(
+            host=target.host, port=target.port, **{**target.node_kwargs(), **kwargs}
+        )
+    timeout = kwargs.get("socket_connect_timeout", kwargs.get("socket_timeout"))
+    sentinel = AsyncSentinel(list(target.hosts), sentinel_kwargs=target.sentinel_kwargs(timeout))  # type: ignore[no-untyped-call]
+    assert target.master is not None
+    client: redis.asyncio.Redis = sentinel.master_for(
+        target.master, **{**target.node_kwargs(), **kwargs}
+    )
     return client
 
 

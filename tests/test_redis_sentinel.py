@@ -11,6 +11,7 @@ stopped, and confirmation resumes once it is back.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from cdc.errors import RedisUnavailable
 from cdc.redis_wire import RedisWire, WireError
 from cdc.sink import RedisSink
 from devstack.redis_ha import SentinelGroup, SentinelServer, make_tls_files
-from schema.redis_url import RedisTarget, redis_client
+from schema.redis_url import RedisTarget, async_redis_client, redis_client
 from tests.helpers import (
     Daemon,
     Load,
@@ -362,3 +363,14 @@ def test_a_node_the_sentinels_still_call_master_is_checked_with_role(
             wire.connect()  # the first Sentinel does not know it, the second does
             assert wire.call(b"SET", b"k", b"v") == b"OK"
             wire.close()
+            url = f"redis+sentinel://{right.address}/rightmaster/3"
+            assert redis_client(url).get("k") == b"v"
+
+            async def read() -> Any:
+                client = async_redis_client(url)
+                try:
+                    return await client.get("k")
+                finally:
+                    await client.aclose()
+
+            assert asyncio.run(read()) == b"v"
