@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cdc import catalog, logs, pgoutput
+from cdc import catalog, failpoints, logs, pgoutput
 from cdc.assemble import Assembler, SchemaChange, TableTruncate, TxCommit
 from cdc.backfill import Backfill
 from cdc.core import BatchFull, Position, StreamCore
@@ -143,6 +143,8 @@ class Pipeline:
                 self._idle()
                 continue
             self._last_received = time.monotonic()
+            if failpoints.ACTIVE:
+                data = failpoints.record(data)
             try:
                 if fast:
                     outcome = core.feed(data)
@@ -305,6 +307,8 @@ class Pipeline:
         # batch queued while the daemon waits, so neither side idles on the other.
         previous = self._inflight
         handle = self.sink.send(batch, state)
+        if failpoints.ACTIVE:
+            failpoints.hit("after_send")
         self._inflight = _Sent(
             handle, checkpoint, partial_lsn, partial_count, self.core.commit_times, marker
         )
@@ -443,6 +447,11 @@ class Pipeline:
         timeout = 0.1 if not waiting_for_window else 0.02
         if self._inflight is None:
             self.source.wait(timeout)
+            return
+        if self.sink.ready(self._inflight.handle):
+            # Its answer may have arrived with the previous one's: the socket will not
+            # become readable for it again.
+            self.drain()
             return
         _, answered = self.source.wait(timeout, also=self.sink.fileno())
         # Readable is not answered: the +QUEUED replies arrive long before EXEC's.

@@ -214,8 +214,16 @@ class RedisWire:
         return self._parse(end, count)
 
     def replies_ready(self, count: int) -> bool:
-        """Whether ``count`` whole replies have arrived (reads without blocking)."""
+        """Whether ``count`` whole replies have arrived (reads without blocking).
+
+        Looks at what is buffered first: an answer read along with an earlier one
+        leaves the socket with nothing more to say, so readiness must not wait on it."""
+        if self._buffered(count):
+            return True
         self._fill_available()
+        return self._buffered(count)
+
+    def _buffered(self, count: int) -> bool:
         pending = self._pending
         at = 0
         for _ in range(count):
