@@ -179,7 +179,7 @@ class SentinelServer:
     quorum: int = 1
     port: int = field(default_factory=free_port)
     down_after_ms: int = 1000
-    failover_timeout_ms: int = 5000
+    failover_timeout_ms: int = 3000
     password: str | None = None
     master_password: str | None = None
     tls: TlsFiles | None = None
