@@ -41,7 +41,7 @@ _STATE = STATE_KEY.encode()
 _EVAL_HEAD = b"$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(BATCH_SCRIPT), BATCH_SCRIPT)
 _HEAD_ARGS = 5
 # Errors Redis may clear by itself: retried (never confirmed meanwhile).
-_TRANSIENT = ("OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN")
+_TRANSIENT = ("OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "READONLY")
 
 
 @dataclass
@@ -50,6 +50,7 @@ class InFlight:
 
     batch: CommandBatch
     lsn: str
+    waits: int = 0  # 1 when a WAIT for replicas follows the batch (see _wait_command)
 
 
 @dataclass
@@ -67,10 +68,13 @@ def owner_label() -> str:
 class RedisSink:
     """Applies batches atomically with the checkpoint, under this daemon's fence."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, min_replicas: int = 0) -> None:
         self.address = RedisAddress.from_url(url)
         self.wire = RedisWire(self.address, timeout)
         self.fence: str | None = None
+        self.min_replicas = min_replicas
+        # WAIT gives up a little before the socket's own timeout would fire.
+        self._wait_ms = max(1, int(timeout * 800))
         # The position the next batch follows: what the last batch sent (or the state
         # read at the claim) left in ``cdc:state``.
         self._lsn = ""
@@ -110,6 +114,9 @@ class RedisSink:
         values = {"fence": token, "owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
         self._call(*_hset_args({**values, **fields}))
         self.fence = token
+        # Everything this session resumes from (and will confirm) must be on the replicas,
+        # including batches a previous session applied but could not confirm.
+        self._check_replicas(self._call(*self._wait_command()) if self.min_replicas else None)
         state = self.read_state()
         self._follow(state.extra)
         return state
@@ -153,29 +160,33 @@ class RedisSink:
         for key, value in state.items():
             append_bulk(head, key.encode())
             append_bulk(head, value.encode())
+        parts: list[bytes | bytearray] = [head, batch.buf]
+        if self.min_replicas:
+            parts.append(command(*self._wait_command()))
         try:
-            self.wire.send_parts([head, batch.buf])
+            self.wire.send_parts(parts)
         except WireError as exc:
             raise RedisUnavailable(str(exc)) from exc
         if lsn is not None:
             self._lsn = lsn
         if "partial" in state:
             self._partial = state["partial"]
-        return InFlight(batch, lsn or self._lsn)
+        return InFlight(batch, lsn or self._lsn, 1 if self.min_replicas else 0)
 
     def ready(self, sent: InFlight) -> bool:
         """Whether Redis' whole answer to ``sent`` has arrived (never blocks)."""
         try:
-            return self.wire.replies_ready(1)
+            return self.wire.replies_ready(1 + sent.waits)
         except WireError as exc:
             raise RedisUnavailable(str(exc)) from exc
 
     def receive(self, sent: InFlight) -> ApplyResult:
         """Redis' answer to a batch sent earlier: applied, or an error saying why not."""
         try:
-            (reply,) = self.wire.read(1)
+            replies = self.wire.read(1 + sent.waits)
         except WireError as exc:
             raise RedisUnavailable(str(exc)) from exc
+        reply = replies[0]
         batch = sent.batch
         if isinstance(reply, WireReplyError):
             # The script was refused whole (out of memory) or stopped by an error: the
@@ -201,7 +212,30 @@ class RedisSink:
             for index, table, row_id in batch.patches:
                 if index in wanted:
                     incomplete.append((table, row_id))
+        self._check_replicas(replies[1] if sent.waits else None)
         return ApplyResult(incomplete, int(repaired))
+
+    # -- replicas (CDC_REDIS_MIN_REPLICAS) ------------------------------------------------------
+    # ``WAIT n timeout`` goes right after a batch on the same connection (Redis answers it
+    # once n replicas acknowledged every write this connection made, or at the timeout);
+    # its reply is read after the batch's. Too few replicas: the batch is applied on the
+    # master but must not be confirmed to PostgreSQL, so receive raises (retryable) and the
+    # next session's claim waits again before anything is confirmed.
+
+    def _wait_command(self) -> tuple[bytes, ...]:
+        return (b"WAIT", str(self.min_replicas).encode(), str(self._wait_ms).encode())
+
+    def _check_replicas(self, reply: object) -> None:
+        if reply is None:
+            return
+        if isinstance(reply, WireReplyError):
+            raise RedisRejected(f"WAIT for replicas failed: {reply.code or reply}")
+        acked = int(reply) if isinstance(reply, int) else 0
+        if acked < self.min_replicas:
+            raise RedisUnavailable(
+                f"only {acked} of {self.min_replicas} Redis replicas acknowledged within"
+                f" {self._wait_ms} ms (CDC_REDIS_MIN_REPLICAS); not confirming, retrying"
+            )
 
     # -- plumbing ----------------------------------------------------------------------------
 

@@ -18,8 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
 from cdc.protocol.lsn import lsn_bytes, parse_lsn
@@ -33,6 +31,7 @@ from schema.keys import (
     VERSION_FIELD,
     TrackedTable,
 )
+from schema.redis_url import redis_client
 
 CHUNK = 1000
 
@@ -135,9 +134,7 @@ class Verifier:
     ) -> None:
         self.settings = settings
         self.tables = tables
-        self.redis = redis.Redis.from_url(
-            settings.redis, socket_timeout=max(settings.redis_timeout, 10)
-        )
+        self.redis = redis_client(settings.redis, socket_timeout=max(settings.redis_timeout, 10))
 
     def close(self) -> None:
         self.redis.close()

@@ -64,6 +64,7 @@ from cdc.telemetry.metrics import Metrics
 from cdc.transform.core import Position
 from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.redis_url import redis_client
 
 
 class Backoff:
@@ -209,7 +210,7 @@ class Daemon:
     def _session(self) -> None:
         settings = self.settings
         source = ReplicationSource(settings.replication_conninfo, settings.pg_timeout)
-        sink = RedisSink(settings.redis, settings.redis_timeout)
+        sink = RedisSink(settings.redis, settings.redis_timeout, settings.redis_min_replicas)
         pg: catalog.Conn | None = None
         try:
             pg = catalog.connect(settings.replication_conninfo, "PostgreSQL")
@@ -362,9 +363,7 @@ class Daemon:
         return Position(Lsn(report.consistent_point))
 
     def _clear_tracked_keys(self) -> None:
-        client = redis.Redis.from_url(
-            self.settings.redis, socket_timeout=self.settings.redis_timeout
-        )
+        client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:
                 prefixes = [table.key_prefix] + [lookup.prefix + ":{" for lookup in table.lookups]

@@ -27,6 +27,7 @@ from cdc.protocol.lsn import Lsn, format_lsn, lsn_bytes
 from cdc.transform.assemble import view_from_columns
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import VERSION_FIELD, TrackedTable
+from schema.redis_url import redis_client
 
 Progress = Callable[[str, int, float], None]
 
@@ -71,7 +72,7 @@ def create_slot_and_load(
         batch_rows,
         progress,
     )
-    client = redis.Redis.from_url(redis_url, socket_timeout=redis_timeout)
+    client = redis_client(redis_url, socket_timeout=redis_timeout)
     try:
         report.swept = sweep(client, tables, created.consistent_point)
     finally:
