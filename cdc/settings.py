@@ -12,30 +12,16 @@ import contextlib
 import os
 import re
 from typing import Literal
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.connection import parse_url
 
 from cdc.errors import ConfigError
 from schema.dsn import Dsn, DsnError, environment_secrets, parse_dsn
+from schema.redis_url import RedisTarget
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-
-
-def describe_redis_url(url: str) -> str:
-    """``url`` rebuilt from its non-secret parts: scheme, user, hosts, path (no password,
-    no query parameters, which may carry ``password=`` or ``sentinel_password=``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = unquote(userinfo.partition(":")[0])
-    auth = f"{quote(user, safe='')}:***@" if ":" in userinfo else (f"{user}@" if user else "")
-    query = "?…" if parts.query else ""
-    return f"{parts.scheme}://{auth}{hosts}{parts.path}{query}"
 
 
 def redis_secrets(url: str) -> list[str]:
@@ -91,6 +77,10 @@ class Settings(BaseSettings):
     status_interval: float = Field(default=1.0, gt=0, validation_alias=_env("CDC_STATUS_INTERVAL"))
     pg_timeout: float = Field(default=30.0, gt=0, validation_alias=_env("CDC_PG_TIMEOUT"))
     redis_timeout: float = Field(default=5.0, gt=0, validation_alias=_env("CDC_REDIS_TIMEOUT"))
+    # After each batch, WAIT for this many Redis replicas before confirming (contract 4).
+    redis_min_replicas: int = Field(
+        default=0, ge=0, validation_alias=_env("CDC_REDIS_MIN_REPLICAS")
+    )
     standby: bool = Field(default=False, validation_alias=_env("CDC_STANDBY"))
     slot_busy_timeout: float = Field(
         default=15.0, ge=0, validation_alias=_env("CDC_SLOT_BUSY_TIMEOUT")
@@ -220,14 +210,16 @@ def load_settings(**overrides: object) -> Settings:
     return settings
 
 
-def _check_redis_url(url: str) -> None:
-    scheme = url.partition("://")[0].lower() if "://" in url else ""
-    if scheme not in ("redis", "rediss"):
-        shown = f"not a {scheme}:// URL" if scheme.isalpha() else "not a URL"
-        raise ConfigError(f"REDIS_URL must be a redis:// or rediss:// URL ({shown})")
+def describe_redis_url(url: str) -> str:
+    """Where ``url`` points, without password or query (safe for logs)."""
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
+        return RedisTarget.parse(url).describe()
     except ValueError:
-        raise ConfigError(
-            "REDIS_URL is not a valid URL (redis://[user:password@]host:port/db)"
-        ) from None
+        return "<invalid REDIS_URL>"
+
+
+def _check_redis_url(url: str) -> None:
+    try:
+        RedisTarget.parse(url)
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL is not valid: {exc}") from None

@@ -230,7 +230,8 @@ def test_without_column_lists_the_fallback_warns_and_reads_no_hash(
 ) -> None:
     """PostgreSQL < 15 (simulated): no column list to rely on; the daemon says where the
     hash travels and still never reads it."""
-    from cdc import catalog, checks
+    from cdc.ops import checks
+    from cdc.postgres import catalog
     from cdc.settings import Settings
     from schema.keys import AGENTS
 

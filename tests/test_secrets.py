@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from cdc import logs
+from cdc.telemetry import logs
 from schema.dsn import DsnError, parse_dsn
 from tests.helpers import ROOT, Daemon, assert_converged, running
 from tests.plugins.servers import PostgresEndpoint

@@ -20,6 +20,7 @@ from schema import keys
 from schema.keys import AGENTS, TICKETS, TrackedTable
 from schema.models import Agent, Ticket
 from schema.pgtext import row_from_text
+from schema.redis_url import redis_client
 from schema.tables import Agent as AgentTable
 from schema.tables import Ticket as TicketTable
 from writer.base import identifier
@@ -53,9 +54,11 @@ class CacheReader:
     def connect(
         cls, redis_url: str, database: Database | None = None, *, socket_timeout: float = 5.0
     ) -> CacheReader:
-        """``socket_timeout`` bounds connecting and every reply (a stalled Redis raises
-        ``redis.TimeoutError`` instead of hanging the caller)."""
-        client = redis.Redis.from_url(
+        """Every ``REDIS_URL`` form the daemon takes (``rediss://`` with client certificates,
+        ``redis+sentinel://``: one parser for both, in schema). ``socket_timeout`` bounds
+        connecting and every reply: a stalled Redis raises ``redis.TimeoutError`` instead
+        of hanging the caller."""
+        client = redis_client(
             redis_url,
             decode_responses=True,
             socket_timeout=socket_timeout,

@@ -36,13 +36,14 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import errors as pgerrors
 
-from cdc import catalog, logs
-from cdc.assemble import TableView, view_from_columns
-from cdc.core import RecentTransactions
 from cdc.errors import PostgresUnavailable
-from cdc.lsn import Lsn, lsn_bytes, parse_lsn
-from cdc.plan import CommandBatch, Planner
-from cdc.rows import Row, rows_after, rows_by_id
+from cdc.postgres import catalog
+from cdc.postgres.rows import Row, rows_after, rows_by_id
+from cdc.protocol.lsn import Lsn, lsn_bytes, parse_lsn
+from cdc.telemetry import logs
+from cdc.transform.assemble import TableView, view_from_columns
+from cdc.transform.core import RecentTransactions
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TrackedTable
 
 RETRY_INITIAL = 0.5
@@ -131,7 +132,7 @@ class Backfill:
         # (monotonic seconds), so the stream is held up at most one lock_timeout per try.
         self.retry_at = 0.0
         self._retry_delay = RETRY_INITIAL
-        self.log = logs.get("cdc.backfill")
+        self.log = logs.get("cdc.runtime.backfill")
 
     # -- requests ------------------------------------------------------------------------------
 

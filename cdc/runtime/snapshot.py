@@ -20,15 +20,16 @@ import psycopg
 import redis
 from psycopg import errors as pgerrors
 
-from cdc import catalog
-from cdc.assemble import view_from_columns
+from cdc.cache.sink import RedisSink
 from cdc.errors import PostgresUnavailable
-from cdc.lsn import Lsn, format_lsn, lsn_bytes
-from cdc.plan import CommandBatch, Planner
-from cdc.rows import iter_rows
-from cdc.sink import RedisSink
-from cdc.source import ReplicationSource
+from cdc.postgres import catalog
+from cdc.postgres.rows import iter_rows
+from cdc.postgres.source import ReplicationSource
+from cdc.protocol.lsn import Lsn, format_lsn, lsn_bytes
+from cdc.transform.assemble import view_from_columns
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import VERSION_FIELD, TrackedTable
+from schema.redis_url import redis_client
 
 Progress = Callable[[str, int, float], None]
 
@@ -75,7 +76,7 @@ def create_slot_and_load(
         progress,
         publication,
     )
-    client = redis.Redis.from_url(redis_url, socket_timeout=redis_timeout)
+    client = redis_client(redis_url, socket_timeout=redis_timeout)
     try:
         report.swept = sweep(client, tables, created.consistent_point)
     finally:
