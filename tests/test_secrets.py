@@ -373,7 +373,7 @@ def test_redis_passwords_are_never_shown(
             _status, metrics = daemon.http("/metrics")
             assert redis_pw not in metrics
         assert redis_pw not in daemon.log()
-        assert "redis://cdc:***@127.0.0.1" in daemon.log()
+        assert "redis://cdc@127.0.0.1" in daemon.log()  # where it points, not the password
         for wrong in (
             f"redis://cdc:{redis_pw}-wrong@127.0.0.1:{server.port}/0",
             f"redis://cdc:{redis_pw}@127.0.0.1:{server.port}/0?socket_timeout=x{redis_pw}",
