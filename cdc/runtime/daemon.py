@@ -48,14 +48,12 @@ from cdc.errors import (
 from cdc.ops import checks
 from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource, SystemInfo
-from cdc.protocol import pgoutput
 from cdc.protocol.lsn import Lsn, format_lsn
-from cdc.protocol.messages import Message
 from cdc.protocol.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
 from cdc.protocol.wal2json import Wal2JsonDecoder
 from cdc.runtime.backfill import Backfill
 from cdc.runtime.observer import Observer
-from cdc.runtime.pipeline import Pipeline
+from cdc.runtime.pipeline import Decode, Pipeline
 from cdc.runtime.snapshot import create_slot_and_load, scan_keys
 from cdc.settings import Settings
 from cdc.telemetry import logs
@@ -254,10 +252,11 @@ class Daemon:
 
     def _decoder(
         self, pg: catalog.Conn
-    ) -> tuple[Callable[[bytes], Message | list[Message]], Callable[[TrackedTable], None] | None]:
-        """The plugin's decoder, and what to tell it when a table's columns change."""
+    ) -> tuple[Decode | None, Callable[[TrackedTable], None] | None]:
+        """The plugin's decoder (None: pgoutput, which the stream core decodes itself),
+        and what to tell it when a table's columns change."""
         if self.settings.plugin == "pgoutput":
-            return pgoutput.decode, None
+            return None, None
         decoder = Wal2JsonDecoder()
 
         def refresh(table: TrackedTable) -> None:
