@@ -28,6 +28,7 @@ import redis
 
 from devstack.servers import free_port
 from schema.keys import STATE_KEY, TRACKED_TABLES
+from schema.lsn import parse_lsn
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE_ID = "__fence__"
@@ -326,11 +327,6 @@ def redis_state(redis_url: str) -> dict[str, str]:
         return client.hgetall(STATE_KEY)  # type: ignore[return-value]
     finally:
         client.close()
-
-
-def parse_lsn(text: str) -> int:
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
 
 
 def slot_confirmed(database_url: str, slot: str) -> int | None:

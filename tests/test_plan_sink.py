@@ -8,15 +8,15 @@ import hiredis
 import pytest
 import redis
 
-from cdc.cache.resp import bulk_header, command, glob_escape, reply_end
 from cdc.cache.sink import RedisSink
 from cdc.errors import Fenced, RedisLost
-from cdc.protocol.lsn import LsnError, format_lsn, parse_lsn
 from cdc.protocol.messages import UNCHANGED_TOAST, Relation, RelationColumn, Value
+from cdc.protocol.resp import bulk_header, command, glob_escape, reply_end
 from cdc.runtime.backfill import XidSnapshot
 from cdc.transform.assemble import DELETE, INSERT, UPDATE, RowChange, make_view
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import AGENTS, TICKETS
+from schema.lsn import LsnError, format_lsn, parse_lsn
 
 TICKET_REL = Relation(
     1,

@@ -31,9 +31,9 @@ import uuid
 from dataclasses import dataclass
 
 from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
-from cdc.cache.resp import append_bulk, append_command, array_header, command
 from cdc.cache.wire import RedisAddress, RedisWire, WireError, WireReplyError
 from cdc.errors import ApplyFailed, Fenced, RedisLost, RedisRejected, RedisUnavailable
+from cdc.protocol.resp import append_bulk, append_command, array_header, command
 from cdc.transform.plan import BATCH_SCRIPT, CommandBatch
 from schema.keys import STATE_KEY
 

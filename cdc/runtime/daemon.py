@@ -48,7 +48,6 @@ from cdc.errors import (
 from cdc.ops import checks
 from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource, SystemInfo
-from cdc.protocol.lsn import Lsn, format_lsn
 from cdc.protocol.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
 from cdc.protocol.wal2json import Wal2JsonDecoder
 from cdc.runtime.backfill import Backfill
@@ -62,6 +61,7 @@ from cdc.telemetry.metrics import Metrics
 from cdc.transform.core import Position
 from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.lsn import Lsn, format_lsn
 from schema.redis_url import redis_client
 
 

@@ -37,7 +37,6 @@ from cdc.cache.sink import InFlight, RedisSink
 from cdc.errors import PoisonRecord, PostgresUnavailable, RecordError
 from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource
-from cdc.protocol.lsn import Lsn, format_lsn
 from cdc.protocol.messages import Message, PrimaryKeepalive
 from cdc.runtime.backfill import Backfill
 from cdc.settings import Settings
@@ -47,6 +46,7 @@ from cdc.transform.assemble import Assembler, SchemaChange, TableTruncate, TxCom
 from cdc.transform.core import BatchFull, Cut, Position, StreamCore
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TrackedTable
+from schema.lsn import Lsn, format_lsn
 
 # A decoder other than pgoutput (wal2json); pgoutput is decoded inside the core.
 Decode = Callable[[bytes], Message | list[Message]]

@@ -23,10 +23,10 @@ from cdc.cache.sink import RedisSink
 from cdc.postgres import catalog
 from cdc.postgres.rows import iter_rows
 from cdc.postgres.source import ReplicationSource
-from cdc.protocol.lsn import Lsn, format_lsn, lsn_bytes
 from cdc.transform.assemble import view_from_columns
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import VERSION_FIELD, TrackedTable
+from schema.lsn import Lsn, format_lsn, lsn_bytes
 from schema.redis_url import redis_client
 
 Progress = Callable[[str, int, float], None]

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Final, Union
 
 from cdc.protocol import pgoutput
-from cdc.protocol.lsn import lsn_bytes
 from cdc.protocol.messages import (
     Message,
     PrimaryKeepalive,
@@ -32,6 +31,7 @@ from cdc.protocol.messages import (
 )
 from cdc.transform.assemble import DELETE, Assembler, Event, RowChange, TableView, TxBegin, TxCommit
 from cdc.transform.plan import Boundary, CommandBatch, Planner
+from schema.lsn import lsn_bytes
 
 
 class BatchFull:

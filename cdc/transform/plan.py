@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from cdc.cache.resp import CRLF, append_bulk, bulk_header, glob_escape
 from cdc.errors import RecordError
 from cdc.protocol.messages import UnchangedToast, Value
+from cdc.protocol.resp import CRLF, append_bulk, bulk_header, glob_escape
 from cdc.transform.assemble import DELETE, INSERT, OP_NAMES, RowChange, TableView
 from schema.keys import VERSION_FIELD
 

@@ -21,10 +21,6 @@ def array_header(count: int) -> bytes:
     return _ARRAYS[count] if count < 512 else b"*%d\r\n" % count
 
 
-def bulk(data: bytes) -> bytes:
-    return bulk_header(len(data)) + data + CRLF
-
-
 def append_bulk(buf: bytearray, data: bytes) -> None:
     buf += bulk_header(len(data))
     buf += data
