@@ -113,6 +113,7 @@ class Pipeline:
         self._inflight: _Sent | None = None
         self.rebuilding = rebuilding
         self._rebuild_marker = ""
+        self._publish_warned = False
         self._last_status = 0.0
         self._last_received = time.monotonic()
         self._last_reply_request = 0.0
@@ -314,6 +315,12 @@ class Pipeline:
         for table, size in batch.oversized:
             self.metrics.errors.labels(kind="oversized_row").inc()
             self.log.warning("row too large to cache; key dropped", table=table, bytes=size)
+        if self.sink.publish_refused and not self._publish_warned:
+            self._publish_warned = True
+            self.log.warning(
+                "Redis refuses PUBLISH on cdc:applied: readers waiting for a token poll the"
+                " checkpoint instead (grant the channel pattern &cdc:* to the daemon's user)"
+            )
         if result.repaired:
             self.metrics.errors.labels(kind="wrong_type_key").inc(result.repaired)
             self.log.warning("replaced keys of ours that held another type", count=result.repaired)

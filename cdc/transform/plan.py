@@ -143,11 +143,15 @@ while i <= n do
   index = index + 1
   i = last + 1
 end
+local published = 1
 if #failed == 0 then
   if nstate > 0 then redis.call('HSET', STATE, unpack(ARGV, 6, 5 + 2 * nstate)) end
-  if ARGV[4] ~= '' then redis.call('PUBLISH', 'cdc:applied', ARGV[4]) end
+  -- Readers wake on it; without the right to publish they poll the checkpoint instead.
+  if ARGV[4] ~= '' and failure(redis.pcall('PUBLISH', 'cdc:applied', ARGV[4])) then
+    published = 0
+  end
 end
-return {'ok', incomplete, failed, repaired}
+return {'ok', incomplete, failed, repaired, published}
 """
 """The script every batch runs in (``EVAL``): fenced, positioned, checkpoint last.
 
