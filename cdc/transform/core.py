@@ -152,7 +152,7 @@ class StreamCore:
             return None
         if isinstance(event, RowChange):
             self._row(event)
-            if self._batch.changes >= self.batch_limit:
+            if self._batch.changes > self.batch_limit:
                 return BATCH_FULL
             return None
         if isinstance(event, TxBegin):
@@ -236,8 +236,10 @@ class StreamCore:
         return self.assembler.in_transaction and not self.skip
 
     def over_limit(self, max_changes: int, max_bytes: int) -> bool:
+        """Past a limit: more changes than ``max_changes`` (a transaction of exactly the
+        limit still goes whole), or ``max_bytes`` of operations."""
         batch = self._batch
-        return batch.changes >= max_changes or len(batch.buf) >= max_bytes
+        return batch.changes > max_changes or len(batch.buf) >= max_bytes
 
     def has_complete(self, sent_checkpoint: int) -> bool:
         """Whether complete transactions (or a checkpoint move) wait to be sent."""
