@@ -195,7 +195,7 @@ class Verifier:
             present = existing_ids(conn, table, [i for i in ids if i is not None])
             suspects += [(table, view, i) for i in ids if i is not None and i not in present]
         for index, lookup in enumerate(table.lookups):
-            prefix = lookup.prefix + ":{"
+            prefix = lookup.key_prefix
             for keys in scan_keys(self.redis, prefix):
                 report.keys_scanned += len(keys)
                 names = [k.decode()[len(prefix) : -1] for k in keys]

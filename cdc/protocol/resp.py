@@ -41,16 +41,6 @@ def command(*args: bytes) -> bytes:
     return bytes(buf)
 
 
-def glob_escape(text: bytes) -> bytes:
-    """``text`` as a literal inside a Redis glob pattern (SCAN MATCH)."""
-    out = bytearray()
-    for byte in text:
-        if byte in b"*?[]\\":
-            out += b"\\"
-        out.append(byte)
-    return bytes(out)
-
-
 def reply_end(buf: bytearray, pos: int) -> int:
     """Offset just past the RESP2 reply starting at ``pos`` in ``buf``; -1 if incomplete.
 

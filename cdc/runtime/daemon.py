@@ -365,7 +365,7 @@ class Daemon:
         client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:
-                prefixes = [table.key_prefix] + [lookup.prefix + ":{" for lookup in table.lookups]
+                prefixes = [table.key_prefix] + [lookup.key_prefix for lookup in table.lookups]
                 for prefix in prefixes:
                     for keys in scan_keys(client, prefix):
                         client.unlink(*keys)

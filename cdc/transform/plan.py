@@ -28,9 +28,9 @@ from typing import Final
 
 from cdc.errors import RecordError
 from cdc.protocol.messages import UnchangedToast, Value
-from cdc.protocol.resp import CRLF, append_bulk, bulk_header, glob_escape
+from cdc.protocol.resp import CRLF, append_bulk, bulk_header
 from cdc.transform.assemble import DELETE, INSERT, OP_NAMES, RowChange, TableView
-from schema.keys import VERSION_FIELD
+from schema.keys import VERSION_FIELD, match_prefix
 
 _VERSION_RESP: Final = b"$%d\r\n%s\r\n" % (len(VERSION_FIELD), VERSION_FIELD.encode())
 
@@ -431,9 +431,9 @@ class Planner:
         patterns: list[bytes] = []
         for view in views:
             out.count(view.tracked.name, "truncate")
-            patterns.append(glob_escape(view.key_prefix) + b"*")
+            patterns.append(match_prefix(view.key_prefix.decode()).encode())
             for prefix in view.lookup_prefixes:
-                patterns.append(glob_escape(prefix) + b"*")
+                patterns.append(match_prefix(prefix.decode()).encode())
         if views:
             out.tables.append((out.commands, views[0].tracked.name))
         buf = out.op(_OP_TRUNCATE, len(patterns))
