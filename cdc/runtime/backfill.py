@@ -233,6 +233,12 @@ class Backfill:
                 retry_in=round(delay, 2),
             )
             return None
+        except (pgerrors.UndefinedColumn, pgerrors.UndefinedTable):
+            # DDL between reading the columns and the rows (DROP/RENAME COLUMN): the
+            # schema change reaches the pipeline too; read again in a moment.
+            self.stats.retries += 1
+            self.retry_at = time.monotonic() + 0.1
+            return None
         except psycopg.OperationalError as exc:
             raise PostgresUnavailable(
                 f"backfill of {self.queue[0].table.name}: connection lost ({type(exc).__name__})"

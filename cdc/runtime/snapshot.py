@@ -140,6 +140,10 @@ def load_snapshot(
         raise PostgresUnavailable(
             f"snapshot of {table_name} gave up waiting ({reason}); try again"
         ) from None
+    except (pgerrors.UndefinedColumn, pgerrors.UndefinedTable):
+        raise PostgresUnavailable(
+            f"snapshot of {table_name}: the table changed while it was read; rebuilding"
+        ) from None
     except psycopg.OperationalError as exc:
         raise PostgresUnavailable(
             f"snapshot of {table_name}: connection lost ({type(exc).__name__})"
