@@ -235,9 +235,8 @@ class Backfill:
             return None
         except (pgerrors.UndefinedColumn, pgerrors.UndefinedTable):
             # DDL between reading the columns and the rows (DROP/RENAME COLUMN): the
-            # schema change reaches the pipeline too; read again in a moment.
+            # schema change reaches the pipeline too; read again at the next idle moment.
             self.stats.retries += 1
-            self.retry_at = time.monotonic() + 0.1
             return None
         except psycopg.OperationalError as exc:
             raise PostgresUnavailable(
