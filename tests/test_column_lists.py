@@ -8,6 +8,7 @@ one, and both follow ``ALTER TABLE agents ADD/DROP/RENAME COLUMN`` by themselves
 from __future__ import annotations
 
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -182,7 +183,7 @@ def test_least_privilege_daemon_follows_agents_columns(
         for key in client.scan_iter("agent:{*"):
             assert b"password_hash" not in client.hgetall(key)
         done = subprocess.run(
-            [".venv/bin/python", "-m", "cdc", "verify"],
+            [sys.executable, "-m", "cdc", "verify"],
             cwd=ROOT,
             env={**daemon.environment(), "DATABASE_URL": daemon_role},
             capture_output=True,

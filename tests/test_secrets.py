@@ -400,7 +400,7 @@ def test_migrations_and_the_writer_take_a_keyword_dsn_and_pgpassword(
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CDC_", "PG", "DATABASE_URL"))}
     done = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "alembic"), "upgrade", "head"],
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
         cwd=ROOT,
         env={**env, "DATABASE_URL": keyword, "PGPASSWORD": str(params["password"])},
         capture_output=True,
@@ -411,7 +411,7 @@ def test_migrations_and_the_writer_take_a_keyword_dsn_and_pgpassword(
     assert done.returncode == 0, done.stderr
     assert str(params["password"]) not in done.stdout + done.stderr
     refused = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "alembic"), "upgrade", "head"],
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
         cwd=ROOT,
         env={**env, "DATABASE_URL": f"{keyword} password='{PW}"},
         capture_output=True,
