@@ -16,7 +16,8 @@ rebuild    progress of an online rebuild (see :mod:`cdc.backfill`), empty when n
 
 Every batch is sent in one write::
 
-    MULTI, <commands>, HSET cdc:state lsn … partial …, EXEC, WATCH cdc:state, HMGET cdc:state …
+    MULTI, <commands>, HSET cdc:state lsn … partial …, PUBLISH cdc:applied <lsn>, EXEC,
+    WATCH cdc:state, HMGET cdc:state …
 
 and the next batch may follow before this one's answer is read (:meth:`RedisSink.send`,
 :meth:`RedisSink.receive`), so Redis works on one batch while the daemon plans the next.
@@ -40,9 +41,10 @@ from cdc.lsn import Lsn, format_lsn, parse_lsn
 from cdc.plan import CommandBatch
 from cdc.redis_wire import RedisAddress, RedisWire, WireError, WireReplyError
 from cdc.resp import append_command, command
-from schema.keys import STATE_KEY
+from schema.keys import APPLIED_CHANNEL, STATE_KEY
 
 _STATE = STATE_KEY.encode()
+_APPLIED = APPLIED_CHANNEL.encode()
 _MULTI = command(b"MULTI")
 _EXEC = command(b"EXEC")
 _WATCH_AND_READ = command(b"WATCH", _STATE) + command(b"HMGET", _STATE, b"fence", b"lsn")
@@ -198,6 +200,11 @@ class RedisSink:
             hset += [key.encode(), value.encode()]
         tail = bytearray()
         append_command(tail, hset)
+        queued = batch.commands + 1
+        if lsn := state.get("lsn"):
+            # Readers waiting on a token wake on this; delivered at EXEC, with the batch.
+            append_command(tail, [b"PUBLISH", _APPLIED, lsn.encode()])
+            queued += 1
         tail += _EXEC
         tail += _WATCH_AND_READ
         try:
@@ -207,7 +214,7 @@ class RedisSink:
             raise RedisUnavailable(str(exc)) from exc
         # The WATCH at its end guards whatever is sent next (see receive for the outcome).
         self._armed = True
-        return InFlight(batch, batch.commands + 1)
+        return InFlight(batch, queued)
 
     def ready(self, sent: InFlight) -> bool:
         """Whether Redis' whole answer to ``sent`` has arrived (never blocks)."""
