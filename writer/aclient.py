@@ -31,7 +31,7 @@ from writer import agents, records, tickets
 from writer.config import PoolConfig
 from writer.db import AsyncDatabase, Written
 from writer.errors import OutcomeUnknown
-from writer.steps import Offload, Options, Plan, Read, Step, Write, drive_async
+from writer.steps import Offload, Options, Plan, Read, Step, Write, drive_async, method_of
 
 if TYPE_CHECKING:
     from writer.joined import AsyncTransaction
@@ -69,9 +69,7 @@ def _operation(
             raise OutcomeUnknown(f"{plan.__name__}: no write was made")
         return Written(value, run.token)
 
-    method.__name__ = method.__qualname__ = plan.__name__
-    method.__doc__ = plan.__doc__
-    return method
+    return method_of(method, plan)
 
 
 class AsyncWriter:

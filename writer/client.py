@@ -27,7 +27,7 @@ from writer import agents, records, tickets
 from writer.config import PoolConfig
 from writer.db import Database, Written
 from writer.errors import OutcomeUnknown
-from writer.steps import Offload, Options, Plan, Read, Step, Write, drive
+from writer.steps import Offload, Options, Plan, Read, Step, Write, drive, method_of
 
 if TYPE_CHECKING:
     from writer.joined import Transaction
@@ -65,9 +65,7 @@ def _operation(
             raise OutcomeUnknown(f"{plan.__name__}: no write was made")
         return Written(value, run.token)
 
-    method.__name__ = method.__qualname__ = plan.__name__
-    method.__doc__ = plan.__doc__
-    return method
+    return method_of(method, plan)
 
 
 class Writer:

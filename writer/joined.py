@@ -48,7 +48,7 @@ from schema.models import Agent
 from writer import agents, records, tickets
 from writer.db import translate
 from writer.errors import InvalidConfiguration, TokenPending, Unavailable
-from writer.steps import Offload, Options, Plan, Read, Step, Write, drive, drive_async
+from writer.steps import Offload, Options, Plan, Read, Step, Write, drive, drive_async, method_of
 
 if TYPE_CHECKING:
     from writer.aclient import AsyncWriter
@@ -132,9 +132,7 @@ def _sync_op(
     def method(self: Transaction, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return drive(plan(self._opts, *args, **kwargs), self._run)
 
-    method.__name__ = method.__qualname__ = plan.__name__
-    method.__doc__ = plan.__doc__
-    return method
+    return method_of(method, plan)
 
 
 def _async_op(
@@ -143,9 +141,7 @@ def _async_op(
     async def method(self: AsyncTransaction, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await drive_async(plan(self._opts, *args, **kwargs), self._run)
 
-    method.__name__ = method.__qualname__ = plan.__name__
-    method.__doc__ = plan.__doc__
-    return method
+    return method_of(method, plan)
 
 
 # Every plan but authenticate_agent (its None-or-agent result is written out by each layer).

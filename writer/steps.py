@@ -18,6 +18,7 @@ plan, which may translate it (a missing parent ticket's foreign key becomes ``No
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 from writer.errors import WriterError
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,21 @@ class Offload:
 
 Step = Write | Read | Offload
 Plan = Generator[Step, Any, T]
+
+
+def method_of(method: F, plan: Callable[..., Any]) -> F:
+    """Dress a layer's wrapper as ``plan``: its name, its docs, its parameters (``opts``
+    becomes ``self``), so ``help()`` and editors show the operation, not ``*args``."""
+    signature = inspect.signature(plan)
+    params = list(signature.parameters.values())
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[self_param, *params[1:]],
+        return_annotation=inspect.Signature.empty,
+    )
+    method.__name__ = method.__qualname__ = plan.__name__
+    method.__doc__ = plan.__doc__
+    return method
 
 
 def drive(plan: Plan[T], run: Callable[[Step], Any]) -> T:
