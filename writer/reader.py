@@ -16,8 +16,9 @@ subscription is up and again when the wait times out. A Redis ACL user for a rea
 
 List reads over the views (contract 6b) -- :meth:`CacheReader.tickets_with_status`,
 ``tickets_of``, ``agents_with_status`` -- read the view and the cache's state in one
-``MULTI``; while the cache is not ready (``cdc:state`` missing, a snapshot loading, a
-rebuild running) they read PostgreSQL. Members are then read row by row and kept only if
+``MULTI``; while the cache is not ready for them (``cdc:state`` missing, a snapshot
+loading, a rebuild running, or no ``views`` field: the daemon does not keep views) they
+read PostgreSQL. Members are then read row by row and kept only if
 the row still matches (it may have moved in between).
 
 Every read is written once, as a plan of :class:`Wait`, :class:`Redis` and :class:`Query`
@@ -123,13 +124,15 @@ class Query:
 ReadStep = Wait | Redis | Query
 ReadPlan = Generator[ReadStep, Any, T]
 
-_STATE_FIELDS = ("lsn", "loading", "rebuild")
+_STATE_FIELDS = ("lsn", "loading", "rebuild", "views")
 
 
 def _ready(state: Sequence[str | None]) -> bool:
-    """Whether the cache is complete: a checkpoint, no snapshot loading, no rebuild."""
-    lsn, loading, rebuild = state
-    return bool(lsn) and loading != "1" and not rebuild
+    """Whether the views can answer: a checkpoint, no snapshot loading, no rebuild, and the
+    daemon says it keeps the views (``views`` set in ``cdc:state``: an empty view has no
+    key, so a daemon that keeps none would otherwise look like one with empty views)."""
+    lsn, loading, rebuild, views = state
+    return bool(lsn) and loading != "1" and not rebuild and bool(views)
 
 
 def _from_hash(table: Table, model: type[M], fields: dict[str, str]) -> M:
