@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -373,39 +375,53 @@ class _Feed:
 
 
 class _AsyncFeed:
-    """:class:`_Feed` as an asyncio task; waiters await an event replaced at each advance."""
+    """:class:`_Feed` as an asyncio task. Waiters sit in a heap by target position, so a
+    message wakes only those it satisfies (not every waiter at every message)."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
         self._position = _Position()
-        self._changed = asyncio.Event()
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
         self._subscribed = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="cdc-applied")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="cdc-applied")
 
     @property
     def position(self) -> int:
         return self._position.value
 
     def advance(self, text: str | bytes | None) -> None:
-        if self._position.advance(text):
-            changed, self._changed = self._changed, asyncio.Event()
-            changed.set()
+        if not self._position.advance(text):
+            return
+        position, waiters = self._position.value, self._waiters
+        while waiters and waiters[0][0] <= position:
+            _, _, future = heapq.heappop(waiters)
+            if not future.done():
+                future.set_result(None)
 
     async def wait_subscribed(self, deadline: float) -> bool:
         left = deadline - time.monotonic()
-        if left > 0:
+        if left > 0 and not self._subscribed.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._subscribed.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._subscribed.wait()
         return self._subscribed.is_set()
 
     async def wait(self, target: int, deadline: float) -> bool:
-        while self._position.value < target:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), left)
+        if self._position.value >= target:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        future: asyncio.Future[None] = self._loop.create_future()
+        heapq.heappush(self._waiters, (target, next(self._order), future))
+        try:
+            # asyncio.timeout, not wait_for: no extra task per wait (Python 3.11).
+            async with asyncio.timeout(left):
+                await future
+        except TimeoutError:
+            return False
         return True
 
     async def close(self) -> None:
@@ -443,15 +459,31 @@ class CacheReader:
         self._db = database
         self._feed: _Feed | None = None
         self._feed_lock = threading.Lock()
+        self._owns_pool = False
 
     @classmethod
-    def connect(cls, redis_url: str, database: Database | None = None) -> CacheReader:
-        return cls(redis.Redis.from_url(redis_url, decode_responses=True), database)
+    def connect(
+        cls,
+        redis_url: str,
+        database: Database | None = None,
+        *,
+        max_connections: int = 64,
+        pool_timeout: float = 10.0,
+    ) -> CacheReader:
+        """A reader on a pool that waits for a free connection (up to ``pool_timeout``)."""
+        pool = redis.BlockingConnectionPool.from_url(
+            redis_url, decode_responses=True, max_connections=max_connections, timeout=pool_timeout
+        )
+        reader = cls(redis.Redis(connection_pool=pool), database)
+        reader._owns_pool = True
+        return reader
 
     def close(self) -> None:
         if self._feed is not None:
             self._feed.close()
         self._redis.close()
+        if self._owns_pool:
+            self._redis.connection_pool.disconnect()
 
     def __enter__(self) -> CacheReader:
         return self
@@ -473,11 +505,10 @@ class CacheReader:
         if feed.position >= target:
             return True
         deadline = time.monotonic() + timeout
-        if feed.wait_subscribed(deadline):
-            # Subscribed before this read: any later position arrives as a message.
-            feed.advance(self._redis.hget(keys.STATE_KEY, "lsn"))
-            if feed.wait(target, deadline):
-                return True
+        # Once subscribed (the feed read the checkpoint then), every later position comes
+        # as a message: no read per wait, however many wait at once.
+        if feed.wait_subscribed(deadline) and feed.wait(target, deadline):
+            return True
         # Timed out, or no subscription: the checkpoint decides (a message may be lost).
         feed.advance(self._redis.hget(keys.STATE_KEY, "lsn"))
         return feed.position >= target
@@ -551,15 +582,29 @@ class AsyncCacheReader:
         self._redis = client
         self._db = database
         self._feed: _AsyncFeed | None = None
+        self._owns_pool = False
 
     @classmethod
-    def connect(cls, redis_url: str, database: AsyncDatabase | None = None) -> AsyncCacheReader:
-        return cls(aioredis.Redis.from_url(redis_url, decode_responses=True), database)
+    def connect(
+        cls,
+        redis_url: str,
+        database: AsyncDatabase | None = None,
+        *,
+        max_connections: int = 64,
+        pool_timeout: float = 10.0,
+    ) -> AsyncCacheReader:
+        """A reader on a pool that waits for a free connection (up to ``pool_timeout``)."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url, decode_responses=True, max_connections=max_connections, timeout=pool_timeout
+        )
+        reader = cls(aioredis.Redis(connection_pool=pool), database)
+        reader._owns_pool = True
+        return reader
 
     async def close(self) -> None:
         if self._feed is not None:
             await self._feed.close()
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=self._owns_pool)
 
     async def __aenter__(self) -> AsyncCacheReader:
         return self
@@ -580,10 +625,8 @@ class AsyncCacheReader:
         if feed.position >= target:
             return True
         deadline = time.monotonic() + timeout
-        if await feed.wait_subscribed(deadline):
-            feed.advance(await self._redis.hget(keys.STATE_KEY, "lsn"))
-            if await feed.wait(target, deadline):
-                return True
+        if await feed.wait_subscribed(deadline) and await feed.wait(target, deadline):
+            return True
         feed.advance(await self._redis.hget(keys.STATE_KEY, "lsn"))
         return feed.position >= target
 
