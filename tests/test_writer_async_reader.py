@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any
 
 import redis
 
+from devstack.servers import RedisServer
 from tests.helpers import Daemon, wait_for
 from tests.test_writer_async import run
 from writer import AsyncCacheReader, AsyncWriter, CacheReader, Writer
@@ -257,3 +259,39 @@ def test_list_read_inputs_are_checked(redis_url: str) -> None:
             reader.agents_with_status("asleep")
         with pytest.raises(InvalidInput):
             reader.wait("not-a-token")
+
+
+def test_a_reader_whose_acl_forbids_the_channel_still_sees_the_checkpoint(tmp_path: Path) -> None:
+    """No ``&cdc:*`` for this user: subscribing fails, waits read the checkpoint instead."""
+    server = RedisServer(tmp_path / "acl")
+    with server.running():
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser(
+            "reader",
+            enabled=True,
+            passwords=["+pw-reader"],
+            keys=["*"],
+            commands=["+@read", "+@transaction", "+@pubsub", "+ping"],
+        )
+        admin.hset("cdc:state", "lsn", "0/10")
+        url = f"redis://reader:pw-reader@127.0.0.1:{server.port}/0"
+        with CacheReader.connect(url) as reader:
+            results: list[bool] = []
+            thread = threading.Thread(
+                target=lambda: results.append(reader.wait("0/20", timeout=120))
+            )
+            thread.start()
+            wait_for(lambda: reader._feed is not None and reader._feed.failed(), 30, "refusal")
+            admin.hset("cdc:state", "lsn", "0/20")  # applied; no message could reach it
+            thread.join(60)  # well before the wait's own 120 s
+            assert results == [True]
+
+        async def async_wait() -> bool:
+            async with AsyncCacheReader.connect(url) as areader:
+                task = asyncio.create_task(areader.wait("0/30", timeout=120))
+                while areader._feed is None or not areader._feed.failed():
+                    await asyncio.sleep(0.01)
+                admin.hset("cdc:state", "lsn", "0/30")
+                return await asyncio.wait_for(task, 60)
+
+        assert run(async_wait()) is True

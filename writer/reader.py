@@ -310,9 +310,16 @@ class _Feed:
         self._cond = threading.Condition()
         self._position = _Position()
         self._subscribed = False
+        # The last subscription attempt failed (Redis down, or an ACL without &cdc:*):
+        # waiters poll the checkpoint instead of sleeping on messages that cannot come.
+        self.failing = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="cdc-applied", daemon=True)
         self._thread.start()
+
+    def failed(self) -> bool:
+        """Whether subscribing failed last time (then waiters poll the checkpoint)."""
+        return self.failing
 
     @property
     def position(self) -> int:
@@ -325,7 +332,7 @@ class _Feed:
 
     def wait_subscribed(self, deadline: float) -> bool:
         with self._cond:
-            while not self._subscribed and not self._closed:
+            while not self._subscribed and not self._closed and not self.failing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -362,12 +369,15 @@ class _Feed:
                         self.advance(self._client.hget(keys.STATE_KEY, "lsn"))
                         with self._cond:
                             self._subscribed = True
+                            self.failing = False
                             self._cond.notify_all()
                     elif message["type"] == "message":
                         self.advance(message["data"])
             except (redis.RedisError, OSError, ValueError):
                 with self._cond:
                     self._subscribed = False
+                    self.failing = True
+                    self._cond.notify_all()
                 time.sleep(_RETRY)
             finally:
                 with contextlib.suppress(redis.RedisError, OSError):
@@ -384,8 +394,15 @@ class _AsyncFeed:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
         self._subscribed = asyncio.Event()
+        # Set once the first attempt is decided either way (subscribed, or failing).
+        self._settled = asyncio.Event()
+        self.failing = False  # as in _Feed
         self._loop = asyncio.get_running_loop()
         self._task = self._loop.create_task(self._run(), name="cdc-applied")
+
+    def failed(self) -> bool:
+        """Whether subscribing failed last time (then waiters poll the checkpoint)."""
+        return self.failing
 
     @property
     def position(self) -> int:
@@ -402,10 +419,10 @@ class _AsyncFeed:
 
     async def wait_subscribed(self, deadline: float) -> bool:
         left = deadline - time.monotonic()
-        if left > 0 and not self._subscribed.is_set():
+        if left > 0 and not self._subscribed.is_set() and not self.failing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
-                    await self._subscribed.wait()
+                    await self._settled.wait()
         return self._subscribed.is_set()
 
     async def wait(self, target: int, deadline: float) -> bool:
@@ -437,11 +454,15 @@ class _AsyncFeed:
                 async for message in pubsub.listen():
                     if message["type"] == "subscribe":
                         self.advance(await self._client.hget(keys.STATE_KEY, "lsn"))
+                        self.failing = False
                         self._subscribed.set()
+                        self._settled.set()
                     elif message["type"] == "message":
                         self.advance(message["data"])
             except (redis.RedisError, OSError, ValueError):
                 self._subscribed.clear()
+                self.failing = True
+                self._settled.set()
                 await asyncio.sleep(_RETRY)
             finally:
                 with contextlib.suppress(redis.RedisError, OSError):
@@ -505,13 +526,30 @@ class CacheReader:
         if feed.position >= target:
             return True
         deadline = time.monotonic() + timeout
+        if feed.failed():
+            return self._poll(feed, target, deadline)
         # Once subscribed (the feed read the checkpoint then), every later position comes
         # as a message: no read per wait, however many wait at once.
         if feed.wait_subscribed(deadline) and feed.wait(target, deadline):
             return True
+        if feed.failed():
+            return self._poll(feed, target, deadline)
         # Timed out, or no subscription: the checkpoint decides (a message may be lost).
         feed.advance(self._redis.hget(keys.STATE_KEY, "lsn"))
         return feed.position >= target
+
+    def _poll(self, feed: _Feed, target: int, deadline: float) -> bool:
+        """No subscription possible: read the checkpoint, backing off from 1 to 50 ms."""
+        delay = 0.001
+        while True:
+            feed.advance(self._redis.hget(keys.STATE_KEY, "lsn"))
+            if feed.position >= target:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
 
     def _feed_started(self) -> _Feed:
         if self._feed is None:
@@ -625,10 +663,27 @@ class AsyncCacheReader:
         if feed.position >= target:
             return True
         deadline = time.monotonic() + timeout
+        if feed.failed():
+            return await self._poll(feed, target, deadline)
         if await feed.wait_subscribed(deadline) and await feed.wait(target, deadline):
             return True
+        if feed.failed():
+            return await self._poll(feed, target, deadline)
         feed.advance(await self._redis.hget(keys.STATE_KEY, "lsn"))
         return feed.position >= target
+
+    async def _poll(self, feed: _AsyncFeed, target: int, deadline: float) -> bool:
+        """No subscription possible: read the checkpoint, backing off from 1 to 50 ms."""
+        delay = 0.001
+        while True:
+            feed.advance(await self._redis.hget(keys.STATE_KEY, "lsn"))
+            if feed.position >= target:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
 
     async def ticket(
         self, ticket_id: str, *, after: str | None = None, timeout: float = 1.0
