@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 CDC_PREFIX = "cdc:"
 # Hash holding the checkpoint (``lsn``), the fence token and the source's identity.
 STATE_KEY = CDC_PREFIX + "state"
-# Pub/sub channel: the daemon publishes its checkpoint (``X/Y``) there in each batch's
-# MULTI, so readers waiting on a token wake when it is applied (``&cdc:*`` in an ACL).
+# Pub/sub channel: the daemon publishes its checkpoint (``X/Y``) there inside each batch's
+# atomic apply, so readers waiting on a token wake when it is visible (``&cdc:*`` in an ACL).
 APPLIED_CHANNEL = CDC_PREFIX + "applied"
 # Hash field names starting with this are the daemon's, not columns.
 RESERVED_FIELD_PREFIX = "_"

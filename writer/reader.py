@@ -6,8 +6,8 @@ the hash. A miss, or a wait that timed out, reads PostgreSQL instead, so a calle
 sees its own writes. The readers never write to Redis: only the daemon does.
 
 Waiting does not poll. The daemon publishes its checkpoint (``X/Y``) on the channel
-``cdc:applied`` inside each batch's ``MULTI``, so the message is delivered at ``EXEC``,
-when the batch is visible. Each reader keeps one subscription (:class:`_Feed`, a thread
+``cdc:applied`` inside each batch's atomic apply, so the message is delivered when the
+batch is visible. Each reader keeps one subscription (:class:`_Feed`, a thread
 for :class:`CacheReader`, a task for :class:`AsyncCacheReader`) that tracks the highest
 position announced and wakes the waiters. Messages can be missed (a reconnect, a reader
 subscribing late), so the checkpoint itself (``HGET cdc:state lsn``) is read once the
@@ -50,6 +50,7 @@ from schema.enums import AgentStatus, TicketStatus
 from schema.keys import AGENTS, APPLIED_CHANNEL, TICKETS, TrackedTable
 from schema.models import Agent, Ticket
 from schema.pgtext import row_from_text
+from schema.redis_url import async_redis_client, redis_client
 from schema.tables import Agent as AgentTable
 from schema.tables import Ticket as TicketTable
 from writer.base import identifier
@@ -488,14 +489,12 @@ class CacheReader:
         redis_url: str,
         database: Database | None = None,
         *,
-        max_connections: int = 64,
-        pool_timeout: float = 10.0,
+        max_connections: int = 256,
     ) -> CacheReader:
-        """A reader on a pool that waits for a free connection (up to ``pool_timeout``)."""
-        pool = redis.BlockingConnectionPool.from_url(
-            redis_url, decode_responses=True, max_connections=max_connections, timeout=pool_timeout
-        )
-        reader = cls(redis.Redis(connection_pool=pool), database)
+        """A reader for any ``REDIS_URL`` form the daemon takes (``rediss://`` with client
+        certificates, ``redis+sentinel://``): one parser for both, in :mod:`schema`."""
+        client = redis_client(redis_url, decode_responses=True, max_connections=max_connections)
+        reader = cls(client, database)
         reader._owns_pool = True
         return reader
 
@@ -628,14 +627,13 @@ class AsyncCacheReader:
         redis_url: str,
         database: AsyncDatabase | None = None,
         *,
-        max_connections: int = 64,
-        pool_timeout: float = 10.0,
+        max_connections: int = 256,
     ) -> AsyncCacheReader:
-        """A reader on a pool that waits for a free connection (up to ``pool_timeout``)."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            redis_url, decode_responses=True, max_connections=max_connections, timeout=pool_timeout
+        """:meth:`CacheReader.connect` for asyncio: the same URL forms (one parser)."""
+        client = async_redis_client(
+            redis_url, decode_responses=True, max_connections=max_connections
         )
-        reader = cls(aioredis.Redis(connection_pool=pool), database)
+        reader = cls(client, database)
         reader._owns_pool = True
         return reader
 

@@ -17,7 +17,7 @@ no slot, a cache from a slot          refuse (exit 2): the slot was dropped; ``c
 slot invalidated (wal_status lost)    drop and recreate it, load a new snapshot (automatic)
 slot, cache consistent with it        resume from the checkpoint (replays are skipped)
 slot, cache missing or behind slot    online rebuild: clear the tracked keys, stream, and
-(Redis lost data)                     backfill every table while streaming (:mod:`cdc.backfill`)
+(Redis lost data)                     backfill every table while streaming (:mod:`.backfill`)
 ====================================  ===========================================================
 """
 
@@ -33,32 +33,38 @@ from types import FrameType
 
 import redis
 
-from cdc import catalog, checks, logs, pgoutput
-from cdc.backfill import Backfill
-from cdc.core import Position
+from cdc.cache.checkpoint import CacheState, check_format
+from cdc.cache.sink import RedisSink
 from cdc.errors import (
     CdcError,
     ConfigError,
     Fenced,
+    PoisonRecord,
     RedisLost,
     Retryable,
     SlotInUse,
     SlotInvalidated,
 )
-from cdc.health import HealthServer, Readiness
-from cdc.lsn import Lsn, format_lsn
-from cdc.messages import Message
-from cdc.metrics import Metrics
-from cdc.observer import Observer
-from cdc.pipeline import Pipeline
-from cdc.plan import Planner
+from cdc.ops import checks
+from cdc.postgres import catalog
+from cdc.postgres.source import ReplicationSource, SystemInfo
+from cdc.protocol import pgoutput
+from cdc.protocol.lsn import Lsn, format_lsn
+from cdc.protocol.messages import Message
+from cdc.protocol.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
+from cdc.protocol.wal2json import Wal2JsonDecoder
+from cdc.runtime.backfill import Backfill
+from cdc.runtime.observer import Observer
+from cdc.runtime.pipeline import Pipeline
+from cdc.runtime.snapshot import create_slot_and_load, scan_keys
 from cdc.settings import Settings
-from cdc.sink import CacheState, RedisSink
-from cdc.snapshot import create_slot_and_load, scan_keys
-from cdc.source import ReplicationSource, SystemInfo
-from cdc.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
-from cdc.wal2json import Wal2JsonDecoder
+from cdc.telemetry import logs
+from cdc.telemetry.health import HealthServer, Readiness
+from cdc.telemetry.metrics import Metrics
+from cdc.transform.core import Position
+from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.redis_url import redis_client
 
 
 class Backoff:
@@ -204,7 +210,7 @@ class Daemon:
     def _session(self) -> None:
         settings = self.settings
         source = ReplicationSource(settings.replication_conninfo, settings.pg_timeout)
-        sink = RedisSink(settings.redis, settings.redis_timeout)
+        sink = RedisSink(settings.redis, settings.redis_timeout, settings.redis_min_replicas)
         pg: catalog.Conn | None = None
         try:
             pg = catalog.connect(settings.replication_conninfo, "PostgreSQL")
@@ -269,6 +275,7 @@ class Daemon:
         name = settings.slot
         source_id = f"{system.system_id}/{system.dbname}/{name}"
         state = sink.read_state()
+        check_format(state)
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:
             raise SlotInUse(name, slot.active_pid)
@@ -289,7 +296,12 @@ class Daemon:
         reason = rebuild_reason(state, confirmed, source_id)
         start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
         source.start(name, start, stream_options(settings, self.tables))
-        sink.claim({"slot": name, "source": source_id})
+        # The state read after the claim is the one to resume from: no predecessor can
+        # write once the fence is ours.
+        claimed = sink.claim({"slot": name, "source": source_id})
+        if not reason:
+            reason = rebuild_reason(claimed, confirmed, source_id)
+            state = claimed
         if reason:
             self.log.warning("the cache must be rebuilt", reason=reason)
             self._clear_tracked_keys()
@@ -351,9 +363,7 @@ class Daemon:
         return Position(Lsn(report.consistent_point))
 
     def _clear_tracked_keys(self) -> None:
-        client = redis.Redis.from_url(
-            self.settings.redis, socket_timeout=self.settings.redis_timeout
-        )
+        client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:
                 prefixes = [table.key_prefix] + [lookup.prefix + ":{" for lookup in table.lookups]
@@ -389,8 +399,8 @@ def run(settings: Settings) -> int:
     daemon.install_signal_handlers()
     try:
         return daemon.run()
-    except ConfigError:
-        raise
+    except (ConfigError, PoisonRecord):
+        raise  # the command line prints the one line and exits 2 / 3
     except CdcError as exc:
         daemon.log.error("stopped on an error", error=str(exc))
         return 1
