@@ -278,6 +278,10 @@ def test_pool_settings_from_environment_and_arguments(database_url: str) -> None
     explicit = PoolConfig.resolve(pool_size=1, pool_timeout=2, environ=env)
     assert (explicit.min_size, explicit.max_size, explicit.timeout) == (1, 5, 2)
     assert PoolConfig.resolve(max_size=4, environ={}).max_size == 4
+    clamped = PoolConfig.resolve(max_size=2, environ=env)  # explicit beats DB_POOL_SIZE=3
+    assert (clamped.min_size, clamped.max_size) == (2, 2)
+    with pytest.raises(InvalidConfiguration):
+        PoolConfig.resolve(pool_size=3, max_size=2, environ={})
     for name, value in [
         ("DB_POOL_SIZE", "ten"),
         ("DB_MAX_OVERFLOW", "-1"),

@@ -76,8 +76,11 @@ class PoolConfig:
         recycle = _pick(pool_recycle, env, "recycle", float)
         size = defaults.size if size is None else size
         if max_size is not None:
-            if max_size < 1 or max_size < size:
+            explicit_size = pool_size is not None or min_size is not None
+            if max_size < 1 or (explicit_size and max_size < size):
                 raise InvalidConfiguration("max_size must be >= 1 and >= the pool size")
+            # An explicit maximum wins over a larger DB_POOL_SIZE from the environment.
+            size = min(size, max_size)
             overflow = max_size - size
         config = cls(
             size=size,
