@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from devstack.servers import RedisServer
+from devstack.servers import RedisServer, free_port
 from tests.helpers import Daemon, wait_for
 from tests.test_writer_async import run
 from writer import AsyncCacheReader, AsyncWriter, CacheReader, Writer
@@ -295,3 +295,27 @@ def test_a_reader_whose_acl_forbids_the_channel_still_sees_the_checkpoint(tmp_pa
                 return await asyncio.wait_for(task, 60)
 
         assert run(async_wait()) is True
+
+
+def test_readers_answer_from_postgres_when_redis_is_down(writer: Writer, database_url: str) -> None:
+    """No Redis at all (nothing listens on the port): every read comes from PostgreSQL
+    (each after the Redis client's own connection retries)."""
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    created = writer.create_ticket({"title": "no cache"})
+    agent = writer.create_agent(
+        {"username": "eve", "display_name": "Eve", "password": "12345678"}
+    ).value
+    with CacheReader.connect(down, writer.database) as reader:
+        assert reader.ticket(created.value.id, after=created.token, timeout=0.2) == created.value
+        assert [t.id for t in reader.tickets_with_status("open")] == [created.value.id]
+
+    async def scenario() -> None:
+        async with (
+            await AsyncWriter.connect(database_url, max_size=1) as awriter,
+            AsyncCacheReader.connect(down, awriter.database) as areader,
+        ):
+            seen = await areader.ticket(created.value.id, after=created.token, timeout=0.2)
+            assert seen == created.value
+            assert [a.id for a in await areader.agents_with_status("offline")] == [agent.id]
+
+    run(scenario())

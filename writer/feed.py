@@ -98,7 +98,7 @@ class Feed:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(2)
+        self._thread.join(1)
 
     def _run(self) -> None:
         while not self._closed:

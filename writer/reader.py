@@ -2,8 +2,9 @@
 
 ``reader.ticket(id, after=token)`` first waits (up to ``timeout``) until the daemon's
 checkpoint reaches ``token``, i.e. until Redis holds that write or a later one, then reads
-the hash. A miss, or a wait that timed out, reads PostgreSQL instead, so a caller always
-sees its own writes. The readers never write to Redis: only the daemon does.
+the hash. A miss, a wait that timed out, or a Redis that does not answer reads PostgreSQL
+instead, so a caller always sees its own writes. The readers never write to Redis: only
+the daemon does.
 
 Waiting does not poll. The daemon publishes its checkpoint (``X/Y``) on the channel
 ``cdc:applied`` inside each batch's atomic apply, so the message is delivered when the
@@ -190,12 +191,18 @@ class CacheReader:
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             if isinstance(step, Wait):
-                answer = self.wait(step.token, step.timeout)
+                try:
+                    answer = self.wait(step.token, step.timeout)
+                except (redis.RedisError, OSError):
+                    answer = False  # Redis down: PostgreSQL answers
             elif isinstance(step, Redis):
                 pipe = self._redis.pipeline(transaction=step.atomic)
                 for command in step.commands:
                     pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-                answer = pipe.execute()
+                try:
+                    answer = pipe.execute()
+                except (redis.RedisError, OSError):
+                    answer = None
             else:
                 if self._db is None:
                     raise Unavailable("cache miss and no database to fall back to")
@@ -314,12 +321,18 @@ class AsyncCacheReader:
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
             if isinstance(step, Wait):
-                answer = await self.wait(step.token, step.timeout)
+                try:
+                    answer = await self.wait(step.token, step.timeout)
+                except (redis.RedisError, OSError):
+                    answer = False  # Redis down: PostgreSQL answers
             elif isinstance(step, Redis):
                 pipe = self._redis.pipeline(transaction=step.atomic)
                 for command in step.commands:
                     pipe.execute_command(*command)
-                answer = await pipe.execute()
+                try:
+                    answer = await pipe.execute()
+                except (redis.RedisError, OSError):
+                    answer = None
             else:
                 if self._db is None:
                     raise Unavailable("cache miss and no database to fall back to")

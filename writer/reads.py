@@ -70,7 +70,8 @@ def agent_status_key(status: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Wait until Redis reflects ``token``; answers whether it does (False: timed out)."""
+    """Wait until Redis reflects ``token``; answers whether it does (False: timed out, or
+    Redis could not be asked)."""
 
     token: str
     timeout: float
@@ -78,7 +79,8 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class Redis:
-    """Run ``commands`` in one pipeline (``atomic``: inside ``MULTI``); answers the replies."""
+    """Run ``commands`` in one pipeline (``atomic``: inside ``MULTI``); answers the replies,
+    or None when Redis could not answer (the plan then reads PostgreSQL)."""
 
     commands: tuple[tuple[str, ...], ...]
     atomic: bool = False
@@ -124,9 +126,9 @@ def _row_plan(
 ) -> ReadPlan[M | None]:
     fresh = after is None or (yield Wait(after, t))
     if fresh:
-        (fields,) = yield Redis((("HGETALL", tracked.key(row_id)),))
-        if fields:
-            return _from_hash(table, model, fields)
+        replies = yield Redis((("HGETALL", tracked.key(row_id)),))
+        if replies and replies[0]:
+            return _from_hash(table, model, replies[0])
     rows = yield Query(_select(table, "id = %(key)s"), {"key": row_id})
     return model.model_validate(rows[0]) if rows else None
 
@@ -147,11 +149,12 @@ def agent_by_username_plan(
     username = identifier(username, "username")  # what a username may be, or more
     fresh = after is None or (yield Wait(after, timeout))
     if fresh:
-        (agent_id,) = yield Redis((("GET", keys.agent_username_key(username)),))
+        replies = yield Redis((("GET", keys.agent_username_key(username)),))
+        agent_id = replies[0] if replies else None
         if agent_id is not None:
-            (fields,) = yield Redis((("HGETALL", AGENTS.key(str(agent_id))),))
-            if fields:
-                agent = _from_hash(_AGENTS, Agent, fields)
+            replies = yield Redis((("HGETALL", AGENTS.key(str(agent_id))),))
+            if replies and replies[0]:
+                agent = _from_hash(_AGENTS, Agent, replies[0])
                 if agent.username == username:
                     return agent
     rows = yield Query(_select(_AGENTS, "username = %(key)s"), {"key": username})
@@ -185,11 +188,13 @@ def _view_plan(
     """The view's rows from Redis, or None when PostgreSQL must answer (the caller's)."""
     fresh = after is None or (yield Wait(after, timeout))
     if fresh:
-        state, members = yield Redis((("HMGET", keys.STATE_KEY, *_STATE_FIELDS), view), True)
-        if _ready(state):
+        replies = yield Redis((("HMGET", keys.STATE_KEY, *_STATE_FIELDS), view), True)
+        if replies is not None and _ready(replies[0]):
+            members = replies[1]
             hashes = yield Redis(tuple(("HGETALL", tracked.key(str(m))) for m in members))
-            found = [_from_hash(table, model, fields) for fields in hashes if fields]
-            return [item for item in found if keep(item)]
+            if hashes is not None:
+                found = [_from_hash(table, model, fields) for fields in hashes if fields]
+                return [item for item in found if keep(item)]
     rows = yield fallback
     return [model.model_validate(row) for row in rows]
 
