@@ -13,11 +13,15 @@ slot / cache state                    action
 ====================================  ===========================================================
 no slot, no cache                     first start: create the slot with an exported snapshot,
                                       load it, sweep stale keys, stream from the consistent point
-no slot, a cache from a slot          refuse (exit 2): the slot was dropped; ``cdc slot reset``
+no slot, a cache from a slot          ``CDC_ON_SLOT_LOSS`` (:mod:`cdc.failover`): after a promotion
+                                      (timeline changed) an online rebuild on a new slot; dropped
+                                      by hand: refuse (exit 2), ``cdc slot reset``
 slot invalidated (wal_status lost)    drop and recreate it, load a new snapshot (automatic)
 slot, cache consistent with it        resume from the checkpoint (replays are skipped)
 slot, cache missing or behind slot    online rebuild: clear the tracked keys, stream, and
 (Redis lost data)                     backfill every table while streaming (:mod:`cdc.backfill`)
+slot, cache past the new timeline's   online rebuild (a promotion: Redis has changes the new
+switch point                          primary never had)
 ====================================  ===========================================================
 """
 
@@ -33,7 +37,7 @@ from types import FrameType
 
 import redis
 
-from cdc import catalog, checks, logs, pgoutput
+from cdc import catalog, checks, failover, logs, pgoutput
 from cdc.backfill import Backfill
 from cdc.core import Position
 from cdc.errors import (
@@ -100,6 +104,7 @@ class Daemon:
         self._busy_since: float | None = None
         self._standby_logged = False
         self._recreate_slot = False
+        self._failover_checked = False
         self.metrics.info.info(
             {"slot": settings.slot, "publication": settings.publication, "plugin": settings.plugin}
         )
@@ -268,6 +273,7 @@ class Daemon:
         settings = self.settings
         name = settings.slot
         source_id = f"{system.system_id}/{system.dbname}/{name}"
+        identity = failover.identity_fields(system.system_id, system.timeline)
         state = sink.read_state()
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:
@@ -278,33 +284,32 @@ class Daemon:
             slot = None
             state = CacheState()
         self._recreate_slot = False
+        failover.prepare_slot(pg, source, name, warn=not self._failover_checked)
+        self._failover_checked = True
         if slot is None:
             if state.lsn is not None and not state.loading:
-                raise ConfigError(
-                    f'slot "{name}" does not exist but Redis holds a cache built from it:'
-                    ' run "cdc slot reset" to recreate the slot and reload the cache'
+                # After a promotion without failover slots, or dropped by hand.
+                lost = failover.slot_loss_reason(
+                    settings.on_slot_loss, state, name, system.timeline
                 )
-            return self._first_start(source, sink, source_id), False
+                created = source.create_slot(name, settings.plugin, export_snapshot=False)
+                confirmed = Lsn(created.consistent_point)
+                return self._rebuild(
+                    source, sink, state, confirmed, lost, "slot_lost", source_id, identity
+                )
+            return self._first_start(source, sink, source_id, identity), False
         confirmed = slot.confirmed_flush_lsn or Lsn(0)
-        reason = rebuild_reason(state, confirmed, source_id)
-        start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
-        source.start(name, start, stream_options(settings, self.tables))
-        sink.claim({"slot": name, "source": source_id})
+        reason: str | None = rebuild_reason(state, confirmed, source_id)
+        kind = "cache_lost"
+        if reason is None and failover.recorded_timeline(state) not in (None, system.timeline):
+            history = source.timeline_history(system.timeline)
+            reason = failover.timeline_reason(state, system.system_id, system.timeline, history)
+            kind = "promotion"
         if reason:
-            self.log.warning("the cache must be rebuilt", reason=reason)
-            self._clear_tracked_keys()
-            self.backfill.queue.clear()
-            for table in self.tables:
-                self.backfill.request_table(table, "rebuild")
-            sink.reset_state(
-                {
-                    "lsn": format_lsn(confirmed),
-                    "slot": name,
-                    "source": source_id,
-                    "rebuild": self.backfill.progress_marker(),
-                }
-            )
-            return Position(confirmed), True
+            return self._rebuild(source, sink, state, confirmed, reason, kind, source_id, identity)
+        start = max(state.lsn or Lsn(0), confirmed)
+        source.start(name, start, stream_options(settings, self.tables))
+        sink.claim({"slot": name, "source": source_id, **identity})
         assert state.lsn is not None
         rebuilding = False
         if state.rebuild:
@@ -319,7 +324,43 @@ class Daemon:
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
 
-    def _first_start(self, source: ReplicationSource, sink: RedisSink, source_id: str) -> Position:
+    def _rebuild(
+        self,
+        source: ReplicationSource,
+        sink: RedisSink,
+        state: CacheState,
+        confirmed: Lsn,
+        reason: str,
+        kind: str,
+        source_id: str,
+        identity: dict[str, str],
+    ) -> tuple[Position, bool]:
+        """Online rebuild under a new epoch: stream from the slot's confirmed position,
+        clear the tracked keys and backfill every table while streaming."""
+        name = self.settings.slot
+        source.start(name, Lsn(0), stream_options(self.settings, self.tables))
+        sink.claim({"slot": name, "source": source_id})
+        self.log.warning("the cache must be rebuilt", reason=reason)
+        self.metrics.rebuilds.labels(reason=kind).inc()
+        self._clear_tracked_keys()
+        self.backfill.queue.clear()
+        for table in self.tables:
+            self.backfill.request_table(table, "rebuild")
+        sink.reset_state(
+            {
+                "lsn": format_lsn(confirmed),
+                "slot": name,
+                "source": source_id,
+                "rebuild": self.backfill.progress_marker(),
+                "epoch": failover.next_epoch(state),
+                **identity,
+            }
+        )
+        return Position(confirmed), True
+
+    def _first_start(
+        self, source: ReplicationSource, sink: RedisSink, source_id: str, identity: dict[str, str]
+    ) -> Position:
         settings = self.settings
         self.log.info("first start: creating the slot and loading a snapshot", slot=settings.slot)
 
@@ -348,6 +389,7 @@ class Daemon:
             consistent_point=format_lsn(report.consistent_point),
         )
         source.start(settings.slot, report.consistent_point, stream_options(settings, self.tables))
+        sink.claim({"slot": settings.slot, "source": source_id, "epoch": "1", **identity})
         return Position(Lsn(report.consistent_point))
 
     def _clear_tracked_keys(self) -> None:

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cdc import catalog, logs
+from cdc import catalog, failover, logs
 from cdc.errors import ConfigError, SlotInUse
 from cdc.lsn import format_lsn
 from cdc.plan import Planner
@@ -37,6 +37,11 @@ class SlotStatus:
     retained_wal_bytes: int | None = None
     wal_status: str | None = None
     current_wal_lsn: str | None = None
+    # PostgreSQL 17+: a failover slot; ``synced``: every reachable standby of a multi-host
+    # URL has a synchronized copy (None: no standby reachable, or no failover slots).
+    failover: bool | None = None
+    synced: bool | None = None
+    standbys: list[dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,12 +59,25 @@ class SlotStatus:
             ("retained_wal_bytes", _number(self.retained_wal_bytes)),
             ("wal_status", self.wal_status or "-"),
             ("current_wal_lsn", self.current_wal_lsn or "-"),
+            ("failover", _flag(self.failover)),
+            ("synced", _flag(self.synced)),
         ]
+        for standby in self.standbys or []:
+            rows.append(
+                (
+                    f"standby {standby['host']}:{standby['port']}",
+                    f"synced {_flag(standby['synced'])}",
+                )
+            )
         return [f"{name:<20} {value}" for name, value in rows]
 
 
 def _number(value: int | None) -> str:
     return "-" if value is None else str(value)
+
+
+def _flag(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
 
 
 def status(settings: Settings) -> SlotStatus:
@@ -72,7 +90,14 @@ def status(settings: Settings) -> SlotStatus:
                 exists=False,
                 current_wal_lsn=format_lsn(catalog.current_wal_lsn(conn)),
             )
+        flags = failover.slot_failover(conn, settings.slot)
+        copies = failover.standby_copies(settings.replication_conninfo, settings.slot)
         return SlotStatus(
+            failover=flags.failover if flags is not None else None,
+            synced=all(c.synced for c in copies) if copies else None,
+            standbys=[{"host": c.host, "port": c.port, "synced": c.synced} for c in copies]
+            if copies
+            else None,
             slot=info.name,
             exists=True,
             plugin=info.plugin,
