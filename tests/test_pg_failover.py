@@ -227,7 +227,8 @@ def test_promotion_follows_the_failover_slot_without_rebuild(
         # Nothing applied twice: no insert counted twice (a batch in flight when the old
         # primary died may be applied but not counted), and no _v went backwards above.
         applied = daemon.metric("cdc_changes_total", 'op="insert",table="agents"')
-        assert applied is not None and 0 < applied <= len(agents)
+        assert applied is not None
+        assert 0 < applied <= len(agents)
         assert not rebuild_events(daemon)
         for reason in ("promotion", "slot_lost", "cache_lost"):
             assert daemon.metric("cdc_rebuilds_total", f'reason="{reason}"') == 0
@@ -235,7 +236,8 @@ def test_promotion_follows_the_failover_slot_without_rebuild(
         assert state["timeline"] == "2"
         assert state["epoch"] == "1"
         assert not state.get("rebuild")
-        assert daemon.proc is not None and daemon.proc.poll() is None
+        assert daemon.proc is not None
+        assert daemon.proc.poll() is None
 
 
 def test_redis_ahead_of_the_promoted_standby_is_rebuilt(
@@ -345,4 +347,5 @@ def test_promotion_without_failover_slots_rebuilds_online(
         assert daemon.metric("cdc_rebuilds_total", 'reason="slot_lost"') == 1
         state = redis_state(redis_url)
         assert (state["timeline"], state["epoch"]) == ("2", "2")
-        assert daemon.proc is not None and daemon.proc.poll() is None
+        assert daemon.proc is not None
+        assert daemon.proc.poll() is None
