@@ -276,6 +276,34 @@ def test_redis_ahead_of_the_promoted_standby_is_rebuilt(
         client.close()
 
 
+def test_a_standby_that_is_down_holds_the_stream_back(
+    postgres_pair: Callable[..., PostgresPair],
+    ha_daemon: Callable[..., Daemon],
+    redis_url: str,
+    slot_name: str,
+) -> None:
+    """What CdcStreamHeldBackByStandby watches for: with synchronized_standby_slots, the
+    daemon stays connected, applies nothing and the lag grows until the standby is back."""
+    pair = postgres_pair(18)
+    url = pair.url()
+    with running(ha_daemon(pair)) as daemon:
+        fence(url, redis_url)
+        applied = daemon.metric("cdc_last_applied_lsn")
+        pair.standby.stop("fast")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO tickets (id, title) SELECT 'held' || g, 'x'"
+                " FROM generate_series(1, 2000) g"
+            )
+        wait_for(lambda: (daemon.metric("cdc_replication_lag_bytes") or 0) > 100_000, 30, "lag")
+        assert daemon.metric("cdc_connected", 'target="postgres"') == 1
+        assert daemon.metric("cdc_last_applied_lsn") == applied
+        assert redis.Redis.from_url(redis_url).exists("ticket:{held1}") == 0
+        pair.standby.start()
+        fence(url, redis_url, timeout=60)
+        assert_converged(url, redis_url)
+
+
 def test_existing_slot_gets_failover_and_missing_settings_are_reported(
     postgres_pair: Callable[..., PostgresPair],
     ha_daemon: Callable[..., Daemon],
