@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from typing import Any
@@ -76,6 +77,15 @@ def test_slot_loss_policy() -> None:
 
 
 # -- end to end: a slot dropped by hand on the same timeline ---------------------------------------
+
+
+def test_the_session_server_is_the_major_asked_for(pg: Conn) -> None:
+    """``CDC_TEST_PG_MAJOR`` really selects the server the suite runs against."""
+    row = pg.execute("SELECT current_setting('server_version_num')::int").fetchone()
+    assert row is not None
+    if major := os.environ.get("CDC_TEST_PG_MAJOR"):
+        assert row[0] // 10000 == int(major)
+    assert row[0] >= 150000
 
 
 def test_state_records_the_server_and_its_timeline(
