@@ -274,6 +274,7 @@ class Daemon:
         name = settings.slot
         source_id = f"{system.system_id}/{system.dbname}/{name}"
         identity = failover.identity_fields(system.system_id, system.timeline)
+        failover.require_primary(pg)
         state = sink.read_state()
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:

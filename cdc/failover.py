@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import psycopg
 
 from cdc import catalog, logs
-from cdc.errors import ConfigError
+from cdc.errors import ConfigError, PostgresUnavailable
 from cdc.lsn import Lsn, format_lsn, parse_lsn
 from cdc.sink import CacheState
 from cdc.source import ReplicationSource
@@ -176,6 +176,17 @@ def standby_warnings(conn: catalog.Conn) -> list[str]:
             " the standbys' physical slots"
         ]
     return []
+
+
+def require_primary(conn: catalog.Conn) -> None:
+    """A server in recovery (a standby, or an old primary that came back as one) cannot
+    serve the daemon: wait for a primary (retried) rather than fail on its first query."""
+    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    if row is not None and row[0]:
+        raise PostgresUnavailable(
+            "connected to a standby (in recovery): waiting for a primary;"
+            " list the servers with target_session_attrs=read-write in the URL"
+        )
 
 
 def prepare_slot(conn: catalog.Conn, source: ReplicationSource, slot: str, warn: bool) -> None:

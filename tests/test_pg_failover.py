@@ -394,3 +394,26 @@ def test_promotion_without_failover_slots_rebuilds_online(
         assert (state["timeline"], state["epoch"]) == ("2", "2")
         assert daemon.proc is not None
         assert daemon.proc.poll() is None
+
+
+def test_a_standby_in_the_url_is_waited_out_until_promoted(
+    postgres_pair: Callable[..., PostgresPair],
+    make_daemon: Callable[..., Daemon],
+    redis_url: str,
+) -> None:
+    """A URL without target_session_attrs that reaches a standby: the daemon waits (it
+    does not exit), and streams once that server is promoted."""
+    pair = postgres_pair(18)
+    standby_url = pair.standby.url("app")
+    daemon = make_daemon(DATABASE_URL=standby_url, REDIS_URL=redis_url).start()
+    wait_for(
+        lambda: any("connected to a standby" in str(e.get("error", "")) for e in daemon.events()),
+        60,
+        "the standby warning",
+    )
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None
+    pair.primary.stop("immediate")
+    pair.standby.promote()
+    daemon.wait_ready(60)
+    assert_converged(standby_url, redis_url)
