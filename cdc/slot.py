@@ -190,7 +190,9 @@ def reset(
         def progress(table: str, rows: int, seconds: float) -> None:
             log.info("loading", table=table, rows=rows, seconds=round(seconds, 1))
 
-        return create_slot_and_load(
+        epoch = failover.next_epoch(sink.read_state())
+        source_id = f"{system.system_id}/{system.dbname}/{settings.slot}"
+        report = create_slot_and_load(
             source,
             sink,
             Planner(settings.max_row_bytes),
@@ -200,10 +202,20 @@ def reset(
             redis_timeout=settings.redis_timeout,
             slot=settings.slot,
             plugin=settings.plugin,
-            source_id=f"{system.system_id}/{system.dbname}/{settings.slot}",
+            source_id=source_id,
             batch_rows=settings.backfill_chunk,
             progress=progress,
         )
+        # The reloaded cache is a new epoch of this server's current timeline.
+        sink.claim(
+            {
+                "slot": settings.slot,
+                "source": source_id,
+                "epoch": epoch,
+                **failover.identity_fields(system.system_id, system.timeline),
+            }
+        )
+        return report
     finally:
         source.close()
         sink.close()

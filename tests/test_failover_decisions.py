@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from cdc.errors import ConfigError
 from cdc.failover import parse_history, slot_loss_reason, timeline_reason
 from cdc.lsn import parse_lsn
 from cdc.sink import CacheState
-from tests.helpers import Daemon, assert_converged, fence, redis_state, running, wait_for
+from tests.helpers import ROOT, Daemon, assert_converged, fence, redis_state, running, wait_for
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -143,3 +144,30 @@ def test_bad_slot_loss_policy_is_a_config_error(make_daemon: Callable[..., Daemo
         daemon.kill()
         raise
     assert "CDC_ON_SLOT_LOSS" in daemon.log().splitlines()[-1]
+
+
+def test_slot_reset_starts_a_new_epoch_on_the_current_timeline(
+    make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str, slot_name: str
+) -> None:
+    with running(make_daemon()):
+        fence(database_url, redis_url)
+    assert redis_state(redis_url)["epoch"] == "1"
+    pg.execute("SELECT pg_drop_replication_slot(%s)", (slot_name,))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+    env |= {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "CDC_SLOT": slot_name}
+    done = subprocess.run(
+        [sys.executable, "-m", "cdc", "slot", "reset", "--yes"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    state = redis_state(redis_url)
+    assert state["epoch"] == "2"
+    assert state["timeline"]
+    assert state["system_id"]
+    with running(make_daemon()):
+        assert_converged(database_url, redis_url)
