@@ -57,7 +57,10 @@ class PostgresEndpoint:
 def pytest_configure(config: pytest.Config) -> None:
     """``CDC_TEST_PG_MAJOR``: every private PostgreSQL of the session runs that major."""
     if major := os.environ.get("CDC_TEST_PG_MAJOR"):
-        os.environ["PG_BIN"] = str(postgres_bin_dir(int(major)))
+        try:
+            os.environ["PG_BIN"] = str(postgres_bin_dir(int(major)))
+        except (ServerError, ValueError) as exc:
+            raise pytest.UsageError(f"CDC_TEST_PG_MAJOR={major}: {exc}") from None
 
 
 @dataclass
