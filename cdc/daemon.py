@@ -281,6 +281,7 @@ class Daemon:
             raise SlotInUse(name, slot.active_pid)
         if slot is not None and (slot.invalidated or self._recreate_slot):
             self.log.warning("dropping the invalidated slot", slot=name, wal_status=slot.wal_status)
+            self.metrics.rebuilds.labels(reason="slot_invalidated").inc()
             source.drop_slot(name)
             slot = None
             state = CacheState()
