@@ -24,6 +24,8 @@ import psycopg
 import pytest
 import redis
 
+from cdc.errors import ConfigError
+from cdc.settings import load_settings
 from tests.helpers import (
     ROOT,
     Daemon,
@@ -189,15 +191,23 @@ def loads(url: str, redis_url: str) -> Iterator[tuple[Load, Inserter, VersionSam
 # -- PostgreSQL 18: failover slots ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("form", ["url", "keywords"])
 def test_promotion_follows_the_failover_slot_without_rebuild(
     postgres_pair: Callable[..., PostgresPair],
-    ha_daemon: Callable[..., Daemon],
+    make_daemon: Callable[..., Daemon],
     redis_url: str,
     slot_name: str,
+    form: str,
 ) -> None:
     pair = postgres_pair(18)
-    url = pair.url()
-    with running(ha_daemon(pair)) as daemon, loads(url, redis_url) as (load, inserter, sampler):
+    url = pair.url() if form == "url" else pair.dsn()
+    if form == "keywords":
+        try:
+            load_settings(DATABASE_URL=url)
+        except ConfigError:
+            pytest.skip("this build's settings take postgresql:// URLs only")
+    daemon = make_daemon(DATABASE_URL=url, REDIS_URL=redis_url)
+    with running(daemon), loads(url, redis_url) as (load, inserter, sampler):
         assert slot_flags(pair.primary.url("app"), slot_name) == (True, False)
         load.wait_commits(50)
         inserter.wait(50)
@@ -242,6 +252,7 @@ def test_promotion_follows_the_failover_slot_without_rebuild(
         assert state["timeline"] == "2"
         assert state["epoch"] == "1"
         assert not state.get("rebuild")
+        assert pair.primary.password not in daemon.log()
         assert daemon.proc is not None
         assert daemon.proc.poll() is None
 

@@ -267,6 +267,15 @@ class PostgresPair:
             f"/{self.dbname}?target_session_attrs=read-write&connect_timeout=3"
         )
 
+    def dsn(self) -> str:
+        """The same as a libpq keyword DSN (``host=a,b port=p1,p2 …``)."""
+        p = self.primary
+        return (
+            f"host=127.0.0.1,127.0.0.1 port={p.port},{self.standby.port} dbname={self.dbname}"
+            f" user=postgres password={p.password} target_session_attrs=read-write"
+            " connect_timeout=3"
+        )
+
     def wait_synced(self, slot: str, timeout: float = 60.0) -> None:
         """Until the standby has a usable (synchronized, not temporary) copy of ``slot``
         at the primary's confirmed position or later."""
