@@ -35,9 +35,9 @@ $(SYSTEM_STAMP): devstack/system-deps.sh
 	./devstack/system-deps.sh
 	@mkdir -p $(VENV) && touch $@
 
-# The hot path is compiled by mypyc (setup.py): rebuild when those sources change.
-COMPILED := cdc/messages.py cdc/pgoutput.py cdc/assemble.py cdc/resp.py cdc/plan.py cdc/core.py \
-	cdc/redis_wire.py cdc/sink.py cdc/source.py cdc/pipeline.py
+# The hot path is compiled by mypyc (setup.py; the list is cdc/compiled.py): rebuild
+# when those sources change, so a compiled module never shadows an edited one.
+COMPILED := $(shell $(PYTHON) cdc/compiled.py)
 
 $(STAMP): $(SYSTEM_STAMP) pyproject.toml setup.py $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,3 +57,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .run build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find cdc -name '*.so' -delete

@@ -35,8 +35,8 @@ import psycopg
 import redis
 
 from bench.common import DaemonProcess, Stack, parse_lsn, percentile, row, stack
-from cdc.redis_wire import RedisAddress
-from cdc.resp import command
+from cdc.cache.resp import command
+from cdc.cache.wire import RedisAddress
 from devstack.servers import postgres_bin_dir
 from schema.keys import STATE_KEY
 

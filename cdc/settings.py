@@ -14,9 +14,9 @@ from urllib.parse import urlsplit, urlunsplit
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.connection import parse_url
 
 from cdc.errors import ConfigError
+from schema.redis_url import RedisTarget
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     status_interval: float = Field(default=1.0, gt=0, validation_alias=_env("CDC_STATUS_INTERVAL"))
     pg_timeout: float = Field(default=30.0, gt=0, validation_alias=_env("CDC_PG_TIMEOUT"))
     redis_timeout: float = Field(default=5.0, gt=0, validation_alias=_env("CDC_REDIS_TIMEOUT"))
+    # After each batch, WAIT for this many Redis replicas before confirming (contract 4).
+    redis_min_replicas: int = Field(
+        default=0, ge=0, validation_alias=_env("CDC_REDIS_MIN_REPLICAS")
+    )
     standby: bool = Field(default=False, validation_alias=_env("CDC_STANDBY"))
     slot_busy_timeout: float = Field(
         default=15.0, ge=0, validation_alias=_env("CDC_SLOT_BUSY_TIMEOUT")
@@ -131,7 +135,7 @@ class Settings(BaseSettings):
         """The settings without secrets (for the startup log line)."""
         return {
             "database": redact_url(self.replication_conninfo),
-            "redis": redact_url(self.redis),
+            "redis": describe_redis_url(self.redis),
             "slot": self.slot,
             "publication": self.publication,
             "plugin": self.plugin,
@@ -177,10 +181,16 @@ def _check_postgres_url(name: str, url: str) -> None:
         raise ConfigError(f"{name} is not a valid URL: {type(exc).__name__}") from None
 
 
-def _check_redis_url(url: str) -> None:
-    if not url.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"REDIS_URL must be a redis:// or rediss:// URL (got {redact_url(url)})")
+def describe_redis_url(url: str) -> str:
+    """Where ``url`` points, without password or query (safe for logs)."""
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
+        return RedisTarget.parse(url).describe()
+    except ValueError:
+        return "<invalid REDIS_URL>"
+
+
+def _check_redis_url(url: str) -> None:
+    try:
+        RedisTarget.parse(url)
     except ValueError as exc:
-        raise ConfigError(f"REDIS_URL is not a valid URL: {exc}") from None
+        raise ConfigError(f"REDIS_URL is not valid: {exc}") from None

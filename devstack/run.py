@@ -27,9 +27,9 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
-import redis
 
 from devstack.servers import PostgresServer, RedisServer, free_port
+from schema.redis_url import redis_client
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / ".run"
@@ -253,7 +253,7 @@ def _progress(
     redis_url: str,
     seconds: float | None,
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     tty = sys.stdout.isatty()
     started = time.monotonic()
     last_changes, last_writes, last_at = 0.0, 0, started

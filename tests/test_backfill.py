@@ -5,8 +5,8 @@ from __future__ import annotations
 import hiredis
 import psycopg
 
-from cdc.backfill import Backfill
-from cdc.plan import CommandBatch, Planner
+from cdc.runtime.backfill import Backfill
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TICKETS
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -22,10 +22,14 @@ def _insert(pg: Conn, *ids: str) -> None:
 def _written_keys(batch: CommandBatch) -> set[bytes]:
     reader = hiredis.Reader()
     reader.feed(bytes(batch.buf))
-    keys = set()
-    while (command := reader.gets()) is not False:
-        if command[0] == b"HSET":
-            keys.add(command[1])
+    items = []
+    while (item := reader.gets()) is not False:
+        items.append(item)
+    keys, at = set(), 0
+    while at < len(items):  # operations: code, n, n arguments
+        if items[at] in (b"h", b"r"):
+            keys.add(items[at + 2])
+        at += 2 + int(items[at + 1])
     return keys
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cdc.metrics import Metrics
+from cdc.telemetry.metrics import Metrics
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 

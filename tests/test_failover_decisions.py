@@ -12,10 +12,10 @@ import psycopg
 import pytest
 import redis
 
+from cdc.cache.checkpoint import CacheState
 from cdc.errors import ConfigError
-from cdc.failover import parse_history, slot_loss_reason, timeline_reason
-from cdc.lsn import parse_lsn
-from cdc.sink import CacheState
+from cdc.protocol.lsn import parse_lsn
+from cdc.runtime.failover import parse_history, slot_loss_reason, timeline_reason
 from tests.helpers import ROOT, Daemon, assert_converged, fence, redis_state, running, wait_for
 
 Conn = psycopg.Connection[tuple[Any, ...]]

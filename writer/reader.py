@@ -20,6 +20,7 @@ from schema import keys
 from schema.keys import AGENTS, TICKETS, TrackedTable
 from schema.models import Agent, Ticket
 from schema.pgtext import row_from_text
+from schema.redis_url import redis_client
 from schema.tables import Agent as AgentTable
 from schema.tables import Ticket as TicketTable
 from writer.base import identifier
@@ -51,7 +52,9 @@ class CacheReader:
 
     @classmethod
     def connect(cls, redis_url: str, database: Database | None = None) -> CacheReader:
-        return cls(redis.Redis.from_url(redis_url, decode_responses=True), database)
+        # Every REDIS_URL form the daemon takes (rediss:// with client certificates,
+        # redis+sentinel://): one parser for both, in schema.
+        return cls(redis_client(redis_url, decode_responses=True), database)
 
     # -- read-your-writes --------------------------------------------------------------
 

@@ -18,10 +18,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final, Union
 
-from cdc import pgoutput
-from cdc.assemble import DELETE, Assembler, Event, RowChange, TxBegin, TxCommit
-from cdc.messages import Message, PrimaryKeepalive, XLogData, parse_copy_data, pg_time_to_unix
-from cdc.plan import CommandBatch, Planner
+from cdc.protocol import pgoutput
+from cdc.protocol.messages import (
+    Message,
+    PrimaryKeepalive,
+    XLogData,
+    parse_copy_data,
+    pg_time_to_unix,
+)
+from cdc.transform.assemble import DELETE, Assembler, Event, RowChange, TxBegin, TxCommit
+from cdc.transform.plan import Boundary, CommandBatch, Planner
 
 
 class BatchFull:
@@ -51,26 +57,6 @@ class Position:
 
     def __repr__(self) -> str:
         return f"Position({self.checkpoint}, {self.partial_lsn}, {self.partial_count})"
-
-
-class Boundary:
-    """Where the batch ends at the last complete transaction."""
-
-    def __init__(
-        self,
-        buf_len: int = 0,
-        commands: int = 0,
-        patches: int = 0,
-        changes: int = 0,
-        counts: dict[tuple[str, str], int] | None = None,
-        oversized: int = 0,
-    ) -> None:
-        self.buf_len = buf_len
-        self.commands = commands
-        self.patches = patches
-        self.changes = changes
-        self.counts: dict[tuple[str, str], int] = counts if counts is not None else {}
-        self.oversized = oversized
 
 
 class RecentTransactions:
@@ -150,10 +136,8 @@ class StreamCore:
             return frame
         if not self.assembler.in_transaction:
             wal_end = frame.wal_end
-            if wal_end > self.stream_position:
-                self.stream_position = wal_end
-            if wal_end > self.keepalive_target:
-                self.keepalive_target = wal_end
+            self.stream_position = max(self.stream_position, wal_end)
+            self.keepalive_target = max(self.keepalive_target, wal_end)
         return frame if frame.reply_requested else None
 
     def _event(self, event: Event | None) -> Outcome:
@@ -196,15 +180,7 @@ class StreamCore:
         self.commit_times.append(pg_time_to_unix(event.commit_time))
         self.transactions += 1
         self.skip_changes = 0
-        batch = self.batch
-        self.boundary = Boundary(
-            len(batch.buf),
-            batch.commands,
-            len(batch.patches),
-            batch.changes,
-            dict(batch.counts),
-            len(batch.oversized),
-        )
+        self.boundary = self.batch.mark()
 
     def _row(self, change: RowChange) -> None:
         if self.skip or change.seq <= self.skip_changes:

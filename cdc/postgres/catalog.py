@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import psycopg
 
 from cdc.errors import PostgresUnavailable
-from cdc.lsn import Lsn, parse_lsn
-from cdc.source import SESSION_OPTIONS, connect_error
+from cdc.postgres.source import SESSION_OPTIONS, connect_error
+from cdc.protocol.lsn import Lsn, parse_lsn
 from schema.keys import TrackedTable
 
 Conn = psycopg.Connection[tuple[object, ...]]

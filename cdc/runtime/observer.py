@@ -12,10 +12,11 @@ import queue
 import threading
 import time
 
-from cdc import catalog, logs
 from cdc.errors import CdcError
-from cdc.metrics import Metrics
+from cdc.postgres import catalog
 from cdc.settings import Settings
+from cdc.telemetry import logs
+from cdc.telemetry.metrics import Metrics
 from schema.keys import TrackedTable
 
 
@@ -30,7 +31,7 @@ class Observer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="observer", daemon=True)
         self._fingerprint: dict[str, tuple[tuple[str, int, int], ...]] | None = None
-        self.log = logs.get("cdc.observer")
+        self.log = logs.get("cdc.runtime.observer")
 
     def start(self) -> None:
         self._thread.start()

@@ -19,14 +19,15 @@ from dataclasses import dataclass, field
 import psycopg
 import redis
 
-from cdc import catalog
-from cdc.assemble import view_from_columns
-from cdc.lsn import Lsn, format_lsn, lsn_bytes
-from cdc.plan import CommandBatch, Planner
-from cdc.rows import iter_rows
-from cdc.sink import RedisSink
-from cdc.source import ReplicationSource
+from cdc.cache.sink import RedisSink
+from cdc.postgres import catalog
+from cdc.postgres.rows import iter_rows
+from cdc.postgres.source import ReplicationSource
+from cdc.protocol.lsn import Lsn, format_lsn, lsn_bytes
+from cdc.transform.assemble import view_from_columns
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import VERSION_FIELD, TrackedTable
+from schema.redis_url import redis_client
 
 Progress = Callable[[str, int, float], None]
 
@@ -71,7 +72,7 @@ def create_slot_and_load(
         batch_rows,
         progress,
     )
-    client = redis.Redis.from_url(redis_url, socket_timeout=redis_timeout)
+    client = redis_client(redis_url, socket_timeout=redis_timeout)
     try:
         report.swept = sweep(client, tables, created.consistent_point)
     finally:

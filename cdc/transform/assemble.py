@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Union
 
-from cdc.messages import (
+from cdc.errors import RecordError
+from cdc.protocol.messages import (
     Begin,
     Commit,
     Delete,
@@ -49,7 +50,7 @@ DELETE: Final = 3
 OP_NAMES: Final = ("", "insert", "update", "delete")
 
 
-class AssemblyError(ValueError):
+class AssemblyError(RecordError):
     """Messages in an order the protocol does not allow (a bug upstream, never retried)."""
 
 

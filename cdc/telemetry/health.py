@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cdc.errors import ConfigError
-from cdc.metrics import Metrics
+from cdc.telemetry.metrics import Metrics
 
 
 class Readiness:

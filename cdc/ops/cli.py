@@ -14,9 +14,9 @@ from typing import Any, TypeVar
 
 import click
 
-from cdc import logs
 from cdc.errors import CdcError, ConfigError
 from cdc.settings import Settings, load_settings
+from cdc.telemetry import logs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,7 +47,7 @@ def _guard(fn: F) -> F:
         except ConfigError as exc:
             fail(str(exc))
         except CdcError as exc:
-            fail(str(exc), code=1)
+            fail(str(exc), code=getattr(exc, "exit_code", 1))
         return None
 
     wrapper.__name__ = fn.__name__
@@ -69,7 +69,7 @@ def main() -> None:
 @_guard
 def run() -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT: finish the batch, confirm, exit 0)."""
-    from cdc.daemon import run as run_daemon
+    from cdc.runtime.daemon import run as run_daemon
 
     settings = _settings()
     sys.exit(run_daemon(settings))
@@ -85,7 +85,7 @@ def slot() -> None:
 @_guard
 def slot_status(as_json: bool) -> None:
     """Slot name, plugin, activity, confirmed LSN, lag, retained WAL, wal_status."""
-    from cdc.slot import status
+    from cdc.ops.slot import status
 
     report = status(_settings())
     if as_json:
@@ -103,8 +103,8 @@ def slot_status(as_json: bool) -> None:
 @_guard
 def slot_reset(yes: bool, dry_run: bool, force: bool) -> None:
     """Drop and recreate the slot, rebuild the cache from a snapshot consistent with it."""
-    from cdc.lsn import format_lsn
-    from cdc.slot import plan_reset, reset
+    from cdc.ops.slot import plan_reset, reset
+    from cdc.protocol.lsn import format_lsn
 
     settings = _settings()
     plan = plan_reset(settings, force)
@@ -131,7 +131,7 @@ def slot_reset(yes: bool, dry_run: bool, force: bool) -> None:
 @_guard
 def verify(repair: bool, as_json: bool) -> None:
     """Compare every tracked row with its Redis key (exit 0 equal, 1 differences)."""
-    from cdc.verify import verify as run_verify
+    from cdc.ops.verify import verify as run_verify
 
     report = run_verify(_settings(), repair)
     if as_json:

@@ -14,14 +14,16 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cdc import catalog, failover, logs
+from cdc.cache.sink import RedisSink
 from cdc.errors import ConfigError, SlotInUse
-from cdc.lsn import format_lsn
-from cdc.plan import Planner
+from cdc.postgres import catalog
+from cdc.postgres.source import ReplicationSource
+from cdc.protocol.lsn import format_lsn
+from cdc.runtime import failover
+from cdc.runtime.snapshot import LoadReport, create_slot_and_load
 from cdc.settings import Settings
-from cdc.sink import RedisSink
-from cdc.snapshot import LoadReport, create_slot_and_load
-from cdc.source import ReplicationSource
+from cdc.telemetry import logs
+from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
 
 
@@ -173,7 +175,7 @@ def plan_reset(
 def reset(
     settings: Settings, plan: ResetPlan, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
 ) -> LoadReport:
-    log = logs.get("cdc.slot")
+    log = logs.get("cdc.ops.slot")
     conn = catalog.connect(settings.replication_conninfo)
     source = ReplicationSource(settings.replication_conninfo)
     sink = RedisSink(settings.redis, settings.redis_timeout)

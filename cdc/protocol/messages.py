@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Final, Union
 
+from cdc.errors import RecordError
+
 
 class UnchangedToast:
     """Marker for a TOASTed column an UPDATE left unchanged (pgoutput's ``'u'``)."""
@@ -30,7 +32,7 @@ Value = Union[bytes, None, UnchangedToast]  # noqa: UP007 - mypyc-friendly alias
 TupleData = tuple[Value, ...]
 
 
-class DecodeError(ValueError):
+class DecodeError(RecordError):
     """Bytes that are not a well-formed message of the protocol."""
 
 

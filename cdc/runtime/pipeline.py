@@ -31,18 +31,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cdc import catalog, logs, pgoutput
-from cdc.assemble import Assembler, SchemaChange, TableTruncate, TxCommit
-from cdc.backfill import Backfill
-from cdc.core import BatchFull, Boundary, Position, StreamCore
-from cdc.errors import PostgresUnavailable
-from cdc.lsn import Lsn, format_lsn
-from cdc.messages import Message, PrimaryKeepalive
-from cdc.metrics import Metrics
-from cdc.plan import CommandBatch, Planner
+from cdc import failpoints
+from cdc.cache.checkpoint import format_partial
+from cdc.cache.sink import InFlight, RedisSink
+from cdc.errors import PoisonRecord, PostgresUnavailable, RecordError
+from cdc.postgres import catalog
+from cdc.postgres.source import ReplicationSource
+from cdc.protocol import pgoutput
+from cdc.protocol.lsn import Lsn, format_lsn
+from cdc.protocol.messages import Message, PrimaryKeepalive
+from cdc.runtime.backfill import Backfill
 from cdc.settings import Settings
-from cdc.sink import InFlight, RedisSink
-from cdc.source import ReplicationSource
+from cdc.telemetry import logs
+from cdc.telemetry.metrics import Metrics
+from cdc.transform.assemble import Assembler, SchemaChange, TableTruncate, TxCommit
+from cdc.transform.core import BatchFull, Position, StreamCore
+from cdc.transform.plan import Boundary, CommandBatch, Planner
 from schema.keys import TrackedTable
 
 Decode = Callable[[bytes], Message | list[Message]]
@@ -98,7 +102,7 @@ class Pipeline:
         self._fast = decode is pgoutput.decode
         self.schema_requests = schema_requests
         self.on_schema_change = on_schema_change
-        self.log = logs.get("cdc.pipeline")
+        self.log = logs.get("cdc.runtime.pipeline")
         self.assembler = Assembler(tables)
         self.planner = Planner(settings.max_row_bytes)
         self.backfill = backfill or Backfill(self.planner, settings.backfill_chunk)
@@ -143,14 +147,19 @@ class Pipeline:
                 self._idle()
                 continue
             self._last_received = time.monotonic()
-            if fast:
-                outcome = core.feed(data)
-                if outcome is not None:
-                    self._on_outcome(outcome)
-            else:
-                self._slow_path(data)
+            if failpoints.ACTIVE:
+                data = failpoints.record(data)
+            try:
+                if fast:
+                    outcome = core.feed(data)
+                    if outcome is not None:
+                        self._on_outcome(outcome)
+                else:
+                    self._slow_path(data)
+            except (RecordError, ValueError, IndexError, KeyError, TypeError) as exc:
+                raise self._poison(data, exc) from None
             if len(core.batch.buf) >= limit_bytes:
-                self.flush()
+                self._at_limit()
 
     def _slow_path(self, data: bytes) -> None:
         """Other output plugins (wal2json): decode in Python, then the same core."""
@@ -167,13 +176,30 @@ class Pipeline:
         if isinstance(outcome, TxCommit):
             self._on_commit(outcome)
         elif isinstance(outcome, BatchFull):
-            self.flush()
+            self._at_limit()
         elif isinstance(outcome, PrimaryKeepalive):
             self._on_keepalive(outcome)
         elif isinstance(outcome, TableTruncate):
             self._on_truncate(outcome)
         elif isinstance(outcome, SchemaChange):
             self._on_schema_change(outcome)
+
+    def _poison(self, data: bytes, exc: Exception) -> PoisonRecord:
+        """The record in ``data`` cannot be handled: say where, never what it holds."""
+        lsn = format_lsn(int.from_bytes(data[1:9], "big")) if len(data) >= 9 else "?"
+        table = "?"
+        views = self.assembler.views
+        # Row messages name their relation right after the type byte (or after the
+        # transaction id, inside a stream).
+        for at in (26, 30):
+            if len(data) >= at + 4 and chr(data[25]) in "IUDT":
+                view = views.get(int.from_bytes(data[at : at + 4], "big"))
+                if view is not None:
+                    table = view.table_name
+                    break
+        reason = str(exc) if isinstance(exc, RecordError) else type(exc).__name__
+        self.log.error("cannot apply a record", lsn=lsn, table=table, error=type(exc).__name__)
+        return PoisonRecord(lsn, table, reason)
 
     # -- events -----------------------------------------------------------------------------
 
@@ -227,40 +253,34 @@ class Pipeline:
 
     def flush_complete(self) -> None:
         """Send the complete transactions of the batch; keep the one in progress."""
+        core = self.core
         if not self._tx_open():
             self.flush()
             return
-        if (
-            self.core.boundary.commands == 0
-            and self.core.pending_checkpoint <= self.sent_checkpoint
-        ):
+        if core.boundary.empty and core.pending_checkpoint <= self.sent_checkpoint:
             return  # only the transaction in progress is pending: nothing to apply yet
-        rest = self._split_at_boundary()
-        if not self.core.batch.empty or self.core.pending_checkpoint > self.sent_checkpoint:
+        rest = core.batch.split(core.boundary)
+        if not core.batch.empty or core.pending_checkpoint > self.sent_checkpoint:
             self.flush(chunk=False)
-        self.core.batch = rest
-        self.core.boundary = Boundary()
+        core.batch = rest
+        core.boundary = Boundary()
 
-    def _split_at_boundary(self) -> CommandBatch:
-        """Cut the batch after its last complete transaction; return the rest."""
-        batch = self.core.batch
-        cut = self.core.boundary
-        rest = CommandBatch()
-        rest.buf = batch.buf[cut.buf_len :]
-        rest.commands = batch.commands - cut.commands
-        rest.patches = [(i - cut.commands, t, r) for i, t, r in batch.patches[cut.patches :]]
-        rest.changes = batch.changes - cut.changes
-        rest.oversized = batch.oversized[cut.oversized :]
-        rest.counts = {
-            k: n - cut.counts.get(k, 0) for k, n in batch.counts.items() if n - cut.counts.get(k, 0)
-        }
-        del batch.buf[cut.buf_len :]
-        del batch.patches[cut.patches :]
-        del batch.oversized[cut.oversized :]
-        batch.commands = cut.commands
-        batch.changes = cut.changes
-        batch.counts = dict(cut.counts)
-        return rest
+    def _at_limit(self) -> None:
+        """The batch reached a limit (changes or bytes).
+
+        A batch ends at a transaction boundary: the complete transactions go, the one in
+        progress stays for the next batch. Only a transaction that alone fills a batch
+        is sent in chunks (``partial`` records how far it got)."""
+        core = self.core
+        if self._tx_open() and not core.boundary.empty:
+            self.flush_complete()
+            batch = core.batch
+            if (
+                batch.changes < self.settings.batch_max_changes
+                and len(batch.buf) < self.settings.batch_max_bytes
+            ):
+                return
+        self.flush()
 
     def flush(self, chunk: bool = True) -> None:
         """Send the batch with its checkpoint (then the previous one is acknowledged).
@@ -279,7 +299,7 @@ class Pipeline:
             # A chunk of a transaction larger than the batch limit.
             partial_lsn = self.core.final_lsn
             partial_count = self.assembler.seq
-            state["partial"] = f"{format_lsn(partial_lsn)}:{partial_count}"
+            state["partial"] = format_partial(partial_lsn, partial_count)
         else:
             state["partial"] = ""
         marker: str | None = None
@@ -291,6 +311,8 @@ class Pipeline:
         # batch queued while the daemon waits, so neither side idles on the other.
         previous = self._inflight
         handle = self.sink.send(batch, state)
+        if failpoints.ACTIVE:
+            failpoints.hit("after_send")
         self._inflight = _Sent(
             handle, checkpoint, partial_lsn, partial_count, self.core.commit_times, marker
         )
@@ -336,13 +358,9 @@ class Pipeline:
         for table, size in batch.oversized:
             self.metrics.errors.labels(kind="oversized_row").inc()
             self.log.warning("row too large to cache; key dropped", table=table, bytes=size)
-        if result.errors:
-            self.metrics.errors.labels(kind="redis_command").inc(len(result.errors))
-            self.log.error(
-                "Redis refused commands in a batch",
-                count=len(result.errors),
-                first=result.errors[0],
-            )
+        if result.repaired:
+            self.metrics.errors.labels(kind="wrong_type_key").inc(result.repaired)
+            self.log.warning("replaced keys of ours that held another type", count=result.repaired)
         self._last_applied_at = time.monotonic()
         if self._last_applied_at - self._last_status >= self.settings.status_interval:
             # Busy draining a backlog: keep confirming (and proving we are alive).
@@ -434,6 +452,11 @@ class Pipeline:
         if self._inflight is None:
             self.source.wait(timeout)
             return
+        if self.sink.ready(self._inflight.handle):
+            # Its answer may have arrived with the previous one's: the socket will not
+            # become readable for it again.
+            self.drain()
+            return
         _, answered = self.source.wait(timeout, also=self.sink.fileno())
         # Readable is not answered: the +QUEUED replies arrive long before EXEC's.
         if answered and self.sink.ready(self._inflight.handle):
@@ -452,7 +475,7 @@ class Pipeline:
         """Finish the batch in flight (whole transactions only), confirm it."""
         if self._tx_open():
             # The transaction in progress will be sent again after the restart.
-            self._split_at_boundary()
+            self.core.batch.split(self.core.boundary)
         self.flush(chunk=False)
         self.drain()
         self.send_status(reply=False)

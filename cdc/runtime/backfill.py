@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from cdc import catalog
-from cdc.assemble import TableView, view_from_columns
-from cdc.core import RecentTransactions
-from cdc.lsn import Lsn, lsn_bytes, parse_lsn
-from cdc.plan import CommandBatch, Planner
-from cdc.rows import Row, rows_after, rows_by_id
+from cdc.postgres import catalog
+from cdc.postgres.rows import Row, rows_after, rows_by_id
+from cdc.protocol.lsn import Lsn, lsn_bytes, parse_lsn
+from cdc.transform.assemble import TableView, view_from_columns
+from cdc.transform.core import RecentTransactions
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TrackedTable
 
 _HALF = 1 << 31

@@ -12,7 +12,7 @@ over clever helpers here.
 
 from __future__ import annotations
 
-from cdc.messages import (
+from cdc.protocol.messages import (
     UNCHANGED_TOAST,
     Begin,
     Commit,

@@ -22,9 +22,8 @@ import json
 from datetime import datetime
 from typing import Any
 
-from cdc.assemble import CAST_BOOL, CAST_BPCHAR, CAST_INET, text_cast
-from cdc.lsn import parse_lsn
-from cdc.messages import (
+from cdc.protocol.lsn import parse_lsn
+from cdc.protocol.messages import (
     UNCHANGED_TOAST,
     Begin,
     Commit,
@@ -40,6 +39,7 @@ from cdc.messages import (
     Value,
     unix_to_pg_time,
 )
+from cdc.transform.assemble import CAST_BOOL, CAST_BPCHAR, CAST_INET, text_cast
 
 START_OPTIONS = {
     "format-version": "2",

@@ -7,8 +7,9 @@ streaming meanwhile, a difference may only be in flight: pass 2 waits until the 
 checkpoint passes the WAL position of pass 1, then re-reads just the differing keys from
 both sides. Only what still differs is reported (and, with ``--repair``, rewritten).
 
-Repairs are written with the row read in pass 2; a later change will still be streamed
-over them by the daemon, which remains the only regular writer.
+Repairs are conditional: a key is rewritten only if it still holds what was read before
+its row was (see :meth:`Verifier._repair`), so a change the daemon applies meanwhile is
+never overwritten by an older row.
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
-
-from cdc import catalog
-from cdc.assemble import TableView, view_from_columns
-from cdc.lsn import lsn_bytes, parse_lsn
-from cdc.rows import Row, existing_ids, iter_rows, rows_by_id
+from cdc.postgres import catalog
+from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
+from cdc.protocol.lsn import lsn_bytes, parse_lsn
+from cdc.runtime.snapshot import scan_keys
 from cdc.settings import Settings
-from cdc.snapshot import scan_keys
+from cdc.transform.assemble import TableView, view_from_columns
 from schema.keys import (
     RESERVED_FIELD_PREFIX,
     STATE_KEY,
@@ -32,6 +31,7 @@ from schema.keys import (
     VERSION_FIELD,
     TrackedTable,
 )
+from schema.redis_url import redis_client
 
 CHUNK = 1000
 
@@ -134,9 +134,7 @@ class Verifier:
     ) -> None:
         self.settings = settings
         self.tables = tables
-        self.redis = redis.Redis.from_url(
-            settings.redis, socket_timeout=max(settings.redis_timeout, 10)
-        )
+        self.redis = redis_client(settings.redis, socket_timeout=max(settings.redis_timeout, 10))
 
     def close(self) -> None:
         self.redis.close()
@@ -289,33 +287,98 @@ class Verifier:
     def _repair(
         self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
     ) -> int:
-        stamp = lsn_bytes(catalog.current_wal_lsn(conn))
+        """Rewrite each differing key from PostgreSQL, never over a newer change.
+
+        Per key: read what Redis holds (its ``_v``, or a lookup's value), then the row,
+        then write in one script only if the key still holds what was read. If the
+        daemon changed the key in between, its change is newer than this repair and
+        stays. The repaired hash gets ``_v`` = the larger of its old version and the
+        checkpoint, so versions never go backwards."""
         repaired = 0
+        replace = self.redis.register_script(_REPAIR_SCRIPT)
         for table, view, ident in suspects:
-            pipe = self.redis.pipeline(transaction=True)
             if ident.startswith("lookup:"):
                 _, index_text, value = ident.split(":", 2)
                 lookup = table.lookups[int(index_text)]
+                key = lookup.key(value)
+                seen = self._token(key, None)
                 row = conn.execute(
                     f'SELECT "{table.primary_key}"::text FROM "{table.schema}"."{table.name}"'
                     f' WHERE "{lookup.column}"::text = %s',
                     (value,),
                 ).fetchone()
-                if row is None:
-                    pipe.delete(lookup.key(value))
-                else:
-                    pipe.set(lookup.key(value), str(row[0]))
+                args: list[Any] = [seen, "string"]
+                if row is not None:
+                    args.append(str(row[0]))
             else:
+                key = view.key(ident.encode()).decode()
+                seen = self._token(key, VERSION_FIELD)
                 rows = rows_by_id(conn, table, view.column_names, [ident])
-                key = view.key(ident.encode())
-                pipe.delete(key)
+                args = [seen, "hash"]
                 if rows:
-                    mapping: dict[Any, Any] = dict(expected_hash(view, rows[0]))
-                    mapping[VERSION_FIELD.encode()] = stamp
-                    pipe.hset(key, mapping=mapping)
-            pipe.execute()
-            repaired += 1
+                    version = self._version(seen)
+                    mapping = dict(expected_hash(view, rows[0]))
+                    mapping[VERSION_FIELD.encode()] = version
+                    for name, field_value in mapping.items():
+                        args += [name, field_value]
+            if replace(keys=[key], args=args) == 1:
+                repaired += 1
         return repaired
+
+    def _token(self, key: str, version_field: str | None) -> str:
+        """What a key holds, as the repair script sees it (see _REPAIR_SCRIPT)."""
+        kind = _text(self.redis.type(key))
+        if kind == "none":
+            return ""
+        if version_field is not None and kind == "hash":
+            return "h:" + _text(self.redis.hget(key, version_field))
+        if kind == "string":
+            return "s:" + _text(self.redis.get(key))
+        return "t:" + kind
+
+    def _version(self, seen: str) -> bytes:
+        """``_v`` for a repaired hash: never below its old one or the checkpoint."""
+        raw = self.redis.hget(STATE_KEY, "lsn")
+        checkpoint = parse_lsn(raw) if raw else 0
+        old = seen[2:] if seen.startswith("h:") and len(seen) > 2 else ""
+        if old:
+            checkpoint = max(checkpoint, parse_lsn(old))
+        return lsn_bytes(checkpoint)
+
+
+# KEYS[1]: the key; ARGV: the token read before the row (see Verifier._token), the kind
+# to write ("hash": field value pairs follow, "string": the value follows; nothing
+# following: delete). Writes only if the key still holds what was read.
+_REPAIR_SCRIPT = """
+local key = KEYS[1]
+local kind = redis.call('TYPE', key).ok
+local token
+if kind == 'none' then
+  token = ''
+elseif kind == 'hash' and ARGV[2] == 'hash' then
+  token = 'h:' .. (redis.call('HGET', key, '_v') or '')
+elseif kind == 'string' then
+  token = 's:' .. redis.call('GET', key)
+else
+  token = 't:' .. kind
+end
+if token ~= ARGV[1] then return 0 end
+redis.call('DEL', key)
+if #ARGV > 2 then
+  if ARGV[2] == 'hash' then
+    redis.call('HSET', key, unpack(ARGV, 3))
+  else
+    redis.call('SET', key, ARGV[3])
+  end
+end
+return 1
+"""
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _pk(view: TableView, row: Row) -> bytes:

@@ -30,8 +30,8 @@ from cdc.errors import (
     SlotInUse,
     SlotInvalidated,
 )
-from cdc.lsn import Lsn, format_lsn, parse_lsn
-from cdc.messages import standby_status_update, unix_to_pg_time
+from cdc.protocol.lsn import Lsn, format_lsn, parse_lsn
+from cdc.protocol.messages import standby_status_update, unix_to_pg_time
 
 SESSION_OPTIONS = (
     "-c TimeZone=UTC -c DateStyle=ISO,MDY -c IntervalStyle=postgres"

@@ -1,13 +1,16 @@
 """A minimal pipelined Redis connection for the apply path.
 
-Applying a batch sends one buffer holding ``MULTI``, thousands of commands, ``EXEC`` and
-the next ``WATCH`` in a single write, then reads the replies: the ``+QUEUED`` run is
-skipped as raw bytes, the rest parsed by hiredis in C. redis-py's
-per-reply overhead (about 2 µs) would double the cost of a row, so the hot path uses this
-instead; everything else (checks, verify, the cache reader) uses redis-py.
+Applying a batch sends one ``EVAL`` whose arguments are thousands of operations in a
+single gathered write, then reads its one reply, parsed by hiredis in C. redis-py would
+copy the batch into its own argument list and encoder (about 2 µs per row on this path),
+so the hot path uses this instead; everything else (checks, verify, the cache reader)
+uses redis-py.
 
-URLs are parsed by redis-py (``redis://``, ``rediss://`` for TLS, ``user:password@`` for
-ACL users, ``/db``), so both agree on what a ``REDIS_URL`` means.
+URLs are parsed by :mod:`schema.redis_url`, shared with the redis-py clients, so both agree
+on what a ``REDIS_URL`` means: ``rediss://`` wraps the socket in TLS with the URL's client
+certificate and CA; ``redis+sentinel://`` asks the Sentinels for the master on every
+connect and checks its ``ROLE``. A ``READONLY`` reply (the master was demoted under us)
+closes the connection like a lost one, so the session reconnects and re-resolves.
 """
 
 from __future__ import annotations
@@ -15,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
-from dataclasses import dataclass
 from typing import Any
 
 import hiredis
-from redis.connection import parse_url
 
-from cdc.resp import command, reply_end
+from cdc.cache.resp import command, reply_end
+from schema.redis_url import RedisTarget
 
 
 class WireError(Exception):
@@ -36,37 +38,9 @@ class WireReplyError(Exception):
         self.code = message.split(" ", 1)[0] if message else ""
 
 
-@dataclass(frozen=True)
-class RedisAddress:
-    host: str
-    port: int
-    db: int
-    username: str | None
-    password: str | None
-    tls: bool
-    tls_verify: bool
-    tls_ca: str | None
-
-    @classmethod
-    def from_url(cls, url: str) -> RedisAddress:
-        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-        tls = url.startswith("rediss://")
-        cert_reqs = options.get("ssl_cert_reqs", "required")
-        return cls(
-            host=str(options.get("host", "127.0.0.1")),
-            port=int(options.get("port", 6379)),
-            db=int(options.get("db", 0) or 0),
-            username=options.get("username"),
-            password=options.get("password"),
-            tls=tls,
-            tls_verify=str(cert_reqs).lower() not in ("none", "cert_none"),
-            tls_ca=options.get("ssl_ca_certs"),
-        )
-
-    def describe(self) -> str:
-        """Where, without credentials (safe to log)."""
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+# Every form of REDIS_URL (one node, TLS, Sentinel) is parsed in one place, shared with
+# redis-py's clients and the writer's reader.
+RedisAddress = RedisTarget
 
 
 class RedisWire:
@@ -78,6 +52,7 @@ class RedisWire:
         self._sock: socket.socket | None = None
         self._reader = hiredis.Reader(replyError=WireReplyError)
         self._pending = bytearray()
+        self._context: ssl.SSLContext | None = None
 
     @property
     def connected(self) -> bool:
@@ -88,36 +63,108 @@ class RedisWire:
         return self._sock.fileno() if self._sock is not None else -1
 
     def connect(self) -> None:
+        """Connect (asking the Sentinels where the master is, in Sentinel mode)."""
         self.close()
         addr = self.address
+        host, port = self._resolve() if addr.sentinel else (addr.host, addr.port)
+        self._open(host, port, addr.username, addr.password, addr.db)
+        if addr.sentinel:
+            self._check_master(host, port)
+
+    def _open(
+        self, host: str, port: int, username: str | None, password: str | None, db: int
+    ) -> None:
+        addr = self.address
+        where = f"{addr.describe()} ({host}:{port})" if addr.sentinel else addr.describe()
         try:
-            sock = socket.create_connection((addr.host, addr.port), timeout=self.timeout)
+            sock = socket.create_connection((host, port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if addr.tls:
-                context = ssl.create_default_context(cafile=addr.tls_ca)
-                if not addr.tls_verify:
-                    context.check_hostname = False
-                    context.verify_mode = ssl.CERT_NONE
-                sock = context.wrap_socket(sock, server_hostname=addr.host)
+            if addr.tls is not None:
+                context = self._tls_context()
+                sock = context.wrap_socket(sock, server_hostname=host)
         except OSError as exc:
-            raise WireError(f"cannot connect to {addr.describe()}: {exc.strerror or exc}") from exc
+            raise WireError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
         self._sock = sock
         self._reader = hiredis.Reader(replyError=WireReplyError)
         self._pending = bytearray()
         handshake: list[bytes] = []
-        if addr.password is not None:
-            if addr.username:
-                handshake.append(command(b"AUTH", addr.username.encode(), addr.password.encode()))
+        if password is not None:
+            if username:
+                handshake.append(command(b"AUTH", username.encode(), password.encode()))
             else:
-                handshake.append(command(b"AUTH", addr.password.encode()))
-        if addr.db:
-            handshake.append(command(b"SELECT", str(addr.db).encode()))
+                handshake.append(command(b"AUTH", password.encode()))
+        if db:
+            handshake.append(command(b"SELECT", str(db).encode()))
         if handshake:
             replies = self.roundtrip(b"".join(handshake), len(handshake))
             for reply in replies:
                 if isinstance(reply, WireReplyError):
                     self.close()
                     raise reply
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Built once per wire: loading the CA and client certificate costs milliseconds."""
+        if self._context is None:
+            assert self.address.tls is not None
+            self._context = self.address.tls.context()
+        return self._context
+
+    def _resolve(self) -> tuple[str, int]:
+        """The master's address as the first Sentinel that knows it says.
+
+        Asked on every connect, so a session that lost its master (connection gone,
+        ``READONLY``) finds the new one after a failover."""
+        addr = self.address
+        problems: list[str] = []
+        for host, port in addr.hosts:
+            found = self._ask_sentinel(host, port)
+            if isinstance(found, tuple):
+                return found
+            problems.append(found)
+        raise WireError(f"no Sentinel of {addr.describe()} names a master: " + "; ".join(problems))
+
+    def _ask_sentinel(self, host: str, port: int) -> tuple[str, int] | str:
+        """``SENTINEL get-master-addr-by-name`` on one Sentinel: the address, or why not."""
+        addr = self.address
+        assert addr.master is not None
+        sentinel = RedisWire(
+            RedisTarget(
+                hosts=((host, port),),
+                username=addr.sentinel_username,
+                password=addr.sentinel_password,
+                tls=addr.tls,
+            ),
+            self.timeout,
+        )
+        try:
+            if addr.tls is not None:
+                sentinel._context = self._tls_context()
+            sentinel.connect()
+            reply = sentinel.call(b"SENTINEL", b"get-master-addr-by-name", addr.master.encode())
+        except WireError as exc:
+            return str(exc)
+        except WireReplyError as exc:
+            return f"Sentinel {host}:{port}: {exc.code or exc}"
+        except OSError as exc:  # the TLS files
+            raise WireError(f"cannot set up TLS for {addr.describe()}: {exc}") from exc
+        finally:
+            sentinel.close()
+        if isinstance(reply, list) and len(reply) == 2:
+            return reply[0].decode(), int(reply[1])
+        return f"Sentinel {host}:{port} does not know master {addr.master!r}"
+
+    def _check_master(self, host: str, port: int) -> None:
+        """Refuse a node the Sentinels still call master but that is a replica now."""
+        try:
+            role = self.call(b"ROLE")
+        except WireReplyError as exc:
+            if exc.code != "NOPERM":
+                self.close()
+                raise WireError(f"ROLE on {host}:{port} failed: {exc.code or exc}") from None
+            return  # an ACL user without ROLE: READONLY replies still catch a replica
+        if not (isinstance(role, list) and role and role[0] == b"master"):
+            self.close()
+            raise WireError(f"{host}:{port} is not a master yet (failover in progress)")
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
@@ -166,47 +213,28 @@ class RedisWire:
             end = self._reply_end_blocking(end)
         return self._parse(end, count)
 
-    def read_transaction(self, queued: int, after: int) -> list[Any]:
-        """The replies to ``MULTI``, ``queued`` commands, ``EXEC`` and ``after`` more.
+    def replies_ready(self, count: int) -> bool:
+        """Whether ``count`` whole replies have arrived (reads without blocking).
 
-        Returns ``[exec_reply, *after_replies]`` when every command was queued, else
-        every reply (the caller looks for the errors). A queued command answers exactly
-        ``+QUEUED\r\n``; skipping thousands of them as raw bytes (one ``find`` in C)
-        instead of parsing each is a visible share of a batch's cost.
-        """
-        head = 5 + 9 * queued  # "+OK\r\n" then "+QUEUED\r\n" per command
-        pending = self._pending
-        while len(pending) < head:
-            self._fill()
-        if pending.startswith(b"+OK\r\n") and pending.find(b"-", 0, head) == -1:
-            del pending[:head]
-            return self.read(1 + after)
-        return self._transaction_replies(self.read(1 + queued + 1 + after), queued)
-
-    def transaction_ready(self, queued: int, after: int) -> bool:
-        """Whether the whole answer to a transaction has arrived (reads without blocking)."""
+        Looks at what is buffered first: an answer read along with an earlier one
+        leaves the socket with nothing more to say, so readiness must not wait on it."""
+        if self._buffered(count):
+            return True
         self._fill_available()
+        return self._buffered(count)
+
+    def _buffered(self, count: int) -> bool:
         pending = self._pending
-        head = 5 + 9 * queued
-        if len(pending) < head:
-            return False
-        if not (pending.startswith(b"+OK\r\n") and pending.find(b"-", 0, head) == -1):
-            head, after = 0, 1 + queued + 1 + after
-        else:
-            after += 1
-        at = head
-        for _ in range(after):
-            at = reply_end(pending, at)
+        at = 0
+        for _ in range(count):
+            try:
+                at = reply_end(pending, at)
+            except ValueError as exc:
+                self.close()
+                raise WireError(f"Redis protocol error: {exc}") from None
             if at < 0:
                 return False
         return True
-
-    @staticmethod
-    def _transaction_replies(replies: list[Any], queued: int) -> list[Any]:
-        """Full replies, shaped like the fast path's when every command was queued."""
-        if any(isinstance(r, WireReplyError) for r in replies[: 1 + queued]):
-            return replies
-        return replies[1 + queued :]
 
     # -- raw bytes ----------------------------------------------------------------------------
     # Bytes received but not parsed wait in ``_pending``; the parser is only ever given
@@ -234,6 +262,11 @@ class RedisWire:
             if reply is False:  # unreachable: reply_end found `count` whole replies
                 self.close()
                 raise WireError("Redis protocol error: incomplete reply")
+            if type(reply) is WireReplyError and reply.code == "READONLY":
+                # The node was demoted (a failover): nothing more it says can be trusted
+                # for this session; reconnecting asks the Sentinels for the new master.
+                self.close()
+                raise WireError("Redis answered READONLY: the master became a replica")
             replies.append(reply)
         return replies
 
@@ -294,6 +327,7 @@ class RedisWire:
         return self.read(count)
 
     def call(self, *args: bytes) -> Any:
+        """One command and its reply; an error reply is raised as WireReplyError."""
         (reply,) = self.roundtrip(command(*args), 1)
         if isinstance(reply, WireReplyError):
             raise reply

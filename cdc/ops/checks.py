@@ -8,11 +8,14 @@ identities itself (those belong to the migrations).
 from __future__ import annotations
 
 import redis
+import redis.sentinel
 
-from cdc import catalog
 from cdc.errors import ConfigError, RedisUnavailable
+from cdc.postgres import catalog
 from cdc.settings import Settings
+from cdc.telemetry import logs
 from schema.keys import TrackedTable
+from schema.redis_url import probe_tls, redis_client, tls_problem
 
 SAFE_EVICTION = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl")
 
@@ -91,21 +94,30 @@ def check_table(conn: catalog.Conn, table: TrackedTable, role: str) -> None:
 
 
 def check_redis(settings: Settings) -> None:
-    client = redis.Redis.from_url(
+    client = redis_client(
         settings.redis,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
     )
     try:
         client.ping()
-        info = client.info("memory")
+        try:
+            info = client.info("memory")
+            cluster = client.info("cluster")
+        except redis.exceptions.NoPermissionError:
+            # A least-privilege ACL user (README "TLS and ACL") may not run INFO: say what
+            # is not checked and go on; the daemon needs nothing else from INFO.
+            logs.get("cdc.ops.checks").warning(
+                "the Redis user may not run INFO: maxmemory-policy (must not evict) and"
+                " cluster mode are not checked"
+            )
+            return
         policy = str(info.get("maxmemory_policy", "noeviction"))
         if policy not in SAFE_EVICTION:
             raise ConfigError(
                 f"Redis maxmemory-policy is {policy}: set it to noeviction"
                 " so cached rows are never evicted"
             )
-        cluster = client.info("cluster")
         if int(cluster.get("cluster_enabled", 0)):
             raise ConfigError(
                 "REDIS_URL points at a Redis Cluster node: point it at a single Redis node"
@@ -117,7 +129,18 @@ def check_redis(settings: Settings) -> None:
         if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
             raise ConfigError(f"Redis refused REDIS_URL's user: {text.split(' ', 1)[0]}") from None
         raise RedisUnavailable(f"Redis: {text}") from None
+    except redis.sentinel.MasterNotFoundError as exc:
+        text = str(exc)
+        if "AuthenticationError" in text or "WRONGPASS" in text or "NOAUTH" in text:
+            raise ConfigError(
+                "the Sentinels refused the credentials in REDIS_URL (sentinel_password)"
+            ) from None
+        raise RedisUnavailable(f"no Sentinel names the master: {text}") from None
     except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if problem := tls_problem(exc) or probe_tls(
+            settings.redis, min(1.0, settings.redis_timeout)
+        ):
+            raise ConfigError(problem) from None
         raise RedisUnavailable(f"cannot reach Redis: {exc}") from None
     finally:
         client.close()

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import psycopg
 
-from cdc import catalog, logs
+from cdc.cache.checkpoint import CacheState
 from cdc.errors import ConfigError, PostgresUnavailable
-from cdc.lsn import Lsn, format_lsn, parse_lsn
-from cdc.sink import CacheState
-from cdc.source import ReplicationSource
+from cdc.postgres import catalog
+from cdc.postgres.source import ReplicationSource
+from cdc.protocol.lsn import Lsn, format_lsn, parse_lsn
+from cdc.telemetry import logs
 
 FIRST_FAILOVER_VERSION = 170000
 

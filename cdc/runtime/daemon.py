@@ -13,13 +13,13 @@ slot / cache state                    action
 ====================================  ===========================================================
 no slot, no cache                     first start: create the slot with an exported snapshot,
                                       load it, sweep stale keys, stream from the consistent point
-no slot, a cache from a slot          ``CDC_ON_SLOT_LOSS`` (:mod:`cdc.failover`): after a promotion
+no slot, a cache from a slot          ``CDC_ON_SLOT_LOSS`` (:mod:`.failover`): after a promotion
                                       (timeline changed) an online rebuild on a new slot; dropped
                                       by hand: refuse (exit 2), ``cdc slot reset``
 slot invalidated (wal_status lost)    drop and recreate it, load a new snapshot (automatic)
 slot, cache consistent with it        resume from the checkpoint (replays are skipped)
 slot, cache missing or behind slot    online rebuild: clear the tracked keys, stream, and
-(Redis lost data)                     backfill every table while streaming (:mod:`cdc.backfill`)
+(Redis lost data)                     backfill every table while streaming (:mod:`.backfill`)
 slot, cache past the new timeline's   online rebuild (a promotion: Redis has changes the new
 switch point                          primary never had)
 ====================================  ===========================================================
@@ -37,32 +37,39 @@ from types import FrameType
 
 import redis
 
-from cdc import catalog, checks, failover, logs, pgoutput
-from cdc.backfill import Backfill
-from cdc.core import Position
+from cdc.cache.checkpoint import CacheState, check_format
+from cdc.cache.sink import RedisSink
 from cdc.errors import (
     CdcError,
     ConfigError,
     Fenced,
+    PoisonRecord,
     RedisLost,
     Retryable,
     SlotInUse,
     SlotInvalidated,
 )
-from cdc.health import HealthServer, Readiness
-from cdc.lsn import Lsn, format_lsn
-from cdc.messages import Message
-from cdc.metrics import Metrics
-from cdc.observer import Observer
-from cdc.pipeline import Pipeline
-from cdc.plan import Planner
+from cdc.ops import checks
+from cdc.postgres import catalog
+from cdc.postgres.source import ReplicationSource, SystemInfo
+from cdc.protocol import pgoutput
+from cdc.protocol.lsn import Lsn, format_lsn
+from cdc.protocol.messages import Message
+from cdc.protocol.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
+from cdc.protocol.wal2json import Wal2JsonDecoder
+from cdc.runtime import failover
+from cdc.runtime.backfill import Backfill
+from cdc.runtime.observer import Observer
+from cdc.runtime.pipeline import Pipeline
+from cdc.runtime.snapshot import create_slot_and_load, scan_keys
 from cdc.settings import Settings
-from cdc.sink import CacheState, RedisSink
-from cdc.snapshot import create_slot_and_load, scan_keys
-from cdc.source import ReplicationSource, SystemInfo
-from cdc.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
-from cdc.wal2json import Wal2JsonDecoder
+from cdc.telemetry import logs
+from cdc.telemetry.health import HealthServer, Readiness
+from cdc.telemetry.metrics import Metrics
+from cdc.transform.core import Position
+from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.redis_url import redis_client
 
 
 class Backoff:
@@ -209,7 +216,7 @@ class Daemon:
     def _session(self) -> None:
         settings = self.settings
         source = ReplicationSource(settings.replication_conninfo, settings.pg_timeout)
-        sink = RedisSink(settings.redis, settings.redis_timeout)
+        sink = RedisSink(settings.redis, settings.redis_timeout, settings.redis_min_replicas)
         pg: catalog.Conn | None = None
         try:
             pg = catalog.connect(settings.replication_conninfo, "PostgreSQL")
@@ -276,6 +283,7 @@ class Daemon:
         identity = failover.identity_fields(system.system_id, system.timeline)
         failover.require_primary(pg)
         state = sink.read_state()
+        check_format(state)
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:
             raise SlotInUse(name, slot.active_pid)
@@ -295,23 +303,28 @@ class Daemon:
                     settings.on_slot_loss, state, name, system.timeline
                 )
                 created = source.create_slot(name, settings.plugin, export_snapshot=False)
+                source.start(name, Lsn(0), stream_options(settings, self.tables))
+                sink.claim({"slot": name, "source": source_id})
                 confirmed = Lsn(created.consistent_point)
-                return self._rebuild(
-                    source, sink, state, confirmed, lost, "slot_lost", source_id, identity
-                )
+                return self._rebuild(sink, state, confirmed, lost, "slot_lost", source_id, identity)
             return self._first_start(source, sink, source_id, identity), False
         confirmed = slot.confirmed_flush_lsn or Lsn(0)
-        reason: str | None = rebuild_reason(state, confirmed, source_id)
-        kind = "cache_lost"
-        if reason is None and failover.recorded_timeline(state) not in (None, system.timeline):
-            history = source.timeline_history(system.timeline)
-            reason = failover.timeline_reason(state, system.system_id, system.timeline, history)
-            kind = "promotion"
-        if reason:
-            return self._rebuild(source, sink, state, confirmed, reason, kind, source_id, identity)
-        start = max(state.lsn or Lsn(0), confirmed)
+        # TIMELINE_HISTORY cannot follow START_REPLICATION on this connection: read it now.
+        history = source.timeline_history(system.timeline)
+        reason, kind = self._rebuild_reason(state, confirmed, source_id, system, history)
+        start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
         source.start(name, start, stream_options(settings, self.tables))
-        sink.claim({"slot": name, "source": source_id, **identity})
+        # The state read after the claim is the one to resume from: no predecessor can
+        # write once the fence is ours.
+        claimed = sink.claim({"slot": name, "source": source_id})
+        if not reason:
+            reason, kind = self._rebuild_reason(claimed, confirmed, source_id, system, history)
+            state = claimed
+        if reason:
+            return self._rebuild(sink, state, confirmed, reason, kind, source_id, identity)
+        if any(state.extra.get(k) != v for k, v in identity.items()):
+            # First session on this server or timeline: record it beside the checkpoint.
+            sink.claim({"slot": name, "source": source_id, **identity})
         assert state.lsn is not None
         rebuilding = False
         if state.rebuild:
@@ -326,9 +339,21 @@ class Daemon:
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
 
+    @staticmethod
+    def _rebuild_reason(
+        state: CacheState, confirmed: Lsn, source_id: str, system: SystemInfo, history: str
+    ) -> tuple[str | None, str]:
+        """Why the cache must be rebuilt (None: resume), and the reason's metric label."""
+        reason = rebuild_reason(state, confirmed, source_id)
+        if reason is not None:
+            return reason, "cache_lost"
+        return (
+            failover.timeline_reason(state, system.system_id, system.timeline, history),
+            "promotion",
+        )
+
     def _rebuild(
         self,
-        source: ReplicationSource,
         sink: RedisSink,
         state: CacheState,
         confirmed: Lsn,
@@ -337,11 +362,9 @@ class Daemon:
         source_id: str,
         identity: dict[str, str],
     ) -> tuple[Position, bool]:
-        """Online rebuild under a new epoch: stream from the slot's confirmed position,
+        """Online rebuild under a new epoch (the slot is acquired and the fence ours):
         clear the tracked keys and backfill every table while streaming."""
         name = self.settings.slot
-        source.start(name, Lsn(0), stream_options(self.settings, self.tables))
-        sink.claim({"slot": name, "source": source_id})
         self.log.warning("the cache must be rebuilt", reason=reason)
         self.metrics.rebuilds.labels(reason=kind).inc()
         self._clear_tracked_keys()
@@ -395,9 +418,7 @@ class Daemon:
         return Position(Lsn(report.consistent_point))
 
     def _clear_tracked_keys(self) -> None:
-        client = redis.Redis.from_url(
-            self.settings.redis, socket_timeout=self.settings.redis_timeout
-        )
+        client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:
                 prefixes = [table.key_prefix] + [lookup.prefix + ":{" for lookup in table.lookups]
@@ -433,8 +454,8 @@ def run(settings: Settings) -> int:
     daemon.install_signal_handlers()
     try:
         return daemon.run()
-    except ConfigError:
-        raise
+    except (ConfigError, PoisonRecord):
+        raise  # the command line prints the one line and exits 2 / 3
     except CdcError as exc:
         daemon.log.error("stopped on an error", error=str(exc))
         return 1
