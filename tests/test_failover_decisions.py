@@ -103,6 +103,13 @@ def test_state_records_the_server_and_its_timeline(
     assert recorded["epoch"] == "1"
 
 
+def test_no_failover_warning_without_a_standby(daemon: Daemon) -> None:
+    """A server with no standby (no physical slot or walsender): nothing to warn about,
+    though the daemon's own walsender is connected."""
+    warnings = [e["event"] for e in daemon.events() if e.get("level") == "warning"]
+    assert not [w for w in warnings if "failover" in w or "standby" in w], warnings
+
+
 def test_slot_loss_rebuild_policy_rebuilds_online(
     make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str, slot_name: str
 ) -> None:

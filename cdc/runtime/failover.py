@@ -155,11 +155,11 @@ def standby_warnings(conn: catalog.Conn) -> list[str]:
     ``synchronized_standby_slots``: the daemon may then get ahead of the standby and a
     promotion costs a rebuild."""
     version = conn.info.server_version
+    # Physical walsenders are those without a database (logical ones have one).
     standbys = conn.execute(
         "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'physical')"
-        " + (SELECT count(*) FROM pg_stat_replication WHERE pid NOT IN"
-        "    (SELECT active_pid FROM pg_replication_slots"
-        "     WHERE slot_type = 'logical' AND active_pid IS NOT NULL))"
+        " + (SELECT count(*) FROM pg_stat_activity"
+        "    WHERE backend_type = 'walsender' AND datid IS NULL)"
     ).fetchone()
     has_standby = bool(standbys and int(str(standbys[0])))
     if not has_standby:
