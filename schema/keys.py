@@ -45,6 +45,16 @@ class LookupKey:
     def key(self, value: str) -> str:
         return f"{self.prefix}:{{{value}}}"
 
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this lookup starts with."""
+        return f"{self.prefix}:{{"
+
+
+def match_prefix(prefix: str) -> str:
+    """A Redis glob (``SCAN MATCH``) for every key that starts with ``prefix``."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
+
 
 @dataclass(frozen=True, slots=True)
 class TrackedTable:

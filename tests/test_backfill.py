@@ -53,7 +53,7 @@ def test_rows_changed_by_unseen_transactions_are_left_to_the_stream(
     with pg.transaction():
         xid = _xid32(pg)
         pg.execute("UPDATE tickets SET title = 'newer' WHERE id = 't2'")
-    assert not backfill.sees(xid)
+    assert not window.snapshot.sees(xid)
     backfill.dirty([b"t2"])
     assert not backfill.ready(window.high_water - 1)
     assert backfill.ready(window.high_water)
@@ -76,7 +76,7 @@ def test_a_window_waits_for_applied_transactions_its_snapshot_cannot_see(
         # can be for a moment.
         xid = _xid32(other)
         other.execute("UPDATE tickets SET title = 'streamed' WHERE id = 't1'")
-        backfill.committed(xid, {"tickets"})
+        backfill.recent.add(xid, {"tickets"})
         assert backfill.open(pg) is None
         assert backfill.stats.retries == 1
         assert backfill.queue[0].ids == {"t1", "gone"}  # nothing was given up

@@ -16,12 +16,12 @@ import psycopg
 import pytest
 import redis
 
+from schema.lsn import parse_lsn
 from tests.helpers import (
     Daemon,
     Load,
     assert_converged,
     fence,
-    parse_lsn,
     redis_state,
     running,
     slot_confirmed,

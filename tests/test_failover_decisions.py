@@ -14,8 +14,8 @@ import redis
 
 from cdc.cache.checkpoint import CacheState
 from cdc.errors import ConfigError
-from cdc.protocol.lsn import parse_lsn
 from cdc.runtime.failover import parse_history, slot_loss_reason, timeline_reason
+from schema.lsn import parse_lsn
 from tests.helpers import ROOT, Daemon, assert_converged, fence, redis_state, running, wait_for
 
 Conn = psycopg.Connection[tuple[Any, ...]]

@@ -29,7 +29,8 @@ import psycopg
 import pytest
 import redis
 
-from tests.helpers import Daemon, assert_converged, parse_lsn, redis_state, slot_confirmed
+from schema.lsn import parse_lsn
+from tests.helpers import Daemon, assert_converged, redis_state, slot_confirmed
 from tests.test_daemon_faults import Stack, own_stack, stack_daemon  # noqa: F401 - fixtures
 
 PAIRS = 12

@@ -8,15 +8,15 @@ import hiredis
 import pytest
 import redis
 
-from cdc.cache.resp import bulk_header, command, glob_escape, reply_end
 from cdc.cache.sink import RedisSink
 from cdc.errors import Fenced, RedisLost
-from cdc.protocol.lsn import LsnError, format_lsn, parse_lsn
 from cdc.protocol.messages import UNCHANGED_TOAST, Relation, RelationColumn, Value
+from cdc.protocol.resp import bulk_header, command, reply_end
 from cdc.runtime.backfill import XidSnapshot
 from cdc.transform.assemble import DELETE, INSERT, UPDATE, RowChange, make_view
 from cdc.transform.plan import CommandBatch, Planner
-from schema.keys import AGENTS, TICKETS
+from schema.keys import AGENTS, TICKETS, match_prefix
+from schema.lsn import LsnError, format_lsn, parse_lsn
 
 TICKET_REL = Relation(
     1,
@@ -123,7 +123,7 @@ def test_truncate_and_resp_helpers() -> None:
     Planner(10).truncate((TICKET, AGENT), batch)
     (cmd,) = commands(batch)
     assert cmd == [b"TRUNCATE", b"ticket:{*", b"agent:{*", b"agent:username:{*"]
-    assert glob_escape(b"a*b?[c]\\") == b"a\\*b\\?\\[c\\]\\\\"
+    assert match_prefix("a*b?[c]\\") == "a\\*b\\?\\[c\\]\\\\*"
     assert bulk_header(5000) == b"$5000\r\n"
     assert command(b"GET", b"k") == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
 

@@ -27,13 +27,13 @@ from cdc.cache.sink import RedisSink
 from cdc.cache.wire import RedisWire, WireError
 from cdc.errors import RedisUnavailable
 from devstack.redis_ha import SentinelGroup, SentinelServer, make_tls_files
+from schema.lsn import parse_lsn
 from schema.redis_url import RedisTarget, async_redis_client, redis_client
 from tests.helpers import (
     Daemon,
     Load,
     assert_converged,
     fence,
-    parse_lsn,
     running,
     slot_confirmed,
     wait_for,

@@ -16,7 +16,7 @@ import redis
 from pydantic import BaseModel
 from sqlalchemy import Table
 
-from schema import keys
+from schema import keys, lsn
 from schema.keys import AGENTS, TICKETS, TrackedTable
 from schema.models import Agent, Ticket
 from schema.pgtext import row_from_text
@@ -32,11 +32,10 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def parse_lsn(text: str) -> int:
-    """``'16/B374D848'`` to an integer WAL position."""
-    high, _, low = text.partition("/")
+    """A token's text to an integer WAL position."""
     try:
-        return (int(high, 16) << 32) | int(low, 16)
-    except ValueError:
+        return lsn.parse_lsn(text)
+    except lsn.LsnError:
         raise InvalidInput("token", []) from None
 
 

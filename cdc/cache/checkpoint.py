@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cdc.errors import ConfigError
-from cdc.protocol.lsn import Lsn, format_lsn, parse_lsn
+from schema.lsn import Lsn, format_lsn, parse_lsn
 
 FORMAT_FIELD = "format"
 FORMAT_VERSION = 2

@@ -31,9 +31,9 @@ import uuid
 from dataclasses import dataclass
 
 from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
-from cdc.cache.resp import append_bulk, append_command, array_header, command
 from cdc.cache.wire import RedisAddress, RedisWire, WireError, WireReplyError
 from cdc.errors import ApplyFailed, Fenced, RedisLost, RedisRejected, RedisUnavailable
+from cdc.protocol.resp import append_bulk, append_command, array_header, command
 from cdc.transform.plan import BATCH_SCRIPT, CommandBatch
 from schema.keys import STATE_KEY
 
@@ -79,6 +79,8 @@ class RedisSink:
         # read at the claim) left in ``cdc:state``.
         self._lsn = ""
         self._partial = ""
+        # Redis refused PUBLISH on cdc:applied (an ACL without the channel).
+        self.publish_refused = False
 
     # -- connection and state ------------------------------------------------------------
 
@@ -203,6 +205,8 @@ class RedisSink:
                 "was not applied, or something else wrote the state)"
             )
         incomplete_ops, failed, repaired = reply[1], reply[2], reply[3]
+        if not reply[4] and not self.publish_refused:
+            self.publish_refused = True
         if failed:
             index, error = int(failed[0]), failed[1].decode(errors="replace")
             raise _refused(error, batch.table_of(index), sent.lsn)

@@ -22,7 +22,7 @@ from typing import Any
 
 import hiredis
 
-from cdc.cache.resp import command, reply_end
+from cdc.protocol.resp import command, reply_end
 from schema.redis_url import RedisTarget
 
 

@@ -104,7 +104,7 @@ def slot_status(as_json: bool) -> None:
 def slot_reset(yes: bool, dry_run: bool, force: bool) -> None:
     """Drop and recreate the slot, rebuild the cache from a snapshot consistent with it."""
     from cdc.ops.slot import plan_reset, reset
-    from cdc.protocol.lsn import format_lsn
+    from schema.lsn import format_lsn
 
     settings = _settings()
     plan = plan_reset(settings, force)

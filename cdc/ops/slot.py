@@ -18,13 +18,13 @@ from cdc.cache.sink import RedisSink
 from cdc.errors import ConfigError, SlotInUse
 from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource
-from cdc.protocol.lsn import format_lsn
 from cdc.runtime import failover
 from cdc.runtime.snapshot import LoadReport, create_slot_and_load
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.lsn import format_lsn
 
 
 @dataclass(frozen=True)

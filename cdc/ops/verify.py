@@ -20,7 +20,6 @@ from typing import Any
 
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
-from cdc.protocol.lsn import lsn_bytes, parse_lsn
 from cdc.runtime.snapshot import scan_keys
 from cdc.settings import Settings
 from cdc.transform.assemble import TableView, view_from_columns
@@ -31,6 +30,7 @@ from schema.keys import (
     VERSION_FIELD,
     TrackedTable,
 )
+from schema.lsn import lsn_bytes, parse_lsn
 from schema.redis_url import redis_client
 
 CHUNK = 1000
@@ -195,7 +195,7 @@ class Verifier:
             present = existing_ids(conn, table, [i for i in ids if i is not None])
             suspects += [(table, view, i) for i in ids if i is not None and i not in present]
         for index, lookup in enumerate(table.lookups):
-            prefix = lookup.prefix + ":{"
+            prefix = lookup.key_prefix
             for keys in scan_keys(self.redis, prefix):
                 report.keys_scanned += len(keys)
                 names = [k.decode()[len(prefix) : -1] for k in keys]

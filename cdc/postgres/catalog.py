@@ -13,8 +13,8 @@ import psycopg
 
 from cdc.errors import PostgresUnavailable
 from cdc.postgres.source import SESSION_OPTIONS, connect_error
-from cdc.protocol.lsn import Lsn, parse_lsn
 from schema.keys import TrackedTable
+from schema.lsn import Lsn, parse_lsn
 
 Conn = psycopg.Connection[tuple[object, ...]]
 

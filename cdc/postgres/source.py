@@ -30,8 +30,8 @@ from cdc.errors import (
     SlotInUse,
     SlotInvalidated,
 )
-from cdc.protocol.lsn import Lsn, format_lsn, parse_lsn
 from cdc.protocol.messages import standby_status_update, unix_to_pg_time
+from schema.lsn import Lsn, format_lsn, parse_lsn
 
 SESSION_OPTIONS = (
     "-c TimeZone=UTC -c DateStyle=ISO,MDY -c IntervalStyle=postgres"

@@ -22,7 +22,6 @@ import json
 from datetime import datetime
 from typing import Any
 
-from cdc.protocol.lsn import parse_lsn
 from cdc.protocol.messages import (
     UNCHANGED_TOAST,
     Begin,
@@ -40,6 +39,7 @@ from cdc.protocol.messages import (
     unix_to_pg_time,
 )
 from cdc.transform.assemble import CAST_BOOL, CAST_BPCHAR, CAST_INET, text_cast
+from schema.lsn import parse_lsn
 
 START_OPTIONS = {
     "format-version": "2",

@@ -36,11 +36,11 @@ import psycopg
 
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, rows_after, rows_by_id
-from cdc.protocol.lsn import Lsn, lsn_bytes, parse_lsn
 from cdc.transform.assemble import TableView, view_from_columns
 from cdc.transform.core import RecentTransactions
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TrackedTable
+from schema.lsn import Lsn, lsn_bytes, parse_lsn
 
 _HALF = 1 << 31
 _WRAP = 1 << 32
@@ -158,10 +158,6 @@ class Backfill:
         """The table whose rows the open window holds ("" when none is open)."""
         return self.window.view.tracked.name if self.window is not None else ""
 
-    def sees(self, xid: int) -> bool:
-        """Whether the open window's snapshot sees a (committed) transaction."""
-        return self.window is None or self.window.snapshot.sees(xid)
-
     def dirty(self, row_ids: list[bytes]) -> None:
         """Rows changed by a transaction the window's snapshot did not see: the stream's
         value is newer than the window's, so the window must not write them."""
@@ -180,9 +176,6 @@ class Backfill:
             window.dirty += len(window.rows)
             window.rows.clear()
             window.missing.clear()
-
-    def committed(self, xid: int, tables: set[str]) -> None:
-        self.recent.add(xid, tables)
 
     def schema_changed(self, table: TrackedTable) -> None:
         """The table's columns changed: restart its window and re-read it whole."""

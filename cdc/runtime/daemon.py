@@ -52,15 +52,12 @@ from cdc.errors import (
 from cdc.ops import checks
 from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource, SystemInfo
-from cdc.protocol import pgoutput
-from cdc.protocol.lsn import Lsn, format_lsn
-from cdc.protocol.messages import Message
 from cdc.protocol.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
 from cdc.protocol.wal2json import Wal2JsonDecoder
 from cdc.runtime import failover
 from cdc.runtime.backfill import Backfill
 from cdc.runtime.observer import Observer
-from cdc.runtime.pipeline import Pipeline
+from cdc.runtime.pipeline import Decode, Pipeline
 from cdc.runtime.snapshot import create_slot_and_load, scan_keys
 from cdc.settings import Settings
 from cdc.telemetry import logs
@@ -69,6 +66,7 @@ from cdc.telemetry.metrics import Metrics
 from cdc.transform.core import Position
 from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.lsn import Lsn, format_lsn
 from schema.redis_url import redis_client
 
 
@@ -260,10 +258,11 @@ class Daemon:
 
     def _decoder(
         self, pg: catalog.Conn
-    ) -> tuple[Callable[[bytes], Message | list[Message]], Callable[[TrackedTable], None] | None]:
-        """The plugin's decoder, and what to tell it when a table's columns change."""
+    ) -> tuple[Decode | None, Callable[[TrackedTable], None] | None]:
+        """The plugin's decoder (None: pgoutput, which the stream core decodes itself),
+        and what to tell it when a table's columns change."""
         if self.settings.plugin == "pgoutput":
-            return pgoutput.decode, None
+            return None, None
         decoder = Wal2JsonDecoder()
 
         def refresh(table: TrackedTable) -> None:
@@ -421,7 +420,7 @@ class Daemon:
         client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:
-                prefixes = [table.key_prefix] + [lookup.prefix + ":{" for lookup in table.lookups]
+                prefixes = [table.key_prefix] + [lookup.key_prefix for lookup in table.lookups]
                 for prefix in prefixes:
                     for keys in scan_keys(client, prefix):
                         client.unlink(*keys)

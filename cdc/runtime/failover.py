@@ -28,8 +28,8 @@ from cdc.cache.checkpoint import CacheState
 from cdc.errors import ConfigError, PostgresUnavailable
 from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource
-from cdc.protocol.lsn import Lsn, format_lsn, parse_lsn
 from cdc.telemetry import logs
+from schema.lsn import Lsn, format_lsn, parse_lsn
 
 FIRST_FAILOVER_VERSION = 170000
 

@@ -37,18 +37,18 @@ from cdc.cache.sink import InFlight, RedisSink
 from cdc.errors import PoisonRecord, PostgresUnavailable, RecordError
 from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource
-from cdc.protocol import pgoutput
-from cdc.protocol.lsn import Lsn, format_lsn
 from cdc.protocol.messages import Message, PrimaryKeepalive
 from cdc.runtime.backfill import Backfill
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from cdc.telemetry.metrics import Metrics
 from cdc.transform.assemble import Assembler, SchemaChange, TableTruncate, TxCommit
-from cdc.transform.core import BatchFull, Position, StreamCore
-from cdc.transform.plan import Boundary, CommandBatch, Planner
+from cdc.transform.core import BatchFull, Cut, Position, StreamCore
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TrackedTable
+from schema.lsn import Lsn, format_lsn
 
+# A decoder other than pgoutput (wal2json); pgoutput is decoded inside the core.
 Decode = Callable[[bytes], Message | list[Message]]
 
 
@@ -57,18 +57,8 @@ class _Sent:
     """A batch in flight and what its acknowledgement makes true."""
 
     handle: InFlight
-    checkpoint: int
-    partial_lsn: int | None
-    partial_count: int
-    commit_times: list[float]
+    cut: Cut
     rebuild_marker: str | None
-
-
-@dataclass
-class PipelineStats:
-    changes: int = 0
-    batches: int = 0
-    last_apply_delay: float = 0.0
 
 
 class Pipeline:
@@ -84,7 +74,7 @@ class Pipeline:
         position: Position,
         metrics: Metrics,
         stop: threading.Event,
-        decode: Decode,
+        decode: Decode | None,
         schema_requests: queue.Queue[str] | None = None,
         backfill: Backfill | None = None,
         rebuilding: bool = False,
@@ -98,15 +88,18 @@ class Pipeline:
         self.position = position
         self.metrics = metrics
         self.stop = stop
+        # None: pgoutput, decoded by the core itself on the fast path.
         self._decode = decode
-        self._fast = decode is pgoutput.decode
+        self._fast = decode is None
         self.schema_requests = schema_requests
         self.on_schema_change = on_schema_change
         self.log = logs.get("cdc.runtime.pipeline")
         self.assembler = Assembler(tables)
-        self.planner = Planner(settings.max_row_bytes)
-        self.backfill = backfill or Backfill(self.planner, settings.backfill_chunk)
-        self.backfill.planner = self.planner
+        # One planner: the backfill's, which the stream core plans with too.
+        self.backfill = backfill or Backfill(
+            Planner(settings.max_row_bytes), settings.backfill_chunk
+        )
+        self.planner = self.backfill.planner
         self.core = StreamCore(
             self.assembler,
             self.planner,
@@ -115,20 +108,16 @@ class Pipeline:
             self.backfill.recent,
         )
         self._watch_window()
-        self.stats = PipelineStats()
         # Highest checkpoint sent to Redis (acknowledged or in flight).
         self.sent_checkpoint: int = position.checkpoint
         self._inflight: _Sent | None = None
         self.rebuilding = rebuilding
         self._rebuild_marker = ""
+        self._publish_warned = False
         self._last_status = 0.0
         self._last_received = time.monotonic()
         self._last_reply_request = 0.0
         self._last_applied_at = time.monotonic()
-
-    @property
-    def batch(self) -> CommandBatch:
-        return self.core.batch
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -136,7 +125,8 @@ class Pipeline:
         """Stream until ``stop`` is set (then finish the batch and confirm) or an error."""
         source = self.source
         core = self.core
-        limit_bytes = self.settings.batch_max_bytes
+        max_changes = self.settings.batch_max_changes
+        max_bytes = self.settings.batch_max_bytes
         fast = self._fast
         while True:
             if self.stop.is_set():
@@ -158,7 +148,7 @@ class Pipeline:
                     self._slow_path(data)
             except (RecordError, ValueError, IndexError, KeyError, TypeError) as exc:
                 raise self._poison(data, exc) from None
-            if len(core.batch.buf) >= limit_bytes:
+            if core.over_limit(max_changes, max_bytes):
                 self._at_limit()
 
     def _slow_path(self, data: bytes) -> None:
@@ -166,6 +156,7 @@ class Pipeline:
         if data[0] != 0x77:
             self._on_outcome(self.core.feed(data))
             return
+        assert self._decode is not None
         decoded = self._decode(data[25:])
         for message in decoded if isinstance(decoded, list) else [decoded]:
             outcome = self.core.feed_message(message)
@@ -209,31 +200,21 @@ class Pipeline:
             self.send_status(reply=False)
 
     def _on_truncate(self, event: TableTruncate) -> None:
-        core = self.core
-        if core.skip or event.seq <= core.skip_changes:
-            return
-        self.planner.truncate(event.views, core.batch)
-        for view in event.views:
-            core.touched_tables.add(view.table_name)
-            if not core.tx_visible:
-                self.backfill.truncated(view.table_name)
+        for table in self.core.truncate(event.views, event.seq):
+            self.backfill.truncated(table)
 
     def _on_commit(self, event: TxCommit) -> None:
         """A commit while a backfill window is open (the core handled the rest)."""
-        core = self.core
-        if core.skip:
-            return
-        if core.dirty:
-            self.backfill.dirty(core.dirty)
-            core.dirty = []
-        if self.backfill.ready(core.stream_position):
+        dirty = self.core.take_dirty()
+        if dirty:
+            self.backfill.dirty(dirty)
+        if self.backfill.ready(self.core.stream_position):
             self._flush_window()
 
     def _watch_window(self) -> None:
         """Tell the core which backfill window is open (after it opens or closes)."""
         window = self.backfill.window
-        self.core.watch_table = self.backfill.watch_table
-        self.core.window_sees = window.snapshot.sees if window is not None else None
+        self.core.watch(self.backfill.watch_table, window.snapshot.sees if window else None)
 
     def _on_schema_change(self, event: SchemaChange) -> None:
         self.log.info(
@@ -247,23 +228,16 @@ class Pipeline:
 
     # -- applying ----------------------------------------------------------------------------
 
-    def _tx_open(self) -> bool:
-        """A transaction is in progress whose changes are being planned."""
-        return self.assembler.in_transaction and not self.core.skip
-
     def flush_complete(self) -> None:
         """Send the complete transactions of the batch; keep the one in progress."""
         core = self.core
-        if not self._tx_open():
+        if not core.applying:
             self.flush()
             return
-        if core.boundary.empty and core.pending_checkpoint <= self.sent_checkpoint:
-            return  # only the transaction in progress is pending: nothing to apply yet
-        rest = core.batch.split(core.boundary)
-        if not core.batch.empty or core.pending_checkpoint > self.sent_checkpoint:
-            self.flush(chunk=False)
-        core.batch = rest
-        core.boundary = Boundary()
+        if core.has_complete(self.sent_checkpoint):
+            cut = core.cut_complete()
+            if not cut.batch.empty or cut.checkpoint > self.sent_checkpoint:
+                self._send(cut)
 
     def _at_limit(self) -> None:
         """The batch reached a limit (changes or bytes).
@@ -272,13 +246,9 @@ class Pipeline:
         progress stays for the next batch. Only a transaction that alone fills a batch
         is sent in chunks (``partial`` records how far it got)."""
         core = self.core
-        if self._tx_open() and not core.boundary.empty:
+        if core.applying and core.has_complete(self.sent_checkpoint):
             self.flush_complete()
-            batch = core.batch
-            if (
-                batch.changes < self.settings.batch_max_changes
-                and len(batch.buf) < self.settings.batch_max_bytes
-            ):
+            if not core.over_limit(self.settings.batch_max_changes, self.settings.batch_max_bytes):
                 return
         self.flush()
 
@@ -287,21 +257,14 @@ class Pipeline:
 
         With ``chunk`` and a transaction in progress, its changes so far go too, as a chunk
         (only at the batch limit)."""
-        batch = self.core.batch
-        in_tx = chunk and self._tx_open()
-        checkpoint = self.core.pending_checkpoint
-        if batch.empty and checkpoint <= self.sent_checkpoint and not (in_tx and batch.changes):
-            return
-        state = {"lsn": format_lsn(checkpoint)}
-        partial_lsn: int | None = None
-        partial_count = 0
-        if in_tx and batch.changes:
-            # A chunk of a transaction larger than the batch limit.
-            partial_lsn = self.core.final_lsn
-            partial_count = self.assembler.seq
-            state["partial"] = format_partial(partial_lsn, partial_count)
-        else:
-            state["partial"] = ""
+        if self.core.has_pending(self.sent_checkpoint, chunk):
+            self._send(self.core.cut(chunk))
+
+    def _send(self, cut: Cut) -> None:
+        state = {
+            "lsn": format_lsn(cut.checkpoint),
+            "partial": format_partial(*cut.partial) if cut.partial else "",
+        }
         marker: str | None = None
         if self.rebuilding:
             marker = self.backfill.progress_marker()
@@ -310,20 +273,13 @@ class Pipeline:
         # Send first, then take the previous batch's answer: Redis always has the next
         # batch queued while the daemon waits, so neither side idles on the other.
         previous = self._inflight
-        handle = self.sink.send(batch, state)
+        handle = self.sink.send(cut.batch, state)
         if failpoints.ACTIVE:
             failpoints.hit("after_send")
-        self._inflight = _Sent(
-            handle, checkpoint, partial_lsn, partial_count, self.core.commit_times, marker
-        )
+        self._inflight = _Sent(handle, cut, marker)
         if previous is not None:
             self._acknowledge(previous)
-        self.core.commit_times = []
-        self.sent_checkpoint = checkpoint
-        if partial_lsn is not None:
-            self.core.skip_changes = 0
-        self.core.batch = CommandBatch()
-        self.core.boundary = Boundary()
+        self.sent_checkpoint = cut.checkpoint
 
     def drain(self) -> None:
         """Wait for the batch in flight, if any."""
@@ -336,10 +292,11 @@ class Pipeline:
         result = self.sink.receive(sent.handle)
         now = time.time()
         position = self.position
-        position.checkpoint = Lsn(sent.checkpoint)
-        if sent.partial_lsn is not None:
-            position.partial_lsn = Lsn(sent.partial_lsn)
-            position.partial_count = sent.partial_count
+        cut = sent.cut
+        position.checkpoint = Lsn(cut.checkpoint)
+        if cut.partial is not None:
+            position.partial_lsn = Lsn(cut.partial[0])
+            position.partial_count = cut.partial[1]
         else:
             position.partial_lsn = None
             position.partial_count = 0
@@ -348,8 +305,8 @@ class Pipeline:
             if not sent.rebuild_marker and not self.backfill.busy and self.rebuilding:
                 self.rebuilding = False
                 self.log.info("rebuild complete", rows=self.backfill.stats.rows_written)
-        batch = sent.handle.batch
-        self._record(batch, sent.commit_times, now)
+        batch = cut.batch
+        self._record(batch, cut.commit_times, now)
         for table, row_id in result.incomplete_rows:
             tracked = self.tables.get(table)
             if tracked is not None:
@@ -358,6 +315,12 @@ class Pipeline:
         for table, size in batch.oversized:
             self.metrics.errors.labels(kind="oversized_row").inc()
             self.log.warning("row too large to cache; key dropped", table=table, bytes=size)
+        if self.sink.publish_refused and not self._publish_warned:
+            self._publish_warned = True
+            self.log.warning(
+                "Redis refuses PUBLISH on cdc:applied: readers waiting for a token poll the"
+                " checkpoint instead (grant the channel pattern &cdc:* to the daemon's user)"
+            )
         if result.repaired:
             self.metrics.errors.labels(kind="wrong_type_key").inc(result.repaired)
             self.log.warning("replaced keys of ours that held another type", count=result.repaired)
@@ -371,13 +334,10 @@ class Pipeline:
         for (table, op), n in batch.counts.items():
             m.changes.labels(table=table, op=op).inc(n)
         m.batches.inc()
-        self.stats.batches += 1
-        self.stats.changes += batch.changes
         if commit_times:
             m.transactions.inc(len(commit_times))
             m.apply_delay.observe_many([max(0.0, now - t) for t in commit_times])
-            self.stats.last_apply_delay = max(0.0, now - commit_times[-1])
-            m.lag_seconds.set(self.stats.last_apply_delay)
+            m.lag_seconds.set(max(0.0, now - commit_times[-1]))
         m.last_applied_lsn.set(self.position.checkpoint)
 
     def _flush_window(self) -> None:
@@ -423,16 +383,7 @@ class Pipeline:
             if window is not None and backfill.ready(self.core.stream_position):
                 self._flush_window()
                 self.drain()
-        core = self.core
-        if (
-            core.keepalive_target > self.sent_checkpoint
-            and self._inflight is None
-            and not in_tx
-            and core.batch.empty
-        ):
-            # Every transaction before the keepalive's position is applied: move the
-            # checkpoint there too (read-your-writes tokens wait on it).
-            core.pending_checkpoint = max(core.pending_checkpoint, core.keepalive_target)
+        if self._inflight is None and self.core.move_to_keepalive(self.sent_checkpoint):
             self.flush()
         if self.core.batch.empty and not in_tx and now - self._last_applied_at > 1.0:
             self.metrics.lag_seconds.set(0.0)
@@ -473,9 +424,7 @@ class Pipeline:
 
     def _shutdown(self) -> None:
         """Finish the batch in flight (whole transactions only), confirm it."""
-        if self._tx_open():
-            # The transaction in progress will be sent again after the restart.
-            self.core.batch.split(self.core.boundary)
+        self.core.drop_open()  # the transaction in progress is streamed again after a restart
         self.flush(chunk=False)
         self.drain()
         self.send_status(reply=False)

@@ -23,10 +23,10 @@ from cdc.cache.sink import RedisSink
 from cdc.postgres import catalog
 from cdc.postgres.rows import iter_rows
 from cdc.postgres.source import ReplicationSource
-from cdc.protocol.lsn import Lsn, format_lsn, lsn_bytes
 from cdc.transform.assemble import view_from_columns
 from cdc.transform.plan import CommandBatch, Planner
-from schema.keys import VERSION_FIELD, TrackedTable
+from schema.keys import VERSION_FIELD, TrackedTable, match_prefix
+from schema.lsn import Lsn, format_lsn, lsn_bytes
 from schema.redis_url import redis_client
 
 Progress = Callable[[str, int, float], None]
@@ -170,7 +170,7 @@ def sweep(client: redis.Redis, tables: tuple[TrackedTable, ...], version: Lsn) -
         for keys in scan_keys(client, table.key_prefix):
             removed += int(rows_script(keys=keys, args=[stamp, VERSION_FIELD]))
         for lookup in table.lookups:
-            prefix = lookup.prefix + ":{"
+            prefix = lookup.key_prefix
             for keys in scan_keys(client, prefix):
                 args = [prefix, table.key_prefix, lookup.column]
                 removed += int(lookups_script(keys=keys, args=args))
@@ -179,7 +179,7 @@ def sweep(client: redis.Redis, tables: tuple[TrackedTable, ...], version: Lsn) -
 
 def scan_keys(client: redis.Redis, prefix: str) -> Iterator[list[bytes]]:
     """Keys starting with ``prefix``, in batches (deleting while scanning is safe)."""
-    pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
+    pattern = match_prefix(prefix)
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=1000):
         batch.append(key)

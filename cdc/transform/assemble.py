@@ -138,7 +138,7 @@ def make_view(relation: Relation, tracked: TrackedTable) -> TableView:
         field_resp=tuple(_bulk(name) for name in encoded),
         field_names=encoded,
         key_prefix=tracked.key_prefix.encode("utf-8"),
-        lookup_prefixes=tuple((lookup.prefix + ":{").encode("utf-8") for lookup in tracked.lookups),
+        lookup_prefixes=tuple(lookup.key_prefix.encode("utf-8") for lookup in tracked.lookups),
         table_name=tracked.name,
         casts=casts,
         has_casts=any(casts),

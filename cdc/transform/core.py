@@ -9,7 +9,10 @@ batch's checkpoint and :class:`Boundary`. Everything else (truncate, schema chan
 keepalives, a full batch, and commits while a backfill window is open) comes back to
 the pipeline as a value to act on.
 
-The pipeline sets ``watch_table`` and ``window_sees`` while a backfill window is open.
+The pipeline talks to the core through methods only: it asks whether something waits to
+be sent (:meth:`StreamCore.has_pending`), takes it (:meth:`StreamCore.cut`,
+:meth:`StreamCore.cut_complete`, each a :class:`Cut`), and opens or closes a backfill
+window (:meth:`StreamCore.watch`). Where a batch may end is decided here: at a commit.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from cdc.protocol.messages import (
     parse_copy_data,
     pg_time_to_unix,
 )
-from cdc.transform.assemble import DELETE, Assembler, Event, RowChange, TxBegin, TxCommit
+from cdc.transform.assemble import DELETE, Assembler, Event, RowChange, TableView, TxBegin, TxCommit
 from cdc.transform.plan import Boundary, CommandBatch, Planner
+from schema.lsn import lsn_bytes
 
 
 class BatchFull:
@@ -50,9 +54,12 @@ class Position:
         self.partial_count = partial_count
 
     def is_replay(self, final_lsn: int) -> bool:
+        """The one place that decides "already applied": a transaction whose commit
+        record starts before the checkpoint was applied whole."""
         return final_lsn < self.checkpoint
 
     def skip_count(self, final_lsn: int) -> int:
+        """How many leading changes of that transaction were applied (in chunks)."""
         return self.partial_count if self.partial_lsn == final_lsn else 0
 
     def __repr__(self) -> str:
@@ -88,7 +95,7 @@ class StreamCore:
     ) -> None:
         self.assembler = assembler
         self.planner = planner
-        self.batch = CommandBatch()
+        self._batch = CommandBatch()
         self.batch_limit = batch_limit
         self.position = position
         self.recent = recent
@@ -101,8 +108,8 @@ class StreamCore:
         self.touched_tables: set[str] = set()
         # Highest commit end received, and the highest LSN up to which every
         # transaction has been received and processed.
-        self.received = position.checkpoint
-        self.stream_position = position.checkpoint
+        self._received = position.checkpoint
+        self._stream_position = position.checkpoint
         # Checkpoint of the batch being built (end of its last complete transaction),
         # where that transaction ends in it, and the commit times of its transactions.
         self.pending_checkpoint = position.checkpoint
@@ -136,7 +143,7 @@ class StreamCore:
             return frame
         if not self.assembler.in_transaction:
             wal_end = frame.wal_end
-            self.stream_position = max(self.stream_position, wal_end)
+            self._stream_position = max(self._stream_position, wal_end)
             self.keepalive_target = max(self.keepalive_target, wal_end)
         return frame if frame.reply_requested else None
 
@@ -145,7 +152,7 @@ class StreamCore:
             return None
         if isinstance(event, RowChange):
             self._row(event)
-            if self.batch.changes >= self.batch_limit:
+            if self._batch.changes > self.batch_limit:
                 return BATCH_FULL
             return None
         if isinstance(event, TxBegin):
@@ -162,17 +169,17 @@ class StreamCore:
         self.xid = event.xid
         self.final_lsn = final_lsn
         position = self.position
-        self.skip = final_lsn < position.checkpoint
+        self.skip = position.is_replay(final_lsn)
         self.skip_changes = position.skip_count(final_lsn)
-        self.version = b"%X/%X" % (final_lsn >> 32, final_lsn & 0xFFFFFFFF)
+        self.version = lsn_bytes(final_lsn)
         self.touched_tables = set()
         sees = self.window_sees
         self.tx_visible = True if sees is None else sees(event.xid)
 
     def _commit(self, event: TxCommit) -> None:
         end_lsn = event.end_lsn
-        self.received = max(self.received, end_lsn)
-        self.stream_position = max(self.stream_position, end_lsn)
+        self._received = max(self._received, end_lsn)
+        self._stream_position = max(self._stream_position, end_lsn)
         if self.skip:
             return
         self.recent.add(event.xid, self.touched_tables)
@@ -180,12 +187,16 @@ class StreamCore:
         self.commit_times.append(pg_time_to_unix(event.commit_time))
         self.transactions += 1
         self.skip_changes = 0
-        self.boundary = self.batch.mark()
+        self.boundary = self._batch.mark()
+
+    def _applies(self, seq: int) -> bool:
+        """Whether the change ``seq`` of the transaction in progress is still to apply."""
+        return not self.skip and seq > self.skip_changes
 
     def _row(self, change: RowChange) -> None:
-        if self.skip or change.seq <= self.skip_changes:
+        if not self._applies(change.seq):
             return
-        self.planner.change(change, self.version, self.batch)
+        self.planner.change(change, self.version, self._batch)
         view = change.view
         name = view.table_name
         self.touched_tables.add(name)
@@ -201,3 +212,120 @@ class StreamCore:
                 before = old[pk]
                 if isinstance(before, bytes):
                     self.dirty.append(before)
+
+    # -- what the pipeline asks of the core ----------------------------------------------
+
+    @property
+    def batch(self) -> CommandBatch:
+        """The batch being built (backfill windows are planned into it)."""
+        return self._batch
+
+    @property
+    def received(self) -> int:
+        """Highest commit end received."""
+        return self._received
+
+    @property
+    def stream_position(self) -> int:
+        """Every transaction before this LSN has been received and processed."""
+        return self._stream_position
+
+    @property
+    def applying(self) -> bool:
+        """A transaction is in progress whose changes are being planned (not a replay)."""
+        return self.assembler.in_transaction and not self.skip
+
+    def over_limit(self, max_changes: int, max_bytes: int) -> bool:
+        """Past a limit: more changes than ``max_changes`` (a transaction of exactly the
+        limit still goes whole), or ``max_bytes`` of operations."""
+        batch = self._batch
+        return batch.changes > max_changes or len(batch.buf) >= max_bytes
+
+    def has_complete(self, sent_checkpoint: int) -> bool:
+        """Whether complete transactions (or a checkpoint move) wait to be sent."""
+        return not self.boundary.empty or self.pending_checkpoint > sent_checkpoint
+
+    def has_pending(self, sent_checkpoint: int, chunk: bool) -> bool:
+        """Whether :meth:`cut` would give anything worth sending."""
+        if not self._batch.empty or self.pending_checkpoint > sent_checkpoint:
+            return True
+        return chunk and self.applying and self._batch.changes > 0
+
+    def cut(self, chunk: bool) -> Cut:
+        """Take the whole batch. With ``chunk`` and a transaction in progress, its changes
+        so far go too, as a chunk recorded by ``partial`` (only when it alone fills a batch)."""
+        partial: tuple[int, int] | None = None
+        if chunk and self.applying and self._batch.changes:
+            partial = (self.final_lsn, self.assembler.seq)
+            self.skip_changes = 0
+        cut = Cut(self._batch, self.pending_checkpoint, self.commit_times, partial)
+        self._batch = CommandBatch()
+        self.boundary = Boundary()
+        self.commit_times = []
+        return cut
+
+    def cut_complete(self) -> Cut:
+        """Take the complete transactions of the batch; the one in progress stays."""
+        rest = self._batch.split(self.boundary)
+        cut = Cut(self._batch, self.pending_checkpoint, self.commit_times, None)
+        self._batch = rest
+        self.boundary = Boundary()
+        self.commit_times = []
+        return cut
+
+    def drop_open(self) -> None:
+        """Forget the planned part of the transaction in progress (it is streamed again
+        after a restart)."""
+        if self.applying:
+            self._batch.split(self.boundary)
+
+    def move_to_keepalive(self, sent_checkpoint: int) -> bool:
+        """Between transactions with nothing planned, every transaction before the last
+        keepalive's position is applied: the checkpoint may move there (tokens wait on
+        it). Returns whether it moved past ``sent_checkpoint``."""
+        if (
+            self.keepalive_target <= sent_checkpoint
+            or self.assembler.in_transaction
+            or not self._batch.empty
+        ):
+            return False
+        self.pending_checkpoint = max(self.pending_checkpoint, self.keepalive_target)
+        return True
+
+    def truncate(self, views: tuple[TableView, ...], seq: int) -> list[str]:
+        """Plan a TRUNCATE; returns the tables an open window's snapshot does not see it on."""
+        if not self._applies(seq):
+            return []
+        self.planner.truncate(views, self._batch)
+        unseen: list[str] = []
+        for view in views:
+            self.touched_tables.add(view.table_name)
+            if not self.tx_visible:
+                unseen.append(view.table_name)
+        return unseen
+
+    def take_dirty(self) -> list[bytes]:
+        """Ids changed by transactions the open window's snapshot does not see."""
+        dirty, self.dirty = self.dirty, []
+        return dirty if not self.skip else []
+
+    def watch(self, table: str, sees: Callable[[int], bool] | None) -> None:
+        """Open (or, with ``table`` empty, close) a backfill window on ``table``."""
+        self.watch_table = table
+        self.window_sees = sees
+
+
+class Cut:
+    """A batch taken from the core, and what its acknowledgement makes true."""
+
+    def __init__(
+        self,
+        batch: CommandBatch,
+        checkpoint: int,
+        commit_times: list[float],
+        partial: tuple[int, int] | None,
+    ) -> None:
+        self.batch = batch
+        self.checkpoint = checkpoint
+        self.commit_times = commit_times
+        self.partial = partial

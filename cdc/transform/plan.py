@@ -26,11 +26,11 @@ from __future__ import annotations
 
 from typing import Final
 
-from cdc.cache.resp import CRLF, append_bulk, bulk_header, glob_escape
 from cdc.errors import RecordError
 from cdc.protocol.messages import UnchangedToast, Value
+from cdc.protocol.resp import CRLF, append_bulk, bulk_header
 from cdc.transform.assemble import DELETE, INSERT, OP_NAMES, RowChange, TableView
-from schema.keys import VERSION_FIELD
+from schema.keys import VERSION_FIELD, match_prefix
 
 _VERSION_RESP: Final = b"$%d\r\n%s\r\n" % (len(VERSION_FIELD), VERSION_FIELD.encode())
 
@@ -143,11 +143,15 @@ while i <= n do
   index = index + 1
   i = last + 1
 end
+local published = 1
 if #failed == 0 then
   if nstate > 0 then redis.call('HSET', STATE, unpack(ARGV, 6, 5 + 2 * nstate)) end
-  if ARGV[4] ~= '' then redis.call('PUBLISH', 'cdc:applied', ARGV[4]) end
+  -- Readers wake on it; without the right to publish they poll the checkpoint instead.
+  if ARGV[4] ~= '' and failure(redis.pcall('PUBLISH', 'cdc:applied', ARGV[4])) then
+    published = 0
+  end
 end
-return {'ok', incomplete, failed, repaired}
+return {'ok', incomplete, failed, repaired, published}
 """
 """The script every batch runs in (``EVAL``): fenced, positioned, checkpoint last.
 
@@ -427,9 +431,9 @@ class Planner:
         patterns: list[bytes] = []
         for view in views:
             out.count(view.tracked.name, "truncate")
-            patterns.append(glob_escape(view.key_prefix) + b"*")
+            patterns.append(match_prefix(view.key_prefix.decode()).encode())
             for prefix in view.lookup_prefixes:
-                patterns.append(glob_escape(prefix) + b"*")
+                patterns.append(match_prefix(prefix.decode()).encode())
         if views:
             out.tables.append((out.commands, views[0].tracked.name))
         buf = out.op(_OP_TRUNCATE, len(patterns))

@@ -2,7 +2,8 @@
 
 An :data:`Lsn` is a plain ``int`` at run time (the hot path compares millions of them) and
 a distinct type for mypy, so a byte count or a timestamp cannot be passed where a WAL
-position is expected.
+position is expected. In ``schema`` because the writer (read-your-writes tokens), the
+daemon and the tests all read and write LSNs: one helper for all of them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import NewType
 
 Lsn = NewType("Lsn", int)
 
-INVALID_LSN = Lsn(0)
 _MAX = (1 << 64) - 1
 
 

@@ -21,10 +21,6 @@ def array_header(count: int) -> bytes:
     return _ARRAYS[count] if count < 512 else b"*%d\r\n" % count
 
 
-def bulk(data: bytes) -> bytes:
-    return bulk_header(len(data)) + data + CRLF
-
-
 def append_bulk(buf: bytearray, data: bytes) -> None:
     buf += bulk_header(len(data))
     buf += data
@@ -43,16 +39,6 @@ def command(*args: bytes) -> bytes:
     buf = bytearray()
     append_command(buf, list(args))
     return bytes(buf)
-
-
-def glob_escape(text: bytes) -> bytes:
-    """``text`` as a literal inside a Redis glob pattern (SCAN MATCH)."""
-    out = bytearray()
-    for byte in text:
-        if byte in b"*?[]\\":
-            out += b"\\"
-        out.append(byte)
-    return bytes(out)
 
 
 def reply_end(buf: bytearray, pos: int) -> int:
