@@ -428,3 +428,26 @@ def test_a_standby_in_the_url_is_waited_out_until_promoted(
     pair.standby.promote()
     daemon.wait_ready(60)
     assert_converged(standby_url, redis_url)
+
+
+def test_a_two_phase_slot_is_left_alone_with_a_warning(
+    postgres_pair: Callable[..., PostgresPair],
+    ha_daemon: Callable[..., Daemon],
+    redis_url: str,
+    slot_name: str,
+) -> None:
+    """The daemon never enables two-phase decoding itself; a slot made with it elsewhere
+    is not turned into a failover slot (PostgreSQL 17 refuses the pair), and it says so."""
+    pair = postgres_pair(18)
+    with psycopg.connect(pair.primary.url("app"), autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot(%s, 'pgoutput', false, true, false)",
+            (slot_name,),
+        )
+    daemon = ha_daemon(pair).start()
+    wait_for(
+        lambda: any("two-phase" in str(e.get("event", "")) for e in daemon.events()),
+        60,
+        "the two-phase warning",
+    )
+    assert slot_flags(pair.primary.url("app"), slot_name) == (False, True)
