@@ -95,6 +95,10 @@ class Settings(BaseSettings):
         default=2.0, gt=0, validation_alias=_env("CDC_OBSERVE_INTERVAL")
     )
     backfill_chunk: int = Field(default=2_000, ge=1, validation_alias=_env("CDC_BACKFILL_CHUNK"))
+    # The slot is gone while Redis has a cache (contract section 4; cdc/failover.py).
+    on_slot_loss: Literal["auto", "rebuild", "exit"] = Field(
+        default="auto", validation_alias=_env("CDC_ON_SLOT_LOSS")
+    )
 
     @field_validator("slot", "publication")
     @classmethod
