@@ -13,10 +13,12 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import drain, latency, memory, writer_bench
+from bench import async_writer_bench, drain, latency, memory, token_wait, writer_bench
 
 BENCHMARKS: list[tuple[str, Callable[[], list[str]]]] = [
     ("writer", writer_bench.main),
+    ("async_writer", async_writer_bench.main),
+    ("token_wait", token_wait.main),
     ("drain", drain.main),
     ("latency", latency.main),
     ("memory", memory.main),

@@ -13,7 +13,6 @@ from pathlib import Path
 
 PURE_PACKAGES = ("protocol", "transform")
 HOT_IO = (
-    "cache/resp.py",
     "cache/wire.py",
     "cache/sink.py",
     "postgres/source.py",

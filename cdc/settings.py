@@ -100,6 +100,10 @@ class Settings(BaseSettings):
         default=30.0, gt=0, validation_alias=_env("CDC_STATEMENT_TIMEOUT")
     )
     lock_timeout: float = Field(default=0.5, gt=0, validation_alias=_env("CDC_LOCK_TIMEOUT"))
+    # The slot is gone while Redis has a cache (contract section 4; cdc/failover.py).
+    on_slot_loss: Literal["auto", "rebuild", "exit"] = Field(
+        default="auto", validation_alias=_env("CDC_ON_SLOT_LOSS")
+    )
 
     @field_validator("slot", "publication")
     @classmethod
