@@ -3,7 +3,8 @@
 Run from the repository root: ``alembic upgrade head`` (configuration lives in
 ``pyproject.toml`` under ``[tool.alembic]``). ``-x url=…`` overrides the
 environment; every form libpq takes is accepted (:mod:`schema.dsn`). ``CDC_PUBLICATION``
-names the publication the migrations create.
+names the publication the migrations create. Like the daemon, the migrations also read
+``.env`` from the working directory (variables already set win).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import os
 
 from alembic import context
+from dotenv import load_dotenv
 from sqlalchemy import pool
 
 from schema.dsn import Dsn, DsnError, parse_dsn, sqlalchemy_engine
 from schema.tables import metadata
 
 target_metadata = metadata
+load_dotenv(".env", override=False)
 
 
 def database_dsn() -> Dsn:
