@@ -78,9 +78,19 @@ class Backoff:
         self.current = self.initial
 
 
-def stream_options(settings: Settings, tables: tuple[TrackedTable, ...]) -> dict[str, str]:
+def stream_options(
+    settings: Settings, tables: tuple[TrackedTable, ...], server_version: int = 0
+) -> dict[str, str]:
     if settings.plugin == "wal2json":
         return {**WAL2JSON_OPTIONS, "add-tables": ",".join(t.qualified_name for t in tables)}
+    if server_version >= 140000:
+        # Large transactions arrive while they run (cdc/streams.py), not after the server
+        # decoded (and spilled) them whole. Never two_phase (section 7.8, failover slots).
+        return {
+            "proto_version": "2",
+            "streaming": "on",
+            "publication_names": settings.publication,
+        }
     return {"proto_version": "1", "publication_names": settings.publication}
 
 
@@ -288,7 +298,7 @@ class Daemon:
         confirmed = slot.confirmed_flush_lsn or Lsn(0)
         reason = rebuild_reason(state, confirmed, source_id)
         start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
-        source.start(name, start, stream_options(settings, self.tables))
+        source.start(name, start, stream_options(settings, self.tables, source.server_version))
         sink.claim({"slot": name, "source": source_id})
         if reason:
             self.log.warning("the cache must be rebuilt", reason=reason)
@@ -347,7 +357,8 @@ class Daemon:
             seconds=round(report.seconds, 2),
             consistent_point=format_lsn(report.consistent_point),
         )
-        source.start(settings.slot, report.consistent_point, stream_options(settings, self.tables))
+        options = stream_options(settings, self.tables, source.server_version)
+        source.start(settings.slot, report.consistent_point, options)
         return Position(Lsn(report.consistent_point))
 
     def _clear_tracked_keys(self) -> None:

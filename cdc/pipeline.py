@@ -43,6 +43,7 @@ from cdc.plan import CommandBatch, Planner
 from cdc.settings import Settings
 from cdc.sink import InFlight, RedisSink
 from cdc.source import ReplicationSource
+from cdc.streams import STREAM_KINDS, StreamBuffers, state_directory
 from schema.keys import TrackedTable
 
 Decode = Callable[[bytes], Message | list[Message]]
@@ -111,6 +112,11 @@ class Pipeline:
             self.backfill.recent,
         )
         self._watch_window()
+        # Streamed in-progress transactions, applied at their Stream Commit.
+        self.streams = StreamBuffers(
+            state_directory(settings.state_dir), settings.slot, settings.stream_memory
+        )
+        self.streams.clean()
         self.stats = PipelineStats()
         # Highest checkpoint sent to Redis (acknowledged or in flight).
         self.sent_checkpoint: int = position.checkpoint
@@ -134,6 +140,7 @@ class Pipeline:
         core = self.core
         limit_bytes = self.settings.batch_max_bytes
         fast = self._fast
+        streams = self.streams
         while True:
             if self.stop.is_set():
                 self._shutdown()
@@ -144,11 +151,28 @@ class Pipeline:
                 continue
             self._last_received = time.monotonic()
             if fast:
+                if data[0] == 0x77 and (streams.in_block or data[25] in STREAM_KINDS):
+                    self._on_stream(data)
+                    continue
                 outcome = core.feed(data)
                 if outcome is not None:
                     self._on_outcome(outcome)
             else:
                 self._slow_path(data)
+            if len(core.batch.buf) >= limit_bytes:
+                self.flush()
+
+    def _on_stream(self, data: bytes) -> None:
+        """A message of a streamed transaction; at its commit, apply it as any other."""
+        replay = self.streams.feed(data)
+        if replay is None:
+            return
+        core = self.core
+        limit_bytes = self.settings.batch_max_bytes
+        for message in replay:
+            outcome = core.feed_message(message)
+            if outcome is not None:
+                self._on_outcome(outcome)
             if len(core.batch.buf) >= limit_bytes:
                 self.flush()
 
@@ -455,6 +479,7 @@ class Pipeline:
             self._split_at_boundary()
         self.flush(chunk=False)
         self.drain()
+        self.streams.close()
         self.send_status(reply=False)
         if not self.source.finish():
             self.log.warning("the server did not end the stream in time; closing it")

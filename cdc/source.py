@@ -129,6 +129,10 @@ class ReplicationSource:
                 conn.close()
 
     @property
+    def server_version(self) -> int:
+        return self._conn.info.server_version if self._conn is not None else 0
+
+    @property
     def backend_pid(self) -> int | None:
         return self._conn.info.backend_pid if self._conn is not None else None
 
