@@ -43,7 +43,7 @@ from cdc.plan import CommandBatch, Planner
 from cdc.settings import Settings
 from cdc.sink import InFlight, RedisSink
 from cdc.source import ReplicationSource
-from cdc.streams import STREAM_KINDS, StreamBuffers, state_directory
+from cdc.streams import StreamBuffers, state_directory
 from schema.keys import TrackedTable
 
 Decode = Callable[[bytes], Message | list[Message]]
@@ -140,7 +140,7 @@ class Pipeline:
         core = self.core
         limit_bytes = self.settings.batch_max_bytes
         fast = self._fast
-        streams = self.streams
+        in_block = False  # inside a Stream Start .. Stream Stop block
         while True:
             if self.stop.is_set():
                 self._shutdown()
@@ -151,8 +151,8 @@ class Pipeline:
                 continue
             self._last_received = time.monotonic()
             if fast:
-                if data[0] == 0x77 and (streams.in_block or data[25] in STREAM_KINDS):
-                    self._on_stream(data)
+                if data[0] == 0x77 and (in_block or _stream_kind(data[25])):
+                    in_block = self._on_stream(data)
                     continue
                 outcome = core.feed(data)
                 if outcome is not None:
@@ -162,11 +162,12 @@ class Pipeline:
             if len(core.batch.buf) >= limit_bytes:
                 self.flush()
 
-    def _on_stream(self, data: bytes) -> None:
-        """A message of a streamed transaction; at its commit, apply it as any other."""
+    def _on_stream(self, data: bytes) -> bool:
+        """A message of a streamed transaction; at its commit, apply it as any other.
+        Returns whether a stream block is open."""
         replay = self.streams.feed(data)
         if replay is None:
-            return
+            return self.streams.in_block
         core = self.core
         limit_bytes = self.settings.batch_max_bytes
         for message in replay:
@@ -175,6 +176,7 @@ class Pipeline:
                 self._on_outcome(outcome)
             if len(core.batch.buf) >= limit_bytes:
                 self.flush()
+        return False
 
     def _slow_path(self, data: bytes) -> None:
         """Other output plugins (wal2json): decode in Python, then the same core."""
@@ -484,3 +486,9 @@ class Pipeline:
         if not self.source.finish():
             self.log.warning("the server did not end the stream in time; closing it")
         self.log.info("stopped", checkpoint=format_lsn(self.position.checkpoint))
+
+
+def _stream_kind(kind: int) -> bool:
+    """pgoutput's messages that frame streamed transactions: Stream Start, Stop, Commit,
+    Abort (cdc/streams.py)."""
+    return kind == 0x53 or kind == 0x45 or kind == 0x63 or kind == 0x41  # noqa: PLR1714
