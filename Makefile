@@ -30,7 +30,7 @@ $(SYSTEM_STAMP): devstack/system-deps.sh
 
 # The hot path is compiled by mypyc (setup.py): rebuild when those sources change.
 COMPILED := cdc/messages.py cdc/pgoutput.py cdc/assemble.py cdc/resp.py cdc/plan.py cdc/core.py \
-	cdc/redis_wire.py cdc/sink.py cdc/source.py cdc/pipeline.py
+	cdc/redis_wire.py cdc/sink.py cdc/source.py cdc/pipeline.py cdc/streams.py
 
 $(STAMP): $(SYSTEM_STAMP) pyproject.toml setup.py $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

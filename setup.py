@@ -25,6 +25,7 @@ COMPILED: list[str] = [
     "cdc/sink.py",
     "cdc/source.py",
     "cdc/pipeline.py",
+    "cdc/streams.py",
 ]
 
 

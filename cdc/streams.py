@@ -167,9 +167,6 @@ class StreamBuffers:
         self.current = None
         self.memory_bytes = 0
 
-    def __del__(self) -> None:
-        self.close()
-
     def spill_paths(self) -> list[Path]:
         return [tx.path for tx in self.open.values() if tx.path is not None]
 
