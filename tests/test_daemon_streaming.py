@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.helpers import Daemon, assert_converged, fence, wait_for
+from tests.helpers import Daemon, assert_converged, fence, redis_state, wait_for
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -264,5 +264,74 @@ def test_kill_9_during_a_streamed_transaction(
         )
     counts = assert_converged(database_url, redis_url)
     assert counts["tickets"] == 50_001
+    assert spill_files(state) == []
+    assert final.stop() == 0
+
+
+def test_kill_9_while_a_streamed_transaction_is_applied_in_chunks(
+    make_daemon: Callable[..., Daemon],
+    streaming_db: Conn,
+    database_url: str,
+    redis_url: str,
+    slot_name: str,
+    tmp_path: Path,
+) -> None:
+    # Larger than the batch limit: applied in chunks after its Stream Commit, with
+    # ``partial`` recording how far; after a kill the server streams it again and the
+    # daemon resumes at the same change (rows already at v3 never go back).
+    state = tmp_path / "state"
+    env = {"CDC_STATE_DIR": str(state), "CDC_BATCH_MAX_CHANGES": "500"}
+    daemon = make_daemon(**env).start().wait_ready()
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO tickets (id, title) SELECT 'big' || g, 'v1' FROM generate_series(1, 20000) g"
+        )
+        conn.execute("UPDATE tickets SET title = 'v2' WHERE id LIKE 'big%'")
+        conn.execute("UPDATE tickets SET title = 'v3' WHERE id LIKE 'big%'")
+        conn.execute(
+            "INSERT INTO tickets (id, title) SELECT 't' || g, 't' FROM generate_series(1, 100000) g"
+        )
+    client = redis.Redis.from_url(redis_url)
+
+    def late_in_the_transaction() -> bool:
+        return bool(
+            client.hget("ticket:{big1}", "title") == b"v3" and redis_state(redis_url).get("partial")
+        )
+
+    wait_for(late_in_the_transaction, 120, "the transaction half applied", max_delay=0.005)
+    daemon.kill()
+    assert redis_state(redis_url)["partial"]
+    sampled = [f"ticket:{{big{i}}}" for i in range(1, 20001, 97)]
+    done: set[str] = set()
+    went_back: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        r = redis.Redis.from_url(redis_url)
+        while not stop.is_set():
+            pipe = r.pipeline(transaction=False)
+            for key in sampled:
+                pipe.hget(key, "title")
+            for key, title in zip(sampled, pipe.execute(), strict=True):
+                if title == b"v3":
+                    done.add(key)
+                elif key in done and title is not None:
+                    went_back.append(f"{key}: {title!r}")
+
+    for key in sampled:
+        if client.hget(key, "title") == b"v3":
+            done.add(key)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        final = make_daemon(**env).start().wait_ready()
+        counts = assert_converged(database_url, redis_url)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert not went_back, went_back[:5]
+    assert counts["tickets"] == 120_001
+    assert redis_state(redis_url)["partial"] == ""
+    assert slot_stats(streaming_db, slot_name)[1] > 0
     assert spill_files(state) == []
     assert final.stop() == 0
