@@ -170,12 +170,20 @@ class Pipeline:
             return self.streams.in_block
         core = self.core
         limit_bytes = self.settings.batch_max_bytes
+        stop = self.stop
         for message in replay:
             outcome = core.feed_message(message)
+            if outcome is None and len(core.batch.buf) < limit_bytes:
+                continue
             if outcome is not None:
-                self._on_outcome(outcome)
+                self._on_outcome(outcome)  # a full batch is sent: a chunk
             if len(core.batch.buf) >= limit_bytes:
                 self.flush()
+            if stop.is_set():
+                # Stopping inside a large transaction: what was applied of it is in
+                # ``partial``; the server streams it again after the restart.
+                replay.close()
+                break
         return False
 
     def _slow_path(self, data: bytes) -> None:

@@ -30,7 +30,7 @@ import contextlib
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -172,7 +172,7 @@ class StreamBuffers:
 
     # -- the stream ----------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> Iterator[Message] | None:
+    def feed(self, data: bytes) -> Generator[Message, None, None] | None:
         """An XLogData message that is a stream message or inside a stream block.
 
         Returns the committed transaction's messages at Stream Commit, else None."""
@@ -267,7 +267,9 @@ class StreamBuffers:
         tx.memory_bytes = 0
         tx.close()
 
-    def _replay(self, tx: _Transaction | None, commit: StreamCommit) -> Iterator[Message]:
+    def _replay(
+        self, tx: _Transaction | None, commit: StreamCommit
+    ) -> Generator[Message, None, None]:
         yield Begin(commit.commit_lsn, commit.commit_time, commit.xid)
         if tx is not None:
             try:

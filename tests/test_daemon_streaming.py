@@ -335,3 +335,31 @@ def test_kill_9_while_a_streamed_transaction_is_applied_in_chunks(
     assert slot_stats(streaming_db, slot_name)[1] > 0
     assert spill_files(state) == []
     assert final.stop() == 0
+
+
+def test_sigterm_while_a_streamed_transaction_is_applied_stops_at_a_chunk(
+    make_daemon: Callable[..., Daemon],
+    streaming_db: Conn,
+    database_url: str,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    env = {"CDC_STATE_DIR": str(state), "CDC_BATCH_MAX_CHANGES": "200"}
+    daemon = make_daemon(**env).start().wait_ready()
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO tickets (id, title) SELECT 'q' || g, 'x' FROM generate_series(1, 150000) g"
+        )
+    wait_for(
+        lambda: redis_state(redis_url).get("partial"), 120, "the first chunks", max_delay=0.005
+    )
+    # SIGTERM: the daemon stops after the chunk in flight, not after the whole transaction.
+    assert daemon.stop() == 0
+    assert redis_state(redis_url)["partial"]
+    assert spill_files(state) == []
+    final = make_daemon(**env).start().wait_ready()
+    counts = assert_converged(database_url, redis_url)
+    assert counts["tickets"] == 150_001
+    assert redis_state(redis_url)["partial"] == ""
+    assert final.stop() == 0
