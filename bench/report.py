@@ -81,8 +81,9 @@ def table(results: dict[str, Any]) -> str:
     ]
     header = (
         f"Measured {m['date']} at commit `{m['commit']}` on {m['cores']} cores ({m['cpu']}),"
-        f" load {load}, shared with other work (PostgreSQL, Redis, the daemon and the load"
-        f" generator on the same cores; numbers move by 10-30% between runs);"
+        f" load {load} (PostgreSQL, Redis, the daemon and the load generator on the same"
+        " cores, shared with other work running at the same time: two runs of the same code"
+        " differed by up to 4x on some figures, so read the ratios rather than the rates);"
         f" PostgreSQL {m['postgresql']}, Redis {m['redis']}, Python {m['python']}"
         f"{'' if m['compiled'] else ' (hot path not compiled)'}."
     )
