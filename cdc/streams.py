@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -58,7 +57,8 @@ _TYPE: Final = 0x59  # 'Y'
 _HEADER: Final = 25
 # What one buffered message costs in memory besides its bytes (object header, list slot).
 _OVERHEAD: Final = 56
-_LENGTH = struct.Struct(">I")
+# Spill file writes and reads go in chunks of this size.
+_CHUNK: Final = 1 << 20
 SPILL_SUFFIX: Final = ".spill"
 
 
@@ -72,7 +72,10 @@ class StreamError(DecodeError):
 
 
 class _Transaction:
-    """One open streamed transaction: its messages so far, in memory then in a file."""
+    """One open streamed transaction: its messages so far, in memory then in a file.
+
+    The file holds length-prefixed messages; writes gather in ``pending`` and go to the
+    file a megabyte at a time, and the replay reads it back in chunks of that size."""
 
     def __init__(self, xid: int) -> None:
         self.xid = xid
@@ -80,7 +83,9 @@ class _Transaction:
         self.memory_bytes = 0
         self.file: BinaryIO | None = None
         self.path: Path | None = None
-        self.spilled = 0  # messages in the file
+        self.spilled = 0  # messages in the file (and pending)
+        self.written = 0  # bytes in the file
+        self.pending = bytearray()
         # First position of each subtransaction: (messages in memory, file offset, spilled).
         self.subxacts: dict[int, tuple[int, int, int]] = {}
 
@@ -90,24 +95,69 @@ class _Transaction:
 
     def mark(self, subxid: int) -> None:
         if subxid not in self.subxacts:
-            offset = self.file.tell() if self.file is not None else 0
+            offset = self.written + len(self.pending)
             self.subxacts[subxid] = (len(self.memory), offset, self.spilled)
+
+    def spill(self, data: bytes) -> None:
+        pending = self.pending
+        size = len(data)
+        pending.extend(size.to_bytes(4, "big"))
+        pending.extend(data)
+        self.spilled += 1
+        if len(pending) >= _CHUNK:
+            self._write()
+
+    def _write(self) -> None:
+        assert self.file is not None
+        view = memoryview(self.pending)
+        while view:
+            done = self.file.write(view)
+            view = view[done:]
+        view.release()
+        self.written += len(self.pending)
+        self.pending.clear()
+
+    def truncate(self, offset: int, spilled: int) -> None:
+        """Drop what the file holds from ``offset`` on (``spilled`` messages remain)."""
+        if offset >= self.written:
+            del self.pending[offset - self.written :]
+        else:
+            assert self.file is not None
+            self.pending.clear()
+            self.file.truncate(offset)
+            self.file.seek(offset)
+            self.written = offset
+        self.spilled = spilled
 
     def messages(self) -> Iterator[bytes]:
         yield from self.memory
         if self.file is None:
             return
         file = self.file
-        file.flush()
+        if self.pending:
+            self._write()
         file.seek(0)
+        buf = b""
+        pos = 0
         for _ in range(self.spilled):
-            head = file.read(4)
-            (length,) = _LENGTH.unpack(head)
-            yield file.read(length)
+            if pos + 4 > len(buf):
+                buf = buf[pos:] + file.read(_CHUNK)
+                pos = 0
+            length = (buf[pos] << 24) | (buf[pos + 1] << 16) | (buf[pos + 2] << 8) | buf[pos + 3]
+            end = pos + 4 + length
+            if end > len(buf):
+                buf = buf[pos:] + file.read(max(_CHUNK, end - pos))
+                pos = 0
+                end = 4 + length
+                if end > len(buf):
+                    raise StreamError("spill file shorter than written")
+            yield buf[pos + 4 : end]
+            pos = end
 
     def close(self) -> None:
         """Close and remove the spill file (it may be gone already: a newer session cleans)."""
         file, self.file = self.file, None
+        self.pending = bytearray()
         if file is not None:
             with contextlib.suppress(OSError):
                 file.close()
@@ -220,10 +270,7 @@ class StreamBuffers:
             return
         if tx.file is None:
             self._open_spill(tx)
-        assert tx.file is not None
-        tx.file.write(_LENGTH.pack(len(data)))
-        tx.file.write(data)
-        tx.spilled += 1
+        tx.spill(data)
         self.stats.spilled_bytes += len(data) + 4
 
     def _open_spill(self, tx: _Transaction) -> None:
@@ -232,7 +279,7 @@ class StreamBuffers:
             prefix=f"{self.slot}.{tx.xid}.", suffix=SPILL_SUFFIX, dir=self.state_dir
         )
         tx.path = Path(name)
-        tx.file = os.fdopen(fd, "w+b", buffering=1 << 20)
+        tx.file = os.fdopen(fd, "w+b", buffering=0)
         self.stats.spill_files += 1
 
     def _abort(self, xid: int, subxid: int) -> None:
@@ -255,9 +302,7 @@ class StreamBuffers:
             tx.memory_bytes -= freed
             self.memory_bytes -= freed
         if tx.file is not None:
-            tx.file.seek(offset)
-            tx.file.truncate(offset)
-            tx.spilled = spilled
+            tx.truncate(offset, spilled)
         index = in_memory + spilled
         tx.subxacts = {s: p for s, p in tx.subxacts.items() if p[0] + p[2] < index}
 

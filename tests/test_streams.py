@@ -157,3 +157,22 @@ def test_out_of_order_stream_messages_are_refused(tmp_path: Path) -> None:
         buffers.feed(start(2, True))
     with pytest.raises(StreamError):
         buffers.feed(commit(1, 5))
+
+
+def test_spill_file_of_several_megabytes_replays_in_order(tmp_path: Path) -> None:
+    # Past the 1 MB write buffer and read chunks, with a message larger than a chunk, and
+    # a subtransaction cut that reaches back into what is already in the file.
+    buffers = StreamBuffers(tmp_path, "slot", 0)
+    stream = [start(10, True), relation(10)]
+    stream += [insert(10, b"top%d" % i + b"." * (i % 300)) for i in range(20_000)]
+    stream += [insert(10, b"huge" + b"h" * (3 << 20))]
+    stream += [insert(11, b"sub%d" % i + b"." * 200) for i in range(10_000)]  # 2+ MB
+    stream += [stop(), abort(10, 11), start(10)]
+    stream += [insert(10, b"after%d" % i) for i in range(5_000)]
+    stream += [stop(), commit(10, 900)]
+    got = values(feed_all(buffers, *stream))
+    expected = [b"top%d" % i + b"." * (i % 300) for i in range(20_000)]
+    expected += [b"huge" + b"h" * (3 << 20)]
+    expected += [b"after%d" % i for i in range(5_000)]
+    assert got == expected
+    assert list(tmp_path.iterdir()) == []
