@@ -1,7 +1,7 @@
 """Build hook: compile the daemon's hot path with mypyc when it is available.
 
-The modules listed in ``COMPILED`` are plain, typed Python (decoder, assembler, planner,
-RESP encoder, the Redis and PostgreSQL wire loops and the pipeline). mypyc turns them
+The modules listed by ``cdc/compiled.py`` are plain, typed Python (the pure stages, the
+Redis and PostgreSQL wire loops and the pipeline). mypyc turns them
 into C extensions, several times faster on the per-row work; without mypyc (or with
 ``CDC_PURE_PYTHON=1``) the same source runs as ordinary Python. The suite runs against
 whichever was installed; ``tests/test_pure_source.py`` and the decoder tests also run
@@ -11,22 +11,17 @@ the pure source.
 from __future__ import annotations
 
 import os
+import runpy
 
 from setuptools import setup
 
-COMPILED: list[str] = [
-    "cdc/messages.py",
-    "cdc/pgoutput.py",
-    "cdc/assemble.py",
-    "cdc/resp.py",
-    "cdc/plan.py",
-    "cdc/core.py",
-    "cdc/redis_wire.py",
-    "cdc/sink.py",
-    "cdc/source.py",
-    "cdc/pipeline.py",
-    "cdc/streams.py",
-]
+
+def _compiled() -> list[str]:
+    """The one list of compiled modules (cdc/compiled.py), read without importing cdc."""
+    return list(runpy.run_path("cdc/compiled.py")["sources"]())
+
+
+COMPILED: list[str] = _compiled()
 
 
 def ext_modules() -> list[object]:

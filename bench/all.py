@@ -18,17 +18,24 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import redis
 
-from bench import drain, latency, writer_bench
+from bench import async_writer_bench, drain, latency, token_wait, writer_bench
 from bench.common import ROOT, DaemonProcess, Stack, median, stack
 
 RESULTS = ROOT / "bench" / "results.json"
 RESTARTS = 5
+# Benchmarks of the writer library that start their own servers; their lines are kept
+# in the JSON as printed.
+OTHERS: list[tuple[str, Callable[[], list[str]]]] = [
+    ("async_writer", async_writer_bench.main),
+    ("token_wait", token_wait.main),
+]
 
 
 def machine(s: Stack) -> dict[str, Any]:
@@ -64,9 +71,9 @@ def machine(s: Stack) -> dict[str, Any]:
 
 def _compiled() -> bool:
     """Whether the hot path runs mypyc-compiled (as installed by ``make``)."""
-    import cdc.core
+    import cdc.transform.core
 
-    return not str(cdc.core.__file__).endswith(".py")
+    return not str(cdc.transform.core.__file__).endswith(".py")
 
 
 def restart_to_ready(s: Stack) -> dict[str, Any]:
@@ -101,6 +108,9 @@ def run() -> dict[str, Any]:
         print("drains ...", flush=True)
         results.update(drain.run(s))
         results["machine"]["load_after"] = os.getloadavg()
+    for name, bench in OTHERS:
+        print(f"{name} ...", flush=True)
+        results[name] = bench()
     return results
 
 
@@ -153,6 +163,8 @@ def lines(results: dict[str, Any]) -> list[str]:
         f" write ({w['dual'] * 1e6:.0f} us); without the audit log"
         f" {w['writer_no_audit'] / w['raw']:.2f}x"
     )
+    for name, _ in OTHERS:
+        out += results.get(name, [])
     return out
 
 

@@ -24,6 +24,7 @@ import psycopg
 import redis
 
 from devstack.servers import PostgresServer, RedisServer, free_port
+from schema.lsn import parse_lsn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,12 +120,6 @@ class DaemonProcess:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-def parse_lsn(text: str | bytes) -> int:
-    raw = text.decode() if isinstance(text, bytes) else text
-    high, _, low = raw.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
 
 
 def wait_checkpoint(

@@ -36,13 +36,13 @@ from bench.common import (
     Stack,
     cpu_seconds,
     current_lsn,
-    parse_lsn,
     reset_slot_stats,
     slot_options,
     slot_stats,
     status_kib,
 )
 from devstack.servers import postgres_bin_dir
+from schema.lsn import parse_lsn
 
 FILL = """
 INSERT INTO tickets (id, title, description, status, priority, ticket_type, channel, customer, tags)

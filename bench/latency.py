@@ -34,11 +34,12 @@ import hiredis
 import psycopg
 import redis
 
-from bench.common import DaemonProcess, Stack, parse_lsn, percentile, row, stack
-from cdc.redis_wire import RedisAddress
-from cdc.resp import command
+from bench.common import DaemonProcess, Stack, percentile, row, stack
+from cdc.cache.wire import RedisAddress
+from cdc.protocol.resp import command
 from devstack.servers import postgres_bin_dir
 from schema.keys import STATE_KEY
+from schema.lsn import parse_lsn
 
 SECONDS = 10
 # The id carries the commit's time: clock_timestamp() as the row is inserted, just

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit, urlunsplit
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from redis.connection import parse_url
 
 from cdc.errors import ConfigError
+from schema.redis_url import RedisTarget
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     status_interval: float = Field(default=1.0, gt=0, validation_alias=_env("CDC_STATUS_INTERVAL"))
     pg_timeout: float = Field(default=30.0, gt=0, validation_alias=_env("CDC_PG_TIMEOUT"))
     redis_timeout: float = Field(default=5.0, gt=0, validation_alias=_env("CDC_REDIS_TIMEOUT"))
+    # After each batch, WAIT for this many Redis replicas before confirming (contract 4).
+    redis_min_replicas: int = Field(
+        default=0, ge=0, validation_alias=_env("CDC_REDIS_MIN_REPLICAS")
+    )
     standby: bool = Field(default=False, validation_alias=_env("CDC_STANDBY"))
     slot_busy_timeout: float = Field(
         default=15.0, ge=0, validation_alias=_env("CDC_SLOT_BUSY_TIMEOUT")
@@ -91,6 +95,10 @@ class Settings(BaseSettings):
         default=2.0, gt=0, validation_alias=_env("CDC_OBSERVE_INTERVAL")
     )
     backfill_chunk: int = Field(default=2_000, ge=1, validation_alias=_env("CDC_BACKFILL_CHUNK"))
+    # The slot is gone while Redis has a cache (contract section 4; cdc/failover.py).
+    on_slot_loss: Literal["auto", "rebuild", "exit"] = Field(
+        default="auto", validation_alias=_env("CDC_ON_SLOT_LOSS")
+    )
     # Streamed in-progress transactions (PostgreSQL 14+): memory for their changes until
     # commit, then spill files in the state directory (default: the system's temp dir).
     stream_memory: int = Field(default=8 << 20, ge=0, validation_alias=_env("CDC_STREAM_MEMORY"))
@@ -131,7 +139,7 @@ class Settings(BaseSettings):
         """The settings without secrets (for the startup log line)."""
         return {
             "database": redact_url(self.replication_conninfo),
-            "redis": redact_url(self.redis),
+            "redis": describe_redis_url(self.redis),
             "slot": self.slot,
             "publication": self.publication,
             "plugin": self.plugin,
@@ -177,10 +185,16 @@ def _check_postgres_url(name: str, url: str) -> None:
         raise ConfigError(f"{name} is not a valid URL: {type(exc).__name__}") from None
 
 
-def _check_redis_url(url: str) -> None:
-    if not url.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"REDIS_URL must be a redis:// or rediss:// URL (got {redact_url(url)})")
+def describe_redis_url(url: str) -> str:
+    """Where ``url`` points, without password or query (safe for logs)."""
     try:
-        parse_url(url)  # type: ignore[no-untyped-call]
+        return RedisTarget.parse(url).describe()
+    except ValueError:
+        return "<invalid REDIS_URL>"
+
+
+def _check_redis_url(url: str) -> None:
+    try:
+        RedisTarget.parse(url)
     except ValueError as exc:
-        raise ConfigError(f"REDIS_URL is not a valid URL: {exc}") from None
+        raise ConfigError(f"REDIS_URL is not valid: {exc}") from None

@@ -27,9 +27,10 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
-import redis
+from dotenv import load_dotenv
 
 from devstack.servers import PostgresServer, RedisServer, free_port
+from schema.redis_url import redis_client
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / ".run"
@@ -155,6 +156,9 @@ def _changes(metrics: dict[str, float]) -> float:
 
 
 def run(seconds: float | None = None, rate: float = 50.0) -> int:
+    # The contract's configuration is the environment, also read from .env (as the
+    # daemon and the migrations read it); variables already set win.
+    load_dotenv(ROOT / ".env", override=False)
     ports = _ports()
     started: list[PostgresServer | RedisServer] = []
     database_url = os.environ.get("DATABASE_URL")
@@ -253,7 +257,7 @@ def _progress(
     redis_url: str,
     seconds: float | None,
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     tty = sys.stdout.isatty()
     started = time.monotonic()
     last_changes, last_writes, last_at = 0.0, 0, started

@@ -16,6 +16,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 # promtool (from Debian's prometheus package) checks docker/prometheus/alerts.yml in the tests.
 command -v promtool >/dev/null 2>&1 || optional+=(prometheus)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# openssl makes the test CA and certificates of the Redis TLS tests.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   need+=(python3-venv)
 fi

@@ -13,7 +13,8 @@ key                              type    content
 ``ticket:{<id>}``                hash    one field per non-NULL column of the row
 ``agent:{<id>}``                 hash    the same, without ``password_hash``
 ``agent:username:{<username>}``  string  the agent's id
-``cdc:*``                        any     the daemon's own state (checkpoint, fence)
+``cdc:*``                        any     the daemon's own state (checkpoint, fence) and
+                                        channel (``cdc:applied``)
 ===============================  ======  =================================================
 
 Field values are the text PostgreSQL prints for the column (``col::text``) in a session with
@@ -29,6 +30,9 @@ from dataclasses import dataclass, field
 CDC_PREFIX = "cdc:"
 # Hash holding the checkpoint (``lsn``), the fence token and the source's identity.
 STATE_KEY = CDC_PREFIX + "state"
+# Pub/sub channel: the daemon publishes its checkpoint (``X/Y``) there inside each batch's
+# atomic apply, so readers waiting on a token wake when it is visible (``&cdc:*`` in an ACL).
+APPLIED_CHANNEL = CDC_PREFIX + "applied"
 # Hash field names starting with this are the daemon's, not columns.
 RESERVED_FIELD_PREFIX = "_"
 # The LSN (PostgreSQL text form) of the transaction that last wrote a row.
@@ -44,6 +48,16 @@ class LookupKey:
 
     def key(self, value: str) -> str:
         return f"{self.prefix}:{{{value}}}"
+
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this lookup starts with."""
+        return f"{self.prefix}:{{"
+
+
+def match_prefix(prefix: str) -> str:
+    """A Redis glob (``SCAN MATCH``) for every key that starts with ``prefix``."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
 
 
 @dataclass(frozen=True, slots=True)

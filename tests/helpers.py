@@ -27,7 +27,8 @@ import psycopg
 import redis
 
 from devstack.servers import free_port
-from schema.keys import STATE_KEY, TRACKED_TABLES
+from schema.keys import STATE_KEY, TRACKED_TABLES, match_prefix
+from schema.lsn import parse_lsn
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE_ID = "__fence__"
@@ -233,7 +234,7 @@ def text(value: bytes | str) -> str:
 
 
 def scan(client: redis.Redis, prefix: str) -> Iterator[list[bytes]]:
-    pattern = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
+    pattern = match_prefix(prefix)
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=2000):
         batch.append(key)
@@ -297,7 +298,7 @@ def assert_converged(database_url: str, redis_url: str, fence_first: bool = True
                             problems.append(f"extra {raw.decode()}")
                 for lookup in table.lookups:
                     wanted = lookups[lookup.prefix]
-                    for found in scan(client, lookup.prefix + ":{"):
+                    for found in scan(client, lookup.key_prefix):
                         for raw, value in zip(found, client.mget(found), strict=True):
                             name = raw.decode()
                             owner = wanted.pop(name, None)
@@ -326,11 +327,6 @@ def redis_state(redis_url: str) -> dict[str, str]:
         return client.hgetall(STATE_KEY)  # type: ignore[return-value]
     finally:
         client.close()
-
-
-def parse_lsn(text: str) -> int:
-    high, _, low = text.partition("/")
-    return (int(high, 16) << 32) | int(low, 16)
 
 
 def slot_confirmed(database_url: str, slot: str) -> int | None:

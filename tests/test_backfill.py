@@ -5,8 +5,8 @@ from __future__ import annotations
 import hiredis
 import psycopg
 
-from cdc.backfill import Backfill
-from cdc.plan import CommandBatch, Planner
+from cdc.runtime.backfill import Backfill
+from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TICKETS
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -22,10 +22,14 @@ def _insert(pg: Conn, *ids: str) -> None:
 def _written_keys(batch: CommandBatch) -> set[bytes]:
     reader = hiredis.Reader()
     reader.feed(bytes(batch.buf))
-    keys = set()
-    while (command := reader.gets()) is not False:
-        if command[0] == b"HSET":
-            keys.add(command[1])
+    items = []
+    while (item := reader.gets()) is not False:
+        items.append(item)
+    keys, at = set(), 0
+    while at < len(items):  # operations: code, n, n arguments
+        if items[at] in (b"h", b"r"):
+            keys.add(items[at + 2])
+        at += 2 + int(items[at + 1])
     return keys
 
 
@@ -49,7 +53,7 @@ def test_rows_changed_by_unseen_transactions_are_left_to_the_stream(
     with pg.transaction():
         xid = _xid32(pg)
         pg.execute("UPDATE tickets SET title = 'newer' WHERE id = 't2'")
-    assert not backfill.sees(xid)
+    assert not window.snapshot.sees(xid)
     backfill.dirty([b"t2"])
     assert not backfill.ready(window.high_water - 1)
     assert backfill.ready(window.high_water)
@@ -72,7 +76,7 @@ def test_a_window_waits_for_applied_transactions_its_snapshot_cannot_see(
         # can be for a moment.
         xid = _xid32(other)
         other.execute("UPDATE tickets SET title = 'streamed' WHERE id = 't1'")
-        backfill.committed(xid, {"tickets"})
+        backfill.recent.add(xid, {"tickets"})
         assert backfill.open(pg) is None
         assert backfill.stats.retries == 1
         assert backfill.queue[0].ids == {"t1", "gone"}  # nothing was given up

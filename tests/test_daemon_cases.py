@@ -8,11 +8,11 @@ from typing import Any
 import psycopg
 import redis
 
+from schema.lsn import parse_lsn
 from tests.helpers import (
     Daemon,
     assert_converged,
     fence,
-    parse_lsn,
     running,
     slot_confirmed,
     wait_for,

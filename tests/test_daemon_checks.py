@@ -199,6 +199,8 @@ def test_redis_acl_user(
             enabled=True,
             passwords=["+s3cret-acl"],
             keys=["ticket:*", "agent:*", "cdc:*"],
+            # The daemon announces its checkpoint on cdc:applied (readers wake on it).
+            channels=["cdc:*"],
             commands=[
                 "+@read",
                 "+@write",
@@ -208,6 +210,7 @@ def test_redis_acl_user(
                 "+info",
                 "+ping",
                 "+scan",
+                "+publish",
             ],
         )
         admin.acl_setuser("default", enabled=False)

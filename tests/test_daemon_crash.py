@@ -12,11 +12,11 @@ from typing import Any
 import psycopg
 import redis
 
+from schema.lsn import parse_lsn
 from tests.helpers import (
     Daemon,
     Load,
     assert_converged,
-    parse_lsn,
     redis_state,
     slot_confirmed,
     text,
@@ -186,7 +186,7 @@ def test_kill_9_in_the_middle_of_a_large_transaction(
 
 def _versions(redis_url: str, ids: list[str]) -> dict[str, int]:
     client = redis.Redis.from_url(redis_url)
-    out = {}
+    out: dict[str, int] = {}
     for row in ids:
         version = client.hget(f"ticket:{{{row}}}", "_v")
         if version is not None:

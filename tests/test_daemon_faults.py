@@ -187,6 +187,8 @@ def test_redis_behind_the_slot_is_rebuilt(
     for key, value in backup.items():
         client.restore(key, 0, value)  # type: ignore[arg-type]
     with running(make_daemon()) as daemon:
+        # The rebuild is online: rows come back as its backfill windows land.
+        wait_for(lambda: not redis_state(redis_url).get("rebuild"), 60, "the rebuild to end")
         assert_converged(database_url, redis_url)
         assert any("behind" in str(e.get("reason", "")) for e in daemon.events())
 
@@ -330,3 +332,4 @@ def test_invalidated_slot_is_recreated(
     with running(stack_daemon()) as daemon:
         assert_converged(url, own_stack.redis_url)
         assert any("invalidated" in str(e.get("event", "")) for e in daemon.events())
+        assert daemon.metric("cdc_rebuilds_total", 'reason="slot_invalidated"') == 1

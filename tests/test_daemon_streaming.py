@@ -18,7 +18,8 @@ import psycopg
 import pytest
 import redis
 
-from tests.helpers import Daemon, assert_converged, fence, parse_lsn, redis_state, wait_for
+from schema.lsn import parse_lsn
+from tests.helpers import Daemon, assert_converged, fence, redis_state, wait_for
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

@@ -16,25 +16,8 @@ from typing import Any
 
 import pytest
 
-from cdc import pgoutput
-from cdc.assemble import (
-    CAST_BOOL,
-    CAST_BPCHAR,
-    CAST_INET,
-    DELETE,
-    INSERT,
-    UPDATE,
-    Assembler,
-    AssemblyError,
-    RowChange,
-    SchemaChange,
-    StreamingUnsupported,
-    TableTruncate,
-    TxBegin,
-    TxCommit,
-    text_cast,
-)
-from cdc.messages import (
+from cdc.protocol import pgoutput
+from cdc.protocol.messages import (
     UNCHANGED_TOAST,
     Begin,
     Commit,
@@ -54,7 +37,24 @@ from cdc.messages import (
     parse_copy_data,
     standby_status_update,
 )
-from cdc.wal2json import Wal2JsonDecoder
+from cdc.protocol.wal2json import Wal2JsonDecoder
+from cdc.transform.assemble import (
+    CAST_BOOL,
+    CAST_BPCHAR,
+    CAST_INET,
+    DELETE,
+    INSERT,
+    UPDATE,
+    Assembler,
+    AssemblyError,
+    RowChange,
+    SchemaChange,
+    StreamingUnsupported,
+    TableTruncate,
+    TxBegin,
+    TxCommit,
+    text_cast,
+)
 from schema.keys import TrackedTable
 
 DATA = json.loads((Path(__file__).parent / "data" / "pgoutput_capture.json").read_text())
@@ -66,7 +66,7 @@ T = TrackedTable(name="t", prefix="t")
 
 
 def pure_decoder() -> ModuleType:
-    """cdc/pgoutput.py loaded from source, whatever is installed."""
+    """cdc/protocol/pgoutput.py loaded from source, whatever is installed."""
     path = Path(pgoutput.__file__ or "").with_suffix(".py")
     if not path.exists():
         path = Path(__file__).resolve().parents[1] / "cdc" / "pgoutput.py"

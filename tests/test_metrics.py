@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from cdc.metrics import DELAY_BUCKETS, DelayHistogram
+from cdc.telemetry.metrics import DELAY_BUCKETS, DelayHistogram
 
 
 def _samples(registry: CollectorRegistry) -> list[str]:

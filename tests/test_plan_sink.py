@@ -8,15 +8,15 @@ import hiredis
 import pytest
 import redis
 
-from cdc.assemble import DELETE, INSERT, UPDATE, RowChange, make_view
-from cdc.backfill import XidSnapshot
+from cdc.cache.sink import RedisSink
 from cdc.errors import Fenced, RedisLost
-from cdc.lsn import LsnError, format_lsn, parse_lsn
-from cdc.messages import UNCHANGED_TOAST, Relation, RelationColumn, Value
-from cdc.plan import CommandBatch, Planner
-from cdc.resp import bulk_header, command, glob_escape, reply_end
-from cdc.sink import RedisSink
-from schema.keys import AGENTS, TICKETS
+from cdc.protocol.messages import UNCHANGED_TOAST, Relation, RelationColumn, Value
+from cdc.protocol.resp import bulk_header, command, reply_end
+from cdc.runtime.backfill import XidSnapshot
+from cdc.transform.assemble import DELETE, INSERT, UPDATE, RowChange, make_view
+from cdc.transform.plan import CommandBatch, Planner
+from schema.keys import AGENTS, TICKETS, match_prefix
+from schema.lsn import LsnError, format_lsn, parse_lsn
 
 TICKET_REL = Relation(
     1,
@@ -37,13 +37,40 @@ AGENT = make_view(AGENT_REL, AGENTS)
 V = b"0/ABC"
 
 
-def commands(batch: CommandBatch) -> list[list[bytes]]:
+_AS_COMMAND = {
+    b"h": [b"HSET"],
+    b"d": [b"DEL"],
+    b"s": [b"SET"],
+    b"p": [b"PATCH"],
+    b"t": [b"TRUNCATE"],
+}
+
+
+def operations(batch: CommandBatch) -> list[tuple[bytes, list[bytes]]]:
+    """The batch's operations, each ``(code, arguments)``."""
     reader = hiredis.Reader()
     reader.feed(bytes(batch.buf))
-    out = []
+    items = []
     while (item := reader.gets()) is not False:
-        out.append(item)
-    assert len(out) == batch.commands
+        items.append(item)
+    assert len(items) == batch.args
+    ops, at = [], 0
+    while at < len(items):
+        n = int(items[at + 1])
+        ops.append((items[at], items[at + 2 : at + 2 + n]))
+        at += 2 + n
+    assert len(ops) == batch.commands
+    return ops
+
+
+def commands(batch: CommandBatch) -> list[list[bytes]]:
+    """The operations as the Redis commands they stand for (a replace is DEL + HSET)."""
+    out: list[list[bytes]] = []
+    for code, args in operations(batch):
+        if code == b"r":
+            out += [[b"DEL", args[0]], [b"HSET", *args]]
+        else:
+            out.append(_AS_COMMAND[code] + args)
     return out
 
 
@@ -95,9 +122,8 @@ def test_truncate_and_resp_helpers() -> None:
     batch = CommandBatch()
     Planner(10).truncate((TICKET, AGENT), batch)
     (cmd,) = commands(batch)
-    assert cmd[0] == b"EVAL"
-    assert cmd[3:] == [b"ticket:{*", b"agent:{*", b"agent:username:{*"]
-    assert glob_escape(b"a*b?[c]\\") == b"a\\*b\\?\\[c\\]\\\\"
+    assert cmd == [b"TRUNCATE", b"ticket:{*", b"agent:{*", b"agent:username:{*"]
+    assert match_prefix("a*b?[c]\\") == "a\\*b\\?\\[c\\]\\\\*"
     assert bulk_header(5000) == b"$5000\r\n"
     assert command(b"GET", b"k") == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
 
@@ -207,7 +233,7 @@ def test_pipelined_batches_are_answered_in_order(sink: RedisSink, client: redis.
     assert client.hget("cdc:state", "lsn") == b"0/20"
     assert client.dbsize() == 3001  # the rows and cdc:state
     third = sink.send(CommandBatch(), {"lsn": "0/30"})
-    assert sink.receive(third).errors == []
+    assert sink.receive(third).incomplete_rows == []
     assert client.hget("cdc:state", "lsn") == b"0/30"
 
 

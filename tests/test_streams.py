@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cdc.messages import Begin, Commit, Insert, Relation
-from cdc.streams import StreamBuffers, StreamError
+from cdc.protocol.messages import Begin, Commit, Insert, Relation
+from cdc.runtime.streams import StreamBuffers, StreamError
 
 HEADER = b"w" + bytes(24)
 

@@ -1,0 +1,146 @@
+"""Startup checks: every misconfiguration ends in :class:`ConfigError` with one line that
+says what to fix (exit code 2); an unreachable peer is :class:`Retryable` instead.
+
+The daemon checks and refuses; it never creates tables, publications or replica
+identities itself (those belong to the migrations).
+"""
+
+from __future__ import annotations
+
+import redis
+import redis.sentinel
+
+from cdc.errors import ConfigError, RedisUnavailable
+from cdc.postgres import catalog
+from cdc.settings import Settings
+from cdc.telemetry import logs
+from schema.keys import TrackedTable
+from schema.redis_url import probe_tls, redis_client, tls_problem
+
+SAFE_EVICTION = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl")
+
+
+def check_postgres(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
+    conn = catalog.connect(settings.replication_conninfo, "PostgreSQL")
+    try:
+        wal_level = catalog.setting(conn, "wal_level")
+        if wal_level != "logical":
+            raise ConfigError(
+                f"wal_level is '{wal_level}'; set wal_level=logical and restart PostgreSQL"
+            )
+        role = catalog.role_info(conn)
+        if not (role.replication or role.superuser):
+            raise ConfigError(
+                f'role "{role.name}" lacks REPLICATION (ALTER ROLE "{role.name}" REPLICATION)'
+            )
+        published = catalog.publication_tables(conn, settings.publication)
+        if published is None:
+            raise ConfigError(
+                f'publication "{settings.publication}" does not exist: run the migrations'
+            )
+        missing = [t.qualified_name for t in tables if (t.schema, t.name) not in published]
+        if missing:
+            raise ConfigError(
+                f'publication "{settings.publication}" does not hold {", ".join(missing)}:'
+                " run the migrations"
+            )
+        for table in tables:
+            check_table(conn, table, role.name)
+        slot = catalog.slot_info(conn, settings.slot)
+        if slot is not None:
+            if slot.slot_type != "logical":
+                raise ConfigError(
+                    f'slot "{settings.slot}" is a physical slot; choose another CDC_SLOT'
+                )
+            if slot.plugin != settings.plugin:
+                raise ConfigError(
+                    f'slot "{settings.slot}" uses plugin "{slot.plugin}", not "{settings.plugin}":'
+                    " set CDC_PLUGIN, choose another CDC_SLOT, or run cdc slot reset"
+                )
+            dbname = conn.info.dbname
+            if slot.database is not None and slot.database != dbname:
+                raise ConfigError(
+                    f'slot "{settings.slot}" belongs to database "{slot.database}", not "{dbname}"'
+                )
+    finally:
+        conn.close()
+
+
+def check_table(conn: catalog.Conn, table: TrackedTable, role: str) -> None:
+    identity = catalog.replica_identity(conn, table)
+    if not identity.exists:
+        raise ConfigError(f'table "{table.qualified_name}" does not exist: run the migrations')
+    columns = catalog.table_columns(conn, table)
+    if table.primary_key not in columns:
+        raise ConfigError(f'table "{table.qualified_name}" has no column "{table.primary_key}"')
+    needed = set(table.identity_columns)
+    if identity.kind == "n" or not needed <= identity.columns:
+        have = (
+            "NOTHING"
+            if identity.kind == "n"
+            else f"({', '.join(sorted(identity.columns)) or 'none'})"
+        )
+        raise ConfigError(
+            f'table "{table.qualified_name}" has replica identity {have}, which must cover '
+            f"({', '.join(table.identity_columns)}): run the migrations"
+        )
+    row = conn.execute(
+        "SELECT has_table_privilege(current_user, %s, 'SELECT')", (table.qualified_name,)
+    ).fetchone()
+    if not row or not row[0]:
+        raise ConfigError(
+            f'role "{role}" cannot SELECT from {table.qualified_name}: GRANT SELECT to it'
+        )
+
+
+def check_redis(settings: Settings) -> None:
+    client = redis_client(
+        settings.redis,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+    )
+    try:
+        client.ping()
+        try:
+            info = client.info("memory")
+            cluster = client.info("cluster")
+        except redis.exceptions.NoPermissionError:
+            # A least-privilege ACL user (README "TLS and ACL") may not run INFO: say what
+            # is not checked and go on; the daemon needs nothing else from INFO.
+            logs.get("cdc.ops.checks").warning(
+                "the Redis user may not run INFO: maxmemory-policy (must not evict) and"
+                " cluster mode are not checked"
+            )
+            return
+        policy = str(info.get("maxmemory_policy", "noeviction"))
+        if policy not in SAFE_EVICTION:
+            raise ConfigError(
+                f"Redis maxmemory-policy is {policy}: set it to noeviction"
+                " so cached rows are never evicted"
+            )
+        if int(cluster.get("cluster_enabled", 0)):
+            raise ConfigError(
+                "REDIS_URL points at a Redis Cluster node: point it at a single Redis node"
+            )
+    except redis.AuthenticationError:
+        raise ConfigError("Redis refused the credentials in REDIS_URL") from None
+    except redis.ResponseError as exc:
+        text = str(exc)
+        if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
+            raise ConfigError(f"Redis refused REDIS_URL's user: {text.split(' ', 1)[0]}") from None
+        raise RedisUnavailable(f"Redis: {text}") from None
+    except redis.sentinel.MasterNotFoundError as exc:
+        text = str(exc)
+        if "AuthenticationError" in text or "WRONGPASS" in text or "NOAUTH" in text:
+            raise ConfigError(
+                "the Sentinels refused the credentials in REDIS_URL (sentinel_password)"
+            ) from None
+        raise RedisUnavailable(f"no Sentinel names the master: {text}") from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if problem := tls_problem(exc) or probe_tls(
+            settings.redis, min(1.0, settings.redis_timeout)
+        ):
+            raise ConfigError(problem) from None
+        raise RedisUnavailable(f"cannot reach Redis: {exc}") from None
+    finally:
+        client.close()

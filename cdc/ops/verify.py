@@ -1,0 +1,407 @@
+"""``cdc verify``: compare every tracked row with its Redis key, optionally repair.
+
+Pass 1 walks each table (a server-side cursor, bounded memory), compares each row's text
+values with its hash (fields starting with ``_`` are the daemon's and ignored), checks
+lookup keys, and scans Redis for keys whose rows do not exist. Because the daemon keeps
+streaming meanwhile, a difference may only be in flight: pass 2 waits until the daemon's
+checkpoint passes the WAL position of pass 1, then re-reads just the differing keys from
+both sides. Only what still differs is reported (and, with ``--repair``, rewritten).
+
+Repairs are conditional: a key is rewritten only if it still holds what was read before
+its row was (see :meth:`Verifier._repair`), so a change the daemon applies meanwhile is
+never overwritten by an older row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdc.postgres import catalog
+from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
+from cdc.runtime.snapshot import scan_keys
+from cdc.settings import Settings
+from cdc.transform.assemble import TableView, view_from_columns
+from schema.keys import (
+    RESERVED_FIELD_PREFIX,
+    STATE_KEY,
+    TRACKED_TABLES,
+    VERSION_FIELD,
+    TrackedTable,
+)
+from schema.lsn import lsn_bytes, parse_lsn
+from schema.redis_url import redis_client
+
+CHUNK = 1000
+
+
+@dataclass
+class Difference:
+    key: str
+    kind: str  # missing | extra | different
+    fields: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "kind": self.kind}
+        if self.fields:
+            out["fields"] = self.fields
+        return out
+
+
+@dataclass
+class Report:
+    rows: int = 0
+    keys_scanned: int = 0
+    differences: list[Difference] = field(default_factory=list)
+    repaired: int = 0
+    rebuilding: bool = False
+
+    @property
+    def equal(self) -> bool:
+        return not self.differences
+
+    def as_dict(self) -> dict[str, Any]:
+        by_kind: dict[str, list[Any]] = {"missing": [], "extra": [], "different": []}
+        for diff in self.differences:
+            by_kind[diff.kind].append(diff.key if diff.kind != "different" else diff.as_dict())
+        return {
+            "equal": self.equal,
+            "rows": self.rows,
+            "keys_scanned": self.keys_scanned,
+            **by_kind,
+            "repaired": self.repaired,
+            "rebuilding": self.rebuilding,
+        }
+
+    def lines(self, limit: int = 100) -> list[str]:
+        out = []
+        for diff in self.differences[:limit]:
+            suffix = f" ({', '.join(diff.fields)})" if diff.fields else ""
+            out.append(f"{diff.kind:<9} {diff.key}{suffix}")
+        if len(self.differences) > limit:
+            out.append(f"... and {len(self.differences) - limit} more")
+        counts = {
+            k: sum(1 for d in self.differences if d.kind == k)
+            for k in ("missing", "extra", "different")
+        }
+        summary = (
+            f"checked {self.rows} rows and {self.keys_scanned} keys: "
+            f"{counts['missing']} missing, {counts['extra']} extra, {counts['different']} different"
+        )
+        if self.repaired:
+            summary += f"; repaired {self.repaired}"
+        if self.rebuilding:
+            summary += (
+                " (the daemon is rebuilding the cache: differences are expected until it finishes)"
+            )
+        out.append(summary)
+        return out
+
+
+def expected_hash(view: TableView, row: Row) -> dict[bytes, bytes]:
+    return {
+        view.field_names[i]: value
+        for i, value in enumerate(row)
+        if value is not None and view.included[i]
+    }
+
+
+def actual_hash(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    reserved = RESERVED_FIELD_PREFIX.encode()
+    return {k: v for k, v in fields.items() if not k.startswith(reserved)}
+
+
+def compare(
+    view: TableView, row: Row | None, fields: dict[bytes, bytes]
+) -> tuple[str, list[str]] | None:
+    """None when equal, else (kind, differing field names)."""
+    if row is None:
+        return ("extra", []) if fields else None
+    if not fields:
+        return ("missing", [])
+    expected = expected_hash(view, row)
+    actual = actual_hash(fields)
+    if expected == actual:
+        return None
+    names = sorted({k for k in expected.keys() | actual.keys() if expected.get(k) != actual.get(k)})
+    return ("different", [n.decode() for n in names])
+
+
+class Verifier:
+    def __init__(
+        self, settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
+    ) -> None:
+        self.settings = settings
+        self.tables = tables
+        self.redis = redis_client(settings.redis, socket_timeout=max(settings.redis_timeout, 10))
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def run(self, repair: bool = False) -> Report:
+        report = Report()
+        state = self.redis.hgetall(STATE_KEY)
+        report.rebuilding = bool(state.get(b"rebuild")) or state.get(b"loading") == b"1"
+        conn = catalog.connect(self.settings.replication_conninfo, "PostgreSQL (verify)")
+        try:
+            suspects: list[tuple[TrackedTable, TableView, str]] = []
+            for table in self.tables:
+                view = view_from_columns(table, catalog.table_columns(conn, table))
+                suspects += self._scan_table(conn, table, view, report)
+            if suspects:
+                self._wait_for_daemon(conn)
+                suspects = self._confirm(conn, suspects)
+            report.differences = self._describe(conn, suspects)
+            if repair and report.differences:
+                report.repaired = self._repair(conn, suspects)
+        finally:
+            conn.close()
+        return report
+
+    # -- pass 1 --------------------------------------------------------------------------------
+
+    def _scan_table(
+        self, conn: catalog.Conn, table: TrackedTable, view: TableView, report: Report
+    ) -> list[tuple[TrackedTable, TableView, str]]:
+        suspects: list[tuple[TrackedTable, TableView, str]] = []
+        conn.autocommit = False
+        try:
+            with conn.transaction():
+                for rows in iter_rows(conn, table, view.column_names, CHUNK):
+                    report.rows += len(rows)
+                    pipe = self.redis.pipeline(transaction=False)
+                    for row in rows:
+                        pipe.hgetall(view.key(_pk(view, row)))
+                        for index, position in enumerate(view.lookup_indexes):
+                            value = row[position]
+                            if value is not None:
+                                pipe.get(view.lookup_key(index, value))
+                    replies = iter(pipe.execute())
+                    for row in rows:
+                        row_id = _pk(view, row)
+                        if compare(view, row, next(replies)) is not None:
+                            suspects.append((table, view, row_id.decode()))
+                        for index, position in enumerate(view.lookup_indexes):
+                            value = row[position]
+                            if value is not None and next(replies) != row_id:
+                                suspects.append((table, view, f"lookup:{index}:{value.decode()}"))
+        finally:
+            conn.autocommit = True
+        # Keys whose rows do not exist (and lookups pointing nowhere).
+        for keys in scan_keys(self.redis, table.key_prefix):
+            report.keys_scanned += len(keys)
+            ids = [table.key_id(k.decode()) for k in keys]
+            present = existing_ids(conn, table, [i for i in ids if i is not None])
+            suspects += [(table, view, i) for i in ids if i is not None and i not in present]
+        for index, lookup in enumerate(table.lookups):
+            prefix = lookup.key_prefix
+            for keys in scan_keys(self.redis, prefix):
+                report.keys_scanned += len(keys)
+                names = [k.decode()[len(prefix) : -1] for k in keys]
+                targets: list[Any] = self.redis.mget(keys)
+                owner_rows = conn.execute(
+                    f'SELECT "{lookup.column}"::text, "{table.primary_key}"::text'
+                    f' FROM "{table.schema}"."{table.name}"'
+                    f' WHERE "{lookup.column}"::text = ANY(%s)',
+                    (names,),
+                ).fetchall()
+                owners = {str(v): str(i) for v, i in owner_rows}
+                for name, target in zip(names, targets, strict=True):
+                    if target is None or owners.get(name) != target.decode():
+                        suspects.append((table, view, f"lookup:{index}:{name}"))
+        return _dedupe(suspects)
+
+    # -- pass 2 --------------------------------------------------------------------------------
+
+    def _wait_for_daemon(self, conn: catalog.Conn, timeout: float = 5.0) -> None:
+        target = catalog.current_wal_lsn(conn)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            raw = self.redis.hget(STATE_KEY, "lsn")
+            if raw and parse_lsn(raw) >= target:
+                return
+            time.sleep(0.05)
+
+    def _confirm(
+        self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
+    ) -> list[tuple[TrackedTable, TableView, str]]:
+        still: list[tuple[TrackedTable, TableView, str]] = []
+        for table, view, ident in suspects:
+            if ident.startswith("lookup:"):
+                if self._lookup_problem(conn, table, ident) is not None:
+                    still.append((table, view, ident))
+                continue
+            rows = rows_by_id(conn, table, view.column_names, [ident])
+            fields = self.redis.hgetall(view.key(ident.encode()))
+            if compare(view, rows[0] if rows else None, fields) is not None:  # type: ignore[arg-type]
+                still.append((table, view, ident))
+            elif rows:
+                for index, position in enumerate(view.lookup_indexes):
+                    value = rows[0][position]
+                    if (
+                        value is not None
+                        and self.redis.get(view.lookup_key(index, value)) != ident.encode()
+                    ):
+                        still.append((table, view, f"lookup:{index}:{value.decode()}"))
+        return still
+
+    def _lookup_problem(self, conn: catalog.Conn, table: TrackedTable, ident: str) -> str | None:
+        _, index_text, value = ident.split(":", 2)
+        lookup = table.lookups[int(index_text)]
+        target = self.redis.get(lookup.key(value))
+        row = conn.execute(
+            f'SELECT "{table.primary_key}"::text FROM "{table.schema}"."{table.name}"'
+            f' WHERE "{lookup.column}"::text = %s',
+            (value,),
+        ).fetchone()
+        owner = str(row[0]) if row else None
+        if owner is None and target is None:
+            return None
+        if owner is None:
+            return "extra"
+        if target is None:
+            return "missing"
+        return None if target.decode() == owner else "different"  # type: ignore[union-attr]
+
+    def _describe(
+        self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
+    ) -> list[Difference]:
+        out = []
+        for table, view, ident in suspects:
+            if ident.startswith("lookup:"):
+                kind = self._lookup_problem(conn, table, ident)
+                _, index_text, value = ident.split(":", 2)
+                if kind is not None:
+                    out.append(Difference(table.lookups[int(index_text)].key(value), kind))
+                continue
+            rows = rows_by_id(conn, table, view.column_names, [ident])
+            fields = self.redis.hgetall(view.key(ident.encode()))
+            found = compare(view, rows[0] if rows else None, fields)  # type: ignore[arg-type]
+            if found is not None:
+                out.append(Difference(table.key(ident), found[0], found[1]))
+        return out
+
+    # -- repair --------------------------------------------------------------------------------
+
+    def _repair(
+        self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
+    ) -> int:
+        """Rewrite each differing key from PostgreSQL, never over a newer change.
+
+        Per key: read what Redis holds (its ``_v``, or a lookup's value), then the row,
+        then write in one script only if the key still holds what was read. If the
+        daemon changed the key in between, its change is newer than this repair and
+        stays. The repaired hash gets ``_v`` = the larger of its old version and the
+        checkpoint, so versions never go backwards."""
+        repaired = 0
+        replace = self.redis.register_script(_REPAIR_SCRIPT)
+        for table, view, ident in suspects:
+            if ident.startswith("lookup:"):
+                _, index_text, value = ident.split(":", 2)
+                lookup = table.lookups[int(index_text)]
+                key = lookup.key(value)
+                seen = self._token(key, None)
+                row = conn.execute(
+                    f'SELECT "{table.primary_key}"::text FROM "{table.schema}"."{table.name}"'
+                    f' WHERE "{lookup.column}"::text = %s',
+                    (value,),
+                ).fetchone()
+                args: list[Any] = [seen, "string"]
+                if row is not None:
+                    args.append(str(row[0]))
+            else:
+                key = view.key(ident.encode()).decode()
+                seen = self._token(key, VERSION_FIELD)
+                rows = rows_by_id(conn, table, view.column_names, [ident])
+                args = [seen, "hash"]
+                if rows:
+                    version = self._version(seen)
+                    mapping = dict(expected_hash(view, rows[0]))
+                    mapping[VERSION_FIELD.encode()] = version
+                    for name, field_value in mapping.items():
+                        args += [name, field_value]
+            if replace(keys=[key], args=args) == 1:
+                repaired += 1
+        return repaired
+
+    def _token(self, key: str, version_field: str | None) -> str:
+        """What a key holds, as the repair script sees it (see _REPAIR_SCRIPT)."""
+        kind = _text(self.redis.type(key))
+        if kind == "none":
+            return ""
+        if version_field is not None and kind == "hash":
+            return "h:" + _text(self.redis.hget(key, version_field))
+        if kind == "string":
+            return "s:" + _text(self.redis.get(key))
+        return "t:" + kind
+
+    def _version(self, seen: str) -> bytes:
+        """``_v`` for a repaired hash: never below its old one or the checkpoint."""
+        raw = self.redis.hget(STATE_KEY, "lsn")
+        checkpoint = parse_lsn(raw) if raw else 0
+        old = seen[2:] if seen.startswith("h:") and len(seen) > 2 else ""
+        if old:
+            checkpoint = max(checkpoint, parse_lsn(old))
+        return lsn_bytes(checkpoint)
+
+
+# KEYS[1]: the key; ARGV: the token read before the row (see Verifier._token), the kind
+# to write ("hash": field value pairs follow, "string": the value follows; nothing
+# following: delete). Writes only if the key still holds what was read.
+_REPAIR_SCRIPT = """
+local key = KEYS[1]
+local kind = redis.call('TYPE', key).ok
+local token
+if kind == 'none' then
+  token = ''
+elseif kind == 'hash' and ARGV[2] == 'hash' then
+  token = 'h:' .. (redis.call('HGET', key, '_v') or '')
+elseif kind == 'string' then
+  token = 's:' .. redis.call('GET', key)
+else
+  token = 't:' .. kind
+end
+if token ~= ARGV[1] then return 0 end
+redis.call('DEL', key)
+if #ARGV > 2 then
+  if ARGV[2] == 'hash' then
+    redis.call('HSET', key, unpack(ARGV, 3))
+  else
+    redis.call('SET', key, ARGV[3])
+  end
+end
+return 1
+"""
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _pk(view: TableView, row: Row) -> bytes:
+    value = row[view.pk_index]
+    assert value is not None
+    return value
+
+
+def _dedupe(
+    items: list[tuple[TrackedTable, TableView, str]],
+) -> list[tuple[TrackedTable, TableView, str]]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for table, view, ident in items:
+        if (table.name, ident) not in seen:
+            seen.add((table.name, ident))
+            out.append((table, view, ident))
+    return out
+
+
+def verify(settings: Settings, repair: bool = False) -> Report:
+    verifier = Verifier(settings)
+    try:
+        return verifier.run(repair)
+    finally:
+        verifier.close()

@@ -1,0 +1,476 @@
+"""``cdc run``: the daemon's lifecycle around the streaming pipeline.
+
+Each *session* connects to PostgreSQL (replication and catalog connections) and Redis,
+decides how to (re)start from what the slot and ``cdc:state`` say, acquires the slot with
+``START_REPLICATION``, takes the fence in Redis, and streams until stopped or until an
+error. Retryable errors end the session and start a new one after a backoff; a new
+session always re-reads both sides, so nothing is assumed across a failure.
+
+How a session starts:
+
+====================================  ===========================================================
+slot / cache state                    action
+====================================  ===========================================================
+no slot, no cache                     first start: create the slot with an exported snapshot,
+                                      load it, sweep stale keys, stream from the consistent point
+no slot, a cache from a slot          ``CDC_ON_SLOT_LOSS`` (:mod:`.failover`): after a promotion
+                                      (timeline changed) an online rebuild on a new slot; dropped
+                                      by hand: refuse (exit 2), ``cdc slot reset``
+slot invalidated (wal_status lost)    drop and recreate it, load a new snapshot (automatic)
+slot, cache consistent with it        resume from the checkpoint (replays are skipped)
+slot, cache missing or behind slot    online rebuild: clear the tracked keys, stream, and
+(Redis lost data)                     backfill every table while streaming (:mod:`.backfill`)
+slot, cache past the new timeline's   online rebuild (a promotion: Redis has changes the new
+switch point                          primary never had)
+====================================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import redis
+
+from cdc.cache.checkpoint import CacheState, check_format
+from cdc.cache.sink import RedisSink
+from cdc.errors import (
+    CdcError,
+    ConfigError,
+    Fenced,
+    PoisonRecord,
+    RedisLost,
+    Retryable,
+    SlotInUse,
+    SlotInvalidated,
+)
+from cdc.ops import checks
+from cdc.postgres import catalog
+from cdc.postgres.source import ReplicationSource, SystemInfo
+from cdc.protocol.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
+from cdc.protocol.wal2json import Wal2JsonDecoder
+from cdc.runtime import failover
+from cdc.runtime.backfill import Backfill
+from cdc.runtime.observer import Observer
+from cdc.runtime.pipeline import Decode, Pipeline
+from cdc.runtime.snapshot import create_slot_and_load, scan_keys
+from cdc.settings import Settings
+from cdc.telemetry import logs
+from cdc.telemetry.health import HealthServer, Readiness
+from cdc.telemetry.metrics import Metrics
+from cdc.transform.core import Position
+from cdc.transform.plan import Planner
+from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.lsn import Lsn, format_lsn
+from schema.redis_url import redis_client
+
+
+class Backoff:
+    """Exponential backoff with jitter, reset after a healthy session."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.current = initial
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.maximum, self.current * 2)
+        return delay * (0.75 + random.random() / 2)  # noqa: S311 - jitter, not crypto
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+def stream_options(
+    settings: Settings, tables: tuple[TrackedTable, ...], server_version: int = 0
+) -> dict[str, str]:
+    if settings.plugin == "wal2json":
+        return {**WAL2JSON_OPTIONS, "add-tables": ",".join(t.qualified_name for t in tables)}
+    if server_version >= 140000:
+        # Large transactions arrive while they run (cdc/runtime/streams.py), not after the server
+        # decoded (and spilled) them whole. Never two_phase (section 7.8, failover slots).
+        return {
+            "proto_version": "2",
+            "streaming": "on",
+            "publication_names": settings.publication,
+        }
+    return {"proto_version": "1", "publication_names": settings.publication}
+
+
+class Daemon:
+    def __init__(
+        self, settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
+    ) -> None:
+        self.settings = settings
+        self.tables = tables
+        self.metrics = Metrics(tuple(t.name for t in tables))
+        self.readiness = Readiness()
+        self.stop = threading.Event()
+        self.log = logs.get("cdc")
+        self.planner = Planner(settings.max_row_bytes)
+        self.backfill = Backfill(self.planner, settings.backfill_chunk)
+        self.observer: Observer | None = None
+        self._busy_since: float | None = None
+        self._standby_logged = False
+        self._recreate_slot = False
+        self._failover_checked = False
+        self.metrics.info.info(
+            {"slot": settings.slot, "publication": settings.publication, "plugin": settings.plugin}
+        )
+
+    # -- entry point ------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.log.info("stopping", signal=signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> int:
+        """Run until stopped: 0 after a clean stop; ConfigError propagates (exit 2)."""
+        host, port = self.settings.metrics_host_port
+        health = HealthServer(host, port, self.metrics, self.readiness)
+        health.start()
+        try:
+            self._wait_for_checks()
+            if self.stop.is_set():
+                return 0
+            self.log.info("starting", **self.settings.describe())
+            self.observer = Observer(self.settings, self.tables, self.metrics)
+            self.observer.start()
+            return self._sessions()
+        finally:
+            if self.observer is not None:
+                self.observer.stop()
+            health.stop()
+
+    def _wait_for_checks(self) -> None:
+        backoff = Backoff(0.5, self.settings.retry_max)
+        while not self.stop.is_set():
+            try:
+                checks.check_postgres(self.settings, self.tables)
+                checks.check_redis(self.settings)
+                return
+            except Retryable as exc:
+                delay = backoff.next()
+                self.log.warning("waiting for a peer", reason=str(exc), retry_in=round(delay, 2))
+                self.stop.wait(delay)
+
+    def _sessions(self) -> int:
+        backoff = Backoff(0.2, self.settings.retry_max)
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                self._session()
+                return 0
+            except SlotInUse as exc:
+                self._slot_busy(exc)
+                continue
+            except Fenced as exc:
+                self.metrics.errors.labels(kind="fenced").inc()
+                self.log.warning(
+                    "fenced: another daemon took over; this one stops writing", reason=str(exc)
+                )
+            except RedisLost as exc:
+                self.metrics.errors.labels(kind="redis_lost").inc()
+                self.log.warning("Redis lost the cache; rebuilding", reason=str(exc))
+                backoff.reset()
+                continue
+            except SlotInvalidated as exc:
+                self.log.warning(
+                    "the slot was invalidated; recreating it and reloading", reason=str(exc)
+                )
+                self._recreate_slot = True
+                continue
+            except Retryable as exc:
+                kind = "redis" if "Redis" in type(exc).__name__ else "postgres"
+                self.metrics.errors.labels(kind=kind).inc()
+                self.log.warning("connection problem", error=str(exc))
+            finally:
+                self.readiness.set(False, "reconnecting")
+                self.metrics.connected.labels(target="postgres").set(0)
+                self.metrics.connected.labels(target="redis").set(0)
+            if time.monotonic() - started > 30:
+                backoff.reset()
+            delay = backoff.next()
+            self.stop.wait(delay)
+        return 0
+
+    def _slot_busy(self, exc: SlotInUse) -> None:
+        now = time.monotonic()
+        if self._busy_since is None:
+            self._busy_since = now
+        if self.settings.standby:
+            if not self._standby_logged:
+                self.log.info("standby: waiting for the slot", reason=str(exc))
+                self._standby_logged = True
+            self.readiness.set(False, f"standby: {exc}")
+            self.stop.wait(1.0)
+            return
+        if now - self._busy_since >= self.settings.slot_busy_timeout:
+            raise ConfigError(str(exc))
+        self.stop.wait(0.5)
+
+    # -- one session ---------------------------------------------------------------------------
+
+    def _session(self) -> None:
+        settings = self.settings
+        source = ReplicationSource(settings.replication_conninfo, settings.pg_timeout)
+        sink = RedisSink(settings.redis, settings.redis_timeout, settings.redis_min_replicas)
+        pg: catalog.Conn | None = None
+        try:
+            pg = catalog.connect(settings.replication_conninfo, "PostgreSQL")
+            system = source.connect()
+            self.metrics.connected.labels(target="postgres").set(1)
+            sink.connect()
+            self.metrics.connected.labels(target="redis").set(1)
+            position, rebuilding = self._prepare(pg, source, sink, system)
+            self._busy_since = None
+            self._standby_logged = False
+            decode, on_schema_change = self._decoder(pg)
+            pipeline = Pipeline(
+                settings,
+                self.tables,
+                source,
+                sink,
+                pg,
+                position,
+                self.metrics,
+                self.stop,
+                decode,
+                schema_requests=self.observer.schema_changes if self.observer else None,
+                backfill=self.backfill,
+                rebuilding=rebuilding,
+                on_schema_change=on_schema_change,
+            )
+            self.readiness.set(True, "streaming")
+            self.log.info(
+                "streaming",
+                slot=settings.slot,
+                checkpoint=format_lsn(position.checkpoint),
+                rebuilding=rebuilding,
+            )
+            pipeline.run()
+        finally:
+            self.backfill.window = None
+            source.close()
+            sink.close()
+            if pg is not None:
+                pg.close()
+
+    def _decoder(
+        self, pg: catalog.Conn
+    ) -> tuple[Decode | None, Callable[[TrackedTable], None] | None]:
+        """The plugin's decoder (None: pgoutput, which the stream core decodes itself),
+        and what to tell it when a table's columns change."""
+        if self.settings.plugin == "pgoutput":
+            return None, None
+        decoder = Wal2JsonDecoder()
+
+        def refresh(table: TrackedTable) -> None:
+            decoder.set_columns(table.schema, table.name, catalog.table_columns(pg, table))
+
+        for table in self.tables:
+            refresh(table)
+        return decoder.decode, refresh
+
+    def _prepare(
+        self, pg: catalog.Conn, source: ReplicationSource, sink: RedisSink, system: SystemInfo
+    ) -> tuple[Position, bool]:
+        """Acquire the slot and decide where to start; returns (position, rebuilding)."""
+        settings = self.settings
+        name = settings.slot
+        source_id = f"{system.system_id}/{system.dbname}/{name}"
+        identity = failover.identity_fields(system.system_id, system.timeline)
+        failover.require_primary(pg)
+        state = sink.read_state()
+        check_format(state)
+        slot = catalog.slot_info(pg, name)
+        if slot is not None and slot.active:
+            raise SlotInUse(name, slot.active_pid)
+        if slot is not None and (slot.invalidated or self._recreate_slot):
+            self.log.warning("dropping the invalidated slot", slot=name, wal_status=slot.wal_status)
+            self.metrics.rebuilds.labels(reason="slot_invalidated").inc()
+            source.drop_slot(name)
+            slot = None
+            state = CacheState()
+        self._recreate_slot = False
+        failover.prepare_slot(pg, source, name, warn=not self._failover_checked)
+        self._failover_checked = True
+        if slot is None:
+            if state.lsn is not None and not state.loading:
+                # After a promotion without failover slots, or dropped by hand.
+                lost = failover.slot_loss_reason(
+                    settings.on_slot_loss, state, name, system.timeline
+                )
+                created = source.create_slot(name, settings.plugin, export_snapshot=False)
+                source.start(
+                    name, Lsn(0), stream_options(settings, self.tables, source.server_version)
+                )
+                sink.claim({"slot": name, "source": source_id})
+                confirmed = Lsn(created.consistent_point)
+                return self._rebuild(sink, state, confirmed, lost, "slot_lost", source_id, identity)
+            return self._first_start(source, sink, source_id, identity), False
+        confirmed = slot.confirmed_flush_lsn or Lsn(0)
+        # TIMELINE_HISTORY cannot follow START_REPLICATION on this connection: read it now.
+        history = source.timeline_history(system.timeline)
+        reason, kind = self._rebuild_reason(state, confirmed, source_id, system, history)
+        start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
+        source.start(name, start, stream_options(settings, self.tables, source.server_version))
+        # The state read after the claim is the one to resume from: no predecessor can
+        # write once the fence is ours.
+        claimed = sink.claim({"slot": name, "source": source_id})
+        if not reason:
+            reason, kind = self._rebuild_reason(claimed, confirmed, source_id, system, history)
+            state = claimed
+        if reason:
+            return self._rebuild(sink, state, confirmed, reason, kind, source_id, identity)
+        if any(state.extra.get(k) != v for k, v in identity.items()):
+            # First session on this server or timeline: record it beside the checkpoint.
+            sink.claim({"slot": name, "source": source_id, **identity})
+        assert state.lsn is not None
+        rebuilding = False
+        if state.rebuild:
+            rebuilding = True
+            self.backfill.queue.clear()
+            by_name = {t.name: t for t in self.tables}
+            for item in json.loads(state.rebuild):
+                if item["table"] in by_name:
+                    self.backfill.request_table(
+                        by_name[item["table"]], "rebuild (resumed)", after=item.get("after")
+                    )
+        partial_lsn, partial_count = state.partial if state.partial else (None, 0)
+        return Position(state.lsn, partial_lsn, partial_count), rebuilding
+
+    @staticmethod
+    def _rebuild_reason(
+        state: CacheState, confirmed: Lsn, source_id: str, system: SystemInfo, history: str
+    ) -> tuple[str | None, str]:
+        """Why the cache must be rebuilt (None: resume), and the reason's metric label."""
+        reason = rebuild_reason(state, confirmed, source_id)
+        if reason is not None:
+            return reason, "cache_lost"
+        return (
+            failover.timeline_reason(state, system.system_id, system.timeline, history),
+            "promotion",
+        )
+
+    def _rebuild(
+        self,
+        sink: RedisSink,
+        state: CacheState,
+        confirmed: Lsn,
+        reason: str,
+        kind: str,
+        source_id: str,
+        identity: dict[str, str],
+    ) -> tuple[Position, bool]:
+        """Online rebuild under a new epoch (the slot is acquired and the fence ours):
+        clear the tracked keys and backfill every table while streaming."""
+        name = self.settings.slot
+        self.log.warning("the cache must be rebuilt", reason=reason)
+        self.metrics.rebuilds.labels(reason=kind).inc()
+        self._clear_tracked_keys()
+        self.backfill.queue.clear()
+        for table in self.tables:
+            self.backfill.request_table(table, "rebuild")
+        sink.reset_state(
+            {
+                "lsn": format_lsn(confirmed),
+                "slot": name,
+                "source": source_id,
+                "rebuild": self.backfill.progress_marker(),
+                "epoch": failover.next_epoch(state),
+                **identity,
+            }
+        )
+        return Position(confirmed), True
+
+    def _first_start(
+        self, source: ReplicationSource, sink: RedisSink, source_id: str, identity: dict[str, str]
+    ) -> Position:
+        settings = self.settings
+        self.log.info("first start: creating the slot and loading a snapshot", slot=settings.slot)
+
+        def progress(table: str, rows: int, seconds: float) -> None:
+            self.log.info("snapshot progress", table=table, rows=rows, seconds=round(seconds, 1))
+
+        report = create_slot_and_load(
+            source,
+            sink,
+            self.planner,
+            self.tables,
+            conninfo=settings.replication_conninfo,
+            redis_url=settings.redis,
+            redis_timeout=settings.redis_timeout,
+            slot=settings.slot,
+            plugin=settings.plugin,
+            source_id=source_id,
+            batch_rows=settings.backfill_chunk,
+            progress=progress,
+        )
+        self.log.info(
+            "snapshot loaded",
+            rows=sum(report.rows.values()),
+            stale_keys_removed=report.swept,
+            seconds=round(report.seconds, 2),
+            consistent_point=format_lsn(report.consistent_point),
+        )
+        source.start(
+            settings.slot,
+            report.consistent_point,
+            stream_options(settings, self.tables, source.server_version),
+        )
+        sink.claim({"slot": settings.slot, "source": source_id, "epoch": "1", **identity})
+        return Position(Lsn(report.consistent_point))
+
+    def _clear_tracked_keys(self) -> None:
+        client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
+        try:
+            for table in self.tables:
+                prefixes = [table.key_prefix] + [lookup.key_prefix for lookup in table.lookups]
+                for prefix in prefixes:
+                    for keys in scan_keys(client, prefix):
+                        client.unlink(*keys)
+        except redis.RedisError as exc:
+            raise RedisLost(f"cannot clear the stale cache: {exc}") from None
+        finally:
+            client.close()
+
+
+def rebuild_reason(state: CacheState, confirmed: Lsn, source_id: str) -> str | None:
+    """Why the cache cannot be resumed from (None: it can)."""
+    if not state.exists:
+        return "Redis has no cache state (data lost or never loaded)"
+    if state.loading:
+        return "the snapshot load was interrupted"
+    if state.lsn is None:
+        return "Redis has no checkpoint"
+    if state.source is not None and state.source != source_id:
+        return f"the cache was built from another source ({state.source})"
+    if state.lsn < confirmed:
+        return (
+            f"Redis checkpoint {format_lsn(state.lsn)} is behind the slot's confirmed position "
+            f"{format_lsn(confirmed)} (Redis lost writes)"
+        )
+    return None
+
+
+def run(settings: Settings) -> int:
+    daemon = Daemon(settings)
+    daemon.install_signal_handlers()
+    try:
+        return daemon.run()
+    except (ConfigError, PoisonRecord):
+        raise  # the command line prints the one line and exits 2 / 3
+    except CdcError as exc:
+        daemon.log.error("stopped on an error", error=str(exc))
+        return 1

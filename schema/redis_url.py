@@ -1,0 +1,356 @@
+"""What a ``REDIS_URL`` means, for everything that talks to Redis (daemon, tools, readers).
+
+One parser, so the daemon's own wire (:mod:`cdc.cache.wire`), its redis-py clients (checks,
+verify, snapshot sweeps) and the writer's ``CacheReader`` agree on every form
+(contract section 4):
+
+``redis://[user:password@]host:port[/db]``
+    one node; ``rediss://`` for TLS with the ``ssl_*`` query parameters redis-py knows
+    (``ssl_certfile``, ``ssl_keyfile``, ``ssl_ca_certs``, ``ssl_ca_path``, ``ssl_cert_reqs``,
+    ``ssl_check_hostname``, ``ssl_password``). Parsed by redis-py itself.
+``redis+sentinel://[user:password@]host:port[,host:port…]/<master name>[/<db>]``
+    the master of a Sentinel-managed group: the user and password are the master's,
+    ``?sentinel_password=`` (and ``?sentinel_username=``) authenticate to the Sentinels;
+    ``rediss+sentinel://`` speaks TLS to the Sentinels and the master alike.
+
+Nothing here opens a connection except :func:`redis_client`; :meth:`RedisTarget.describe`
+is the only text of a URL that may be logged (no password, no query).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis
+import redis.asyncio
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
+from redis.sentinel import Sentinel
+
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+DIRECT_SCHEMES = {"redis": False, "rediss": True}
+_CERT_REQS = {
+    "none": ssl.CERT_NONE,
+    "cert_none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "cert_optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+    "cert_required": ssl.CERT_REQUIRED,
+}
+_TLS_KEYS = (
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+    "ssl_password",
+)
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """Client-side TLS settings, the same for the daemon's wire and for redis-py."""
+
+    certfile: str | None = None
+    keyfile: str | None = None
+    ca_certs: str | None = None
+    ca_path: str | None = None
+    cert_reqs: str = "required"
+    check_hostname: bool = True
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> TlsOptions:
+        reqs = str(options.get("ssl_cert_reqs") or "required").lower()
+        if reqs not in _CERT_REQS:
+            raise ValueError("ssl_cert_reqs must be none, optional or required")
+        check = options.get("ssl_check_hostname", True)
+        return cls(
+            certfile=options.get("ssl_certfile"),
+            keyfile=options.get("ssl_keyfile"),
+            ca_certs=options.get("ssl_ca_certs"),
+            ca_path=options.get("ssl_ca_path"),
+            cert_reqs=reqs.removeprefix("cert_"),
+            check_hostname=bool(check) and _CERT_REQS[reqs] != ssl.CERT_NONE,
+            password=options.get("ssl_password"),
+        )
+
+    def context(self) -> ssl.SSLContext:
+        """An ``SSLContext`` for the daemon's own sockets (``OSError`` on bad files)."""
+        context = ssl.create_default_context(cafile=self.ca_certs, capath=self.ca_path)
+        context.check_hostname = self.check_hostname
+        context.verify_mode = _CERT_REQS[self.cert_reqs]
+        if self.certfile:
+            context.load_cert_chain(self.certfile, self.keyfile, self.password)
+        return context
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """The same settings as redis-py connection arguments."""
+        kwargs: dict[str, Any] = {
+            "ssl_cert_reqs": self.cert_reqs,
+            "ssl_check_hostname": self.check_hostname,
+        }
+        for name, value in (
+            ("ssl_certfile", self.certfile),
+            ("ssl_keyfile", self.keyfile),
+            ("ssl_ca_certs", self.ca_certs),
+            ("ssl_ca_path", self.ca_path),
+            ("ssl_password", self.password),
+        ):
+            if value is not None:
+                kwargs[name] = value
+        return kwargs
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed ``REDIS_URL``: one node, or the Sentinels that know the master."""
+
+    hosts: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TlsOptions | None = None
+    # Sentinel mode: the master's name and the Sentinels' own credentials.
+    master: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    # Other redis-py connection arguments from the query (socket_timeout, ...).
+    options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def sentinel(self) -> bool:
+        return self.master is not None
+
+    @property
+    def host(self) -> str:
+        """The node (direct URLs), or the first Sentinel."""
+        return self.hosts[0][0]
+
+    @property
+    def port(self) -> int:
+        return self.hosts[0][1]
+
+    @classmethod
+    def parse(cls, url: str) -> RedisTarget:
+        """Parse ``url``; ``ValueError`` with a message that never repeats the URL."""
+        scheme, sep, _ = url.partition("://")
+        if not sep:
+            raise ValueError("not a URL (expected redis://, rediss:// or redis+sentinel://)")
+        scheme = scheme.lower()
+        if scheme in DIRECT_SCHEMES:
+            return cls._direct(url, DIRECT_SCHEMES[scheme])
+        if scheme in SENTINEL_SCHEMES:
+            return cls._sentinel(url, SENTINEL_SCHEMES[scheme])
+        raise ValueError(
+            f"unknown scheme {scheme}:// (expected redis://, rediss://, redis+sentinel://"
+            " or rediss+sentinel://)"
+        )
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisTarget:
+        return cls.parse(url)
+
+    @classmethod
+    def _direct(cls, url: str, tls: bool) -> RedisTarget:
+        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
+        options.pop("connection_class", None)
+        host = str(options.pop("host", "127.0.0.1") or "127.0.0.1")
+        port = int(options.pop("port", 6379) or 6379)
+        tls_options = TlsOptions.from_options(options) if tls else None
+        for name in _TLS_KEYS:
+            options.pop(name, None)
+        return cls(
+            hosts=((host, port),),
+            db=int(options.pop("db", 0) or 0),
+            username=options.pop("username", None),
+            password=options.pop("password", None),
+            tls=tls_options,
+            options=options,
+        )
+
+    @classmethod
+    def _sentinel(cls, url: str, tls: bool) -> RedisTarget:
+        parts = urlsplit(url)
+        userinfo, at, hostlist = parts.netloc.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, secret = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon else None
+        hosts: list[tuple[str, int]] = []
+        for item in hostlist.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon:
+                host, port = item.strip(), "26379"
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("each Sentinel must be host:port")
+            hosts.append((host, int(port)))
+        path = [unquote(p) for p in parts.path.split("/") if p]
+        if not path or len(path) > 2:
+            raise ValueError("the path must be /<master name>[/<db>]")
+        if len(path) == 2 and not path[1].isdigit():
+            raise ValueError("the database after the master name must be a number")
+        options: dict[str, Any] = {}
+        for name, value in parse_qsl(parts.query):
+            parser: Callable[[str], Any] | None = URL_QUERY_ARGUMENT_PARSERS.get(name)  # type: ignore[assignment]
+            try:
+                options[name] = parser(value) if parser else value
+            except (TypeError, ValueError):
+                raise ValueError(f"invalid value for {name!r}") from None
+        tls_options = TlsOptions.from_options(options) if tls else None
+        for name in _TLS_KEYS:
+            options.pop(name, None)
+        db = int(path[1]) if len(path) == 2 else int(options.pop("db", 0) or 0)
+        return cls(
+            hosts=tuple(hosts),
+            db=db,
+            username=username,
+            password=password,
+            tls=tls_options,
+            master=path[0],
+            sentinel_username=options.pop("sentinel_username", None),
+            sentinel_password=options.pop("sentinel_password", None),
+            options=options,
+        )
+
+    def describe(self) -> str:
+        """Where, without credentials or query (safe to log)."""
+        hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
+        user = f"{self.username}@" if self.username else ""
+        if self.sentinel:
+            scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+            return f"{scheme}://{user}{hosts}/{self.master}/{self.db}"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{user}{hosts}/{self.db}"
+
+    def node_kwargs(self) -> dict[str, Any]:
+        """redis-py arguments for a connection to the node (or the master)."""
+        kwargs: dict[str, Any] = {**self.options, "db": self.db}
+        if self.username is not None:
+            kwargs["username"] = self.username
+        if self.password is not None:
+            kwargs["password"] = self.password
+        if self.tls is not None:
+            kwargs["ssl"] = True
+            kwargs.update(self.tls.redis_kwargs())
+        return kwargs
+
+    def sentinel_kwargs(self, timeout: float | None) -> dict[str, Any]:
+        """redis-py arguments for a connection to a Sentinel."""
+        kwargs: dict[str, Any] = {}
+        if timeout is not None:
+            kwargs["socket_timeout"] = kwargs["socket_connect_timeout"] = timeout
+        if self.sentinel_username is not None:
+            kwargs["username"] = self.sentinel_username
+        if self.sentinel_password is not None:
+            kwargs["password"] = self.sentinel_password
+        if self.tls is not None:
+            kwargs["ssl"] = True
+            kwargs.update(self.tls.redis_kwargs())
+        return kwargs
+
+
+def redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A redis-py client for any ``REDIS_URL`` form (keyword arguments win over the URL).
+
+    With Sentinel, the client asks the Sentinels for the master on every new connection
+    and treats a ``READONLY`` reply as a lost master (redis-py's ``SentinelConnectionPool``),
+    so it follows a failover by itself."""
+    target = RedisTarget.parse(url)
+    if not target.sentinel:
+        return redis.Redis(host=target.host, port=target.port, **{**target.node_kwargs(), **kwargs})
+    timeout = kwargs.get("socket_connect_timeout", kwargs.get("socket_timeout"))
+    sentinel = Sentinel(list(target.hosts), sentinel_kwargs=target.sentinel_kwargs(timeout))  # type: ignore[no-untyped-call]
+    assert target.master is not None
+    client: redis.Redis = sentinel.master_for(target.master, **{**target.node_kwargs(), **kwargs})  # type: ignore[no-untyped-call]
+    return client
+
+
+def async_redis_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
+    """:func:`redis_client` for asyncio (``AsyncCacheReader``): the same forms and options."""
+    target = RedisTarget.parse(url)
+    if not target.sentinel:
+        return redis.asyncio.Redis(
+            host=target.host, port=target.port, **{**target.node_kwargs(), **kwargs}
+        )
+    timeout = kwargs.get("socket_connect_timeout", kwargs.get("socket_timeout"))
+    sentinel = AsyncSentinel(list(target.hosts), sentinel_kwargs=target.sentinel_kwargs(timeout))  # type: ignore[no-untyped-call]
+    assert target.master is not None
+    client: redis.asyncio.Redis = sentinel.master_for(
+        target.master, **{**target.node_kwargs(), **kwargs}
+    )
+    return client
+
+
+def tls_problem(exc: BaseException) -> str | None:
+    """One line saying what is wrong with TLS, when ``exc`` was caused by the handshake.
+
+    A refused client certificate, an untrusted server certificate or a TLS client on a
+    plain port are configuration errors (exit 2), not a peer that is down."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        upper = text.upper()
+        if (
+            isinstance(current, ssl.SSLCertVerificationError)
+            or "CERTIFICATE_VERIFY_FAILED" in upper
+        ):
+            return (
+                "cannot verify the Redis server's TLS certificate: set ssl_ca_certs in REDIS_URL"
+                " to the CA that signed it (or fix ssl_check_hostname)"
+            )
+        if "CERTIFICATE_REQUIRED" in upper or "CERTIFICATE REQUIRED" in upper:
+            return (
+                "Redis requires a TLS client certificate: set ssl_certfile and ssl_keyfile"
+                " in REDIS_URL"
+            )
+        if "UNKNOWN_CA" in upper or "BAD_CERTIFICATE" in upper or "CERTIFICATE_UNKNOWN" in upper:
+            return "Redis refused the TLS client certificate in REDIS_URL (ssl_certfile)"
+        if "WRONG_VERSION_NUMBER" in upper or "WRONG VERSION NUMBER" in upper:
+            return "REDIS_URL is rediss:// but the Redis port does not speak TLS"
+        if isinstance(current, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            return f"cannot read a TLS file named in REDIS_URL: {current.strerror}"
+        if isinstance(current, ssl.SSLError) and "PEM" in upper:
+            return "a TLS certificate or key named in REDIS_URL is not valid PEM"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def probe_tls(url: str, timeout: float = 1.0) -> str | None:
+    """Why a TLS connection to the node is refused, when it is, else None.
+
+    With TLS 1.3 the server judges the client's certificate after the client finished its
+    handshake, so a refused (or missing) certificate shows up only as a closed connection
+    on the first command. Reading first, without sending, receives the server's alert
+    instead ("certificate required", "unknown CA"), which :func:`tls_problem` names."""
+    target = RedisTarget.parse(url)
+    if target.tls is None:
+        return None
+    try:
+        context = target.tls.context()
+    except OSError as exc:
+        return tls_problem(exc) or "cannot load the TLS files named in REDIS_URL"
+    try:
+        sock = socket.create_connection((target.host, target.port), timeout=timeout)
+    except OSError:
+        return None  # not there at all: not a TLS problem
+    try:
+        with context.wrap_socket(sock, server_hostname=target.host) as tls_sock:
+            tls_sock.recv(1)
+    except TimeoutError:
+        return None  # the server accepted us and waits for a command
+    except OSError as exc:
+        return tls_problem(exc)
+    finally:
+        sock.close()
+    return None
