@@ -17,6 +17,7 @@ HOT_IO = (
     "cache/sink.py",
     "postgres/source.py",
     "runtime/pipeline.py",
+    "runtime/streams.py",
 )
 ROOT = Path(__file__).resolve().parent
 

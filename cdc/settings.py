@@ -104,6 +104,10 @@ class Settings(BaseSettings):
     on_slot_loss: Literal["auto", "rebuild", "exit"] = Field(
         default="auto", validation_alias=_env("CDC_ON_SLOT_LOSS")
     )
+    # Streamed in-progress transactions (PostgreSQL 14+): memory for their changes until
+    # commit, then spill files in the state directory (default: the system's temp dir).
+    stream_memory: int = Field(default=4 << 20, ge=0, validation_alias=_env("CDC_STREAM_MEMORY"))
+    state_dir: str = Field(default="", validation_alias=_env("CDC_STATE_DIR"))
 
     @field_validator("slot", "publication")
     @classmethod

@@ -87,9 +87,19 @@ class Backoff:
         self.current = self.initial
 
 
-def stream_options(settings: Settings, tables: tuple[TrackedTable, ...]) -> dict[str, str]:
+def stream_options(
+    settings: Settings, tables: tuple[TrackedTable, ...], server_version: int = 0
+) -> dict[str, str]:
     if settings.plugin == "wal2json":
         return {**WAL2JSON_OPTIONS, "add-tables": ",".join(t.qualified_name for t in tables)}
+    if server_version >= 140000:
+        # Large transactions arrive while they run (cdc/runtime/streams.py), not after the server
+        # decoded (and spilled) them whole. Never two_phase (section 7.8, failover slots).
+        return {
+            "proto_version": "2",
+            "streaming": "on",
+            "publication_names": settings.publication,
+        }
     return {"proto_version": "1", "publication_names": settings.publication}
 
 
@@ -302,7 +312,9 @@ class Daemon:
                     settings.on_slot_loss, state, name, system.timeline
                 )
                 created = source.create_slot(name, settings.plugin, export_snapshot=False)
-                source.start(name, Lsn(0), stream_options(settings, self.tables))
+                source.start(
+                    name, Lsn(0), stream_options(settings, self.tables, source.server_version)
+                )
                 sink.claim({"slot": name, "source": source_id})
                 confirmed = Lsn(created.consistent_point)
                 return self._rebuild(sink, state, confirmed, lost, "slot_lost", source_id, identity)
@@ -312,7 +324,7 @@ class Daemon:
         history = source.timeline_history(system.timeline)
         reason, kind = self._rebuild_reason(state, confirmed, source_id, system, history)
         start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
-        source.start(name, start, stream_options(settings, self.tables))
+        source.start(name, start, stream_options(settings, self.tables, source.server_version))
         # The state read after the claim is the one to resume from: no predecessor can
         # write once the fence is ours.
         claimed = sink.claim({"slot": name, "source": source_id})
@@ -413,7 +425,11 @@ class Daemon:
             seconds=round(report.seconds, 2),
             consistent_point=format_lsn(report.consistent_point),
         )
-        source.start(settings.slot, report.consistent_point, stream_options(settings, self.tables))
+        source.start(
+            settings.slot,
+            report.consistent_point,
+            stream_options(settings, self.tables, source.server_version),
+        )
         sink.claim({"slot": settings.slot, "source": source_id, "epoch": "1", **identity})
         return Position(Lsn(report.consistent_point))
 

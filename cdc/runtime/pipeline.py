@@ -39,6 +39,7 @@ from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource
 from cdc.protocol.messages import Message, PrimaryKeepalive
 from cdc.runtime.backfill import Backfill
+from cdc.runtime.streams import StreamBuffers, state_directory
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from cdc.telemetry.metrics import Metrics
@@ -108,6 +109,11 @@ class Pipeline:
             self.backfill.recent,
         )
         self._watch_window()
+        # Streamed in-progress transactions, applied at their Stream Commit.
+        self.streams = StreamBuffers(
+            state_directory(settings.state_dir), settings.slot, settings.stream_memory
+        )
+        self.streams.clean()
         # Highest checkpoint sent to Redis (acknowledged or in flight).
         self.sent_checkpoint: int = position.checkpoint
         self._inflight: _Sent | None = None
@@ -128,6 +134,7 @@ class Pipeline:
         max_changes = self.settings.batch_max_changes
         max_bytes = self.settings.batch_max_bytes
         fast = self._fast
+        in_block = False  # inside a Stream Start .. Stream Stop block
         while True:
             if self.stop.is_set():
                 self._shutdown()
@@ -141,15 +148,43 @@ class Pipeline:
                 data = failpoints.record(data)
             try:
                 if fast:
-                    outcome = core.feed(data)
-                    if outcome is not None:
-                        self._on_outcome(outcome)
+                    if data[0] == 0x77 and (in_block or _stream_kind(data[25])):
+                        in_block = self._on_stream(data)
+                    else:
+                        outcome = core.feed(data)
+                        if outcome is not None:
+                            self._on_outcome(outcome)
                 else:
                     self._slow_path(data)
             except (RecordError, ValueError, IndexError, KeyError, TypeError) as exc:
                 raise self._poison(data, exc) from None
             if core.over_limit(max_changes, max_bytes):
                 self._at_limit()
+
+    def _on_stream(self, data: bytes) -> bool:
+        """A message of a streamed transaction; at its commit, apply it as any other.
+        Returns whether a stream block is open."""
+        replay = self.streams.feed(data)
+        if replay is None:
+            return self.streams.in_block
+        core = self.core
+        max_changes = self.settings.batch_max_changes
+        max_bytes = self.settings.batch_max_bytes
+        stop = self.stop
+        for message in replay:
+            outcome = core.feed_message(message)
+            if outcome is None and not core.over_limit(max_changes, max_bytes):
+                continue
+            if outcome is not None:
+                self._on_outcome(outcome)
+            if core.over_limit(max_changes, max_bytes):
+                self._at_limit()  # a chunk of the transaction is sent
+            if stop.is_set():
+                # Stopping inside a large transaction: what was applied of it is in
+                # ``partial``; the server streams it again after the restart.
+                replay.close()
+                break
+        return False
 
     def _slow_path(self, data: bytes) -> None:
         """Other output plugins (wal2json): decode in Python, then the same core."""
@@ -427,7 +462,14 @@ class Pipeline:
         self.core.drop_open()  # the transaction in progress is streamed again after a restart
         self.flush(chunk=False)
         self.drain()
+        self.streams.close()
         self.send_status(reply=False)
         if not self.source.finish():
             self.log.warning("the server did not end the stream in time; closing it")
         self.log.info("stopped", checkpoint=format_lsn(self.position.checkpoint))
+
+
+def _stream_kind(kind: int) -> bool:
+    """pgoutput's messages that frame streamed transactions: Stream Start, Stop, Commit,
+    Abort (cdc/runtime/streams.py)."""
+    return kind == 0x53 or kind == 0x45 or kind == 0x63 or kind == 0x41  # noqa: PLR1714
