@@ -30,13 +30,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cdc import failpoints
 from cdc.cache.checkpoint import format_partial
-from cdc.cache.sink import InFlight, RedisSink
+from cdc.cache.sink import ApplyResult, InFlight
 from cdc.errors import PoisonRecord, PostgresUnavailable, RecordError
 from cdc.postgres import catalog
-from cdc.postgres.source import ReplicationSource
 from cdc.protocol.messages import Message, PrimaryKeepalive
 from cdc.runtime.backfill import Backfill
 from cdc.runtime.streams import StreamBuffers, state_directory
@@ -51,6 +51,34 @@ from schema.lsn import Lsn, format_lsn
 
 # A decoder other than pgoutput (wal2json); pgoutput is decoded inside the core.
 Decode = Callable[[bytes], Message | list[Message]]
+
+
+class Source(Protocol):
+    """What the loop needs of the replication stream (:class:`ReplicationSource`)."""
+
+    def read(self) -> bytes | None: ...
+
+    def wait(self, timeout: float, also: int = -1) -> tuple[bool, bool]: ...
+
+    def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None: ...
+
+    def finish(self, timeout: float = 5.0) -> bool: ...
+
+
+class Sink(Protocol):
+    """What the loop needs of Redis (:class:`RedisSink`)."""
+
+    publish_refused: bool
+
+    def send(self, batch: CommandBatch, state: dict[str, str]) -> InFlight: ...
+
+    def ready(self, sent: InFlight) -> bool: ...
+
+    def buffered(self, sent: InFlight) -> bool: ...
+
+    def receive(self, sent: InFlight) -> ApplyResult: ...
+
+    def fileno(self) -> int: ...
 
 
 @dataclass
@@ -69,8 +97,8 @@ class Pipeline:
         self,
         settings: Settings,
         tables: tuple[TrackedTable, ...],
-        source: ReplicationSource,
-        sink: RedisSink,
+        source: Source,
+        sink: Sink,
         catalog_conn: catalog.Conn,
         position: Position,
         metrics: Metrics,
@@ -438,13 +466,13 @@ class Pipeline:
         if self._inflight is None:
             self.source.wait(timeout)
             return
-        if self.sink.ready(self._inflight.handle):
+        if self.sink.buffered(self._inflight.handle):
             # Its answer may have arrived with the previous one's: the socket will not
             # become readable for it again.
             self.drain()
             return
         _, answered = self.source.wait(timeout, also=self.sink.fileno())
-        # Readable is not answered: the +QUEUED replies arrive long before EXEC's.
+        # Readable is not answered: only part of the answer may have arrived.
         if answered and self.sink.ready(self._inflight.handle):
             self.drain()
 
