@@ -145,6 +145,8 @@ def test_a_rebuild_with_a_locked_table_streams_and_loads_it_once_free(
         )
         wait_for(lambda: "backfill query timed out" in daemon.log(), 30, "a timed-out backfill")
         assert redis_state(redis_url).get("rebuild")  # still rebuilding: tickets is not loaded
+    # The retried backfill lands once the lock is gone: wait for it, not for a fixed time.
+    wait_for(lambda: not redis_state(redis_url).get("rebuild"), 60, "the rebuild to end")
     assert_converged(database_url, redis_url)
 
 
