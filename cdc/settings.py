@@ -95,6 +95,10 @@ class Settings(BaseSettings):
         default=2.0, gt=0, validation_alias=_env("CDC_OBSERVE_INTERVAL")
     )
     backfill_chunk: int = Field(default=2_000, ge=1, validation_alias=_env("CDC_BACKFILL_CHUNK"))
+    change_feed: bool = Field(default=False, validation_alias=_env("CDC_CHANGE_FEED"))
+    change_feed_maxlen: int = Field(
+        default=100_000, ge=1, validation_alias=_env("CDC_CHANGE_FEED_MAXLEN")
+    )
 
     @field_validator("slot", "publication")
     @classmethod

@@ -16,6 +16,18 @@ key                              type    content
 ``cdc:*``                        any     the daemon's own state (checkpoint, fence)
 ===============================  ======  =================================================
 
+Views (contract section 6b), kept from the cached rows in the same atomic apply:
+
+================================  ==========  ==============================================
+key                               type        content
+================================  ==========  ==============================================
+``tickets:status:{<status>}``     sorted set  ticket ids; score: ``updated_at`` epoch seconds
+``tickets:assignee:{<agent id>}`` set         ids of the tickets assigned to that agent
+``agents:status:{<status>}``      set         agent ids
+================================  ==========  ==============================================
+
+``changes:<table>`` is the change feed's stream (contract section 6c), when enabled.
+
 Field values are the text PostgreSQL prints for the column (``col::text``) in a session with
 ``TimeZone=UTC``. Fields starting with ``_`` are the daemon's (``_v``: the LSN of the
 transaction that last wrote the row).
@@ -51,6 +63,38 @@ class LookupKey:
         return f"{self.prefix}:{{"
 
 
+@dataclass(frozen=True, slots=True)
+class View:
+    """Row ids grouped by one column's value: ``<prefix>:{<value>}``, a set, or a sorted
+    set scored by the epoch seconds of the ``score`` column."""
+
+    prefix: str
+    column: str
+    score: str | None = None
+
+    def key(self, value: str) -> str:
+        return f"{self.prefix}:{{{value}}}"
+
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this view starts with."""
+        return f"{self.prefix}:{{"
+
+    @property
+    def sorted(self) -> bool:
+        return self.score is not None
+
+    def key_value(self, key: str) -> str | None:
+        """The column value a key of this view is for, or None if the key is not one."""
+        if key.startswith(self.key_prefix) and key.endswith("}"):
+            return key[len(self.key_prefix) : -1]
+        return None
+
+
+# The change feed of a table is the stream ``changes:<table>`` (contract section 6c).
+FEED_PREFIX = "changes:"
+
+
 def match_prefix(prefix: str) -> str:
     """A Redis glob (``SCAN MATCH``) for every key that starts with ``prefix``."""
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
@@ -66,6 +110,7 @@ class TrackedTable:
     primary_key: str = "id"
     excluded_columns: frozenset[str] = frozenset()
     lookups: tuple[LookupKey, ...] = ()
+    views: tuple[View, ...] = ()
     # Columns the replica identity must carry on UPDATE/DELETE (besides the primary key)
     # so that lookup keys can be removed when their value changes or the row goes.
     identity_columns: tuple[str, ...] = field(init=False)
@@ -89,6 +134,21 @@ class TrackedTable:
         """What every row key of this table starts with (for scans)."""
         return f"{self.prefix}:{{"
 
+    @property
+    def feed_key(self) -> str:
+        """The change feed's stream of this table."""
+        return FEED_PREFIX + self.name
+
+    @property
+    def owned_prefixes(self) -> tuple[str, ...]:
+        """Every key prefix the cache of this table writes: rows, lookups, views (a
+        rebuild clears them; the change feed is history and stays)."""
+        return (
+            self.key_prefix,
+            *(lookup.key_prefix for lookup in self.lookups),
+            *(view.key_prefix for view in self.views),
+        )
+
     def key_id(self, key: str) -> str | None:
         """The row id inside a key of this table, or None if the key is not one."""
         if key.startswith(self.key_prefix) and key.endswith("}"):
@@ -96,12 +156,20 @@ class TrackedTable:
         return None
 
 
-TICKETS = TrackedTable(name="tickets", prefix="ticket")
+TICKETS = TrackedTable(
+    name="tickets",
+    prefix="ticket",
+    views=(
+        View(prefix="tickets:status", column="status", score="updated_at"),
+        View(prefix="tickets:assignee", column="assignee_id"),
+    ),
+)
 AGENTS = TrackedTable(
     name="agents",
     prefix="agent",
     excluded_columns=frozenset({"password_hash"}),
     lookups=(LookupKey(prefix="agent:username", column="username"),),
+    views=(View(prefix="agents:status", column="status"),),
 )
 
 # The tables streamed to Redis, in the order a snapshot loads them.

@@ -169,7 +169,7 @@ def reset(
         return create_slot_and_load(
             source,
             sink,
-            Planner(settings.max_row_bytes),
+            Planner(settings.max_row_bytes, settings.change_feed, settings.change_feed_maxlen),
             tables,
             conninfo=settings.replication_conninfo,
             redis_url=settings.redis,

@@ -98,7 +98,9 @@ class Daemon:
         self.readiness = Readiness()
         self.stop = threading.Event()
         self.log = logs.get("cdc")
-        self.planner = Planner(settings.max_row_bytes)
+        self.planner = Planner(
+            settings.max_row_bytes, settings.change_feed, settings.change_feed_maxlen
+        )
         self.backfill = Backfill(self.planner, settings.backfill_chunk)
         self.observer: Observer | None = None
         self._busy_since: float | None = None
