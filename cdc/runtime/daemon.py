@@ -367,8 +367,7 @@ class Daemon:
         client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:
-                prefixes = [table.key_prefix] + [lookup.key_prefix for lookup in table.lookups]
-                for prefix in prefixes:
+                for prefix in table.owned_prefixes:
                     for keys in scan_keys(client, prefix):
                         client.unlink(*keys)
         except redis.RedisError as exc:

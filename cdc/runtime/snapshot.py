@@ -20,6 +20,7 @@ import psycopg
 import redis
 
 from cdc.cache.sink import RedisSink
+from cdc.cache.views import sweep_views
 from cdc.postgres import catalog
 from cdc.postgres.rows import iter_rows
 from cdc.postgres.source import ReplicationSource
@@ -161,7 +162,8 @@ return n
 
 
 def sweep(client: redis.Redis, tables: tuple[TrackedTable, ...], version: Lsn) -> int:
-    """Delete tracked keys not written by the load stamped ``version``."""
+    """Delete tracked keys not written by the load stamped ``version``, and view members
+    whose rows are gone."""
     stamp = lsn_bytes(version)
     removed = 0
     rows_script = client.register_script(_SWEEP_ROWS)
@@ -174,7 +176,7 @@ def sweep(client: redis.Redis, tables: tuple[TrackedTable, ...], version: Lsn) -
             for keys in scan_keys(client, prefix):
                 args = [prefix, table.key_prefix, lookup.column]
                 removed += int(lookups_script(keys=keys, args=args))
-    return removed
+    return removed + sweep_views(client, tables)
 
 
 def scan_keys(client: redis.Redis, prefix: str) -> Iterator[list[bytes]]:
