@@ -176,7 +176,8 @@ def sweep(client: redis.Redis, tables: tuple[TrackedTable, ...], version: Lsn) -
             for keys in scan_keys(client, prefix):
                 args = [prefix, table.key_prefix, lookup.column]
                 removed += int(lookups_script(keys=keys, args=args))
-    return removed + sweep_views(client, tables)
+    sweep_views(client, tables)  # members, not keys: not counted
+    return removed
 
 
 def scan_keys(client: redis.Redis, prefix: str) -> Iterator[list[bytes]]:
