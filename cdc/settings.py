@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdc.errors import ConfigError
+from schema.keys import TrackedTable
 from schema.redis_url import RedisTarget
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -95,6 +96,7 @@ class Settings(BaseSettings):
         default=2.0, gt=0, validation_alias=_env("CDC_OBSERVE_INTERVAL")
     )
     backfill_chunk: int = Field(default=2_000, ge=1, validation_alias=_env("CDC_BACKFILL_CHUNK"))
+    config: str | None = Field(default=None, validation_alias=_env("CDC_CONFIG"))
     change_feed: bool = Field(default=False, validation_alias=_env("CDC_CHANGE_FEED"))
     change_feed_maxlen: int = Field(
         default=100_000, ge=1, validation_alias=_env("CDC_CHANGE_FEED_MAXLEN")
@@ -116,6 +118,15 @@ class Settings(BaseSettings):
         return value
 
     # -- derived ------------------------------------------------------------------------------
+
+    def tables(self) -> tuple[TrackedTable, ...]:
+        """The tables the cache declares (``CDC_CONFIG``, else the packaged default)."""
+        from schema.config import CacheConfigError, load_tables
+
+        try:
+            return load_tables(self.config)
+        except CacheConfigError as exc:
+            raise ConfigError(f"CDC_CONFIG: {exc}") from None
 
     @property
     def replication_conninfo(self) -> str:

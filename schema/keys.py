@@ -1,9 +1,9 @@
 """The Redis key layout, and which tables are streamed to Redis: declared here, once.
 
 Both the ``cdc`` daemon (which writes these keys) and the ``writer``'s cache reader (which
-reads them) import this module, so the layout cannot drift between them. Adding a table to
-the cache is a new :class:`TrackedTable` entry here plus the migration that adds it to the
-publication; no daemon code changes.
+reads them) import this module, so the layout cannot drift between them. What is cached is
+declared in ``schema/cache.toml`` (see :mod:`schema.config`): adding a table to the cache
+is an entry there plus the migration that adds it to the publication; no code changes.
 
 Layout (contract section 6):
 
@@ -156,24 +156,27 @@ class TrackedTable:
         return None
 
 
-TICKETS = TrackedTable(
-    name="tickets",
-    prefix="ticket",
-    views=(
-        View(prefix="tickets:status", column="status", score="updated_at"),
-        View(prefix="tickets:assignee", column="assignee_id"),
-    ),
-)
-AGENTS = TrackedTable(
-    name="agents",
-    prefix="agent",
-    excluded_columns=frozenset({"password_hash"}),
-    lookups=(LookupKey(prefix="agent:username", column="username"),),
-    views=(View(prefix="agents:status", column="status"),),
-)
+def _declared() -> tuple[TrackedTable, ...]:
+    # Imported here: schema.config builds on the classes above.
+    from schema.config import load_tables
 
-# The tables streamed to Redis, in the order a snapshot loads them.
-TRACKED_TABLES: tuple[TrackedTable, ...] = (AGENTS, TICKETS)
+    return load_tables()
+
+
+# The tables streamed to Redis, in the order a snapshot loads them: the packaged
+# declaration (schema/cache.toml); the daemon reads CDC_CONFIG instead when it is set.
+TRACKED_TABLES: tuple[TrackedTable, ...] = _declared()
+
+
+def tracked_table(name: str) -> TrackedTable:
+    for table in TRACKED_TABLES:
+        if table.name == name:
+            return table
+    raise KeyError(name)
+
+
+TICKETS = tracked_table("tickets")
+AGENTS = tracked_table("agents")
 
 
 def ticket_key(ticket_id: str) -> str:
@@ -186,10 +189,3 @@ def agent_key(agent_id: str) -> str:
 
 def agent_username_key(username: str) -> str:
     return AGENTS.lookups[0].key(username)
-
-
-def tracked_table(name: str) -> TrackedTable:
-    for table in TRACKED_TABLES:
-        if table.name == name:
-            return table
-    raise KeyError(name)

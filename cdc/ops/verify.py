@@ -471,7 +471,7 @@ def _dedupe(
 
 
 def verify(settings: Settings, repair: bool = False) -> Report:
-    verifier = Verifier(settings)
+    verifier = Verifier(settings, settings.tables())
     try:
         return verifier.run(repair)
     finally:

@@ -395,7 +395,7 @@ def rebuild_reason(state: CacheState, confirmed: Lsn, source_id: str) -> str | N
 
 
 def run(settings: Settings) -> int:
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, settings.tables())
     daemon.install_signal_handlers()
     try:
         return daemon.run()
