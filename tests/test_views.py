@@ -192,3 +192,15 @@ def test_the_feed_has_one_entry_per_change(sink: RedisSink, client: Any) -> None
     ]
     assert [f["op"] for _, f in client.xrange("changes:agents")] == ["insert", "truncate"]
     assert client.xrange("changes:agents")[0][1]["columns"] == "id,username"
+
+
+def test_a_row_too_large_to_cache_is_in_no_view(sink: RedisSink, client: Any) -> None:
+    apply = Applier(sink, Planner(40))
+    apply(
+        change(TICKET, INSERT, (b"1", b"open", b"a", T0, b"x" * 100)),
+        change(TICKET, INSERT, (b"2", None, b"a", T0, None)),
+    )
+    assert client.exists("ticket:{1}") == 0
+    assert views(client) == {"tickets:assignee:{a}": {"2"}}
+    apply(change(TICKET, UPDATE, (b"2", b"open", b"a", T0, b"y" * 100)))
+    assert views(client) == {}

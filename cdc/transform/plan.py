@@ -47,8 +47,9 @@ local function days_from_civil(y, m, d)
   return era * 146097 + doe - 719468
 end
 
-local function epoch(text)
-  if not text then return '0' end
+local epoch_text, epoch_value = nil, nil
+
+local function parse_epoch(text)
   if text == 'infinity' then return 'inf' end
   if text == '-infinity' then return '-inf' end
   local y, mo, d, rest = string.match(text, '^(%d+)-(%d%d)-(%d%d)(.*)$')
@@ -74,6 +75,15 @@ local function epoch(text)
   if frac == '' or frac == '.' then return string.format('%d', whole) end
   if whole >= 0 then return string.format('%d', whole) .. frac end
   return string.format('%.17g', whole + tonumber('0' .. frac))
+end
+
+-- The rows of one transaction mostly share their now(): remember the last one.
+local function epoch(text)
+  if not text then return '0' end
+  if text ~= epoch_text then
+    epoch_text, epoch_value = text, parse_epoch(text)
+  end
+  return epoch_value
 end
 """
 """Lua shared by the scripts that write sorted-set views."""
@@ -266,6 +276,22 @@ local function update_views(a, last)
   return 0
 end
 
+-- A new row's views, from its values: id nviews (kind prefix value score) ...
+local function add_views(a)
+  local id = ARGV[a]
+  for p = a + 2, a + 1 + 4 * tonumber(ARGV[a + 1]), 4 do
+    local kind = ARGV[p]
+    local r = 0
+    if kind == 'z' then
+      r = view_write('ZADD', ARGV[p + 1] .. ARGV[p + 2] .. '}', epoch(ARGV[p + 3]), id)
+    elseif kind == 's' then
+      r = view_write('SADD', ARGV[p + 1] .. ARGV[p + 2] .. '}', id)
+    end
+    if failure(r) then return r end
+  end
+  return 0
+end
+
 while i <= n do
   local op = ARGV[i]
   local a = i + 2
@@ -297,6 +323,8 @@ while i <= n do
     r = 0
   elseif op == 'u' then
     r = update_views(a, last)
+  elseif op == 'a' then
+    r = add_views(a)
   else
     return redis.error_reply('ERR cdc batch: unknown operation ' .. tostring(op))
   end
@@ -339,6 +367,8 @@ w     note a row's view values before its change: ``id key ncols column … nvie
       (kind key_prefix column score_column) …`` (kind ``z`` sorted set, ``s`` set)
 u     after the change: move each noted id between view keys as the hash now says,
       then ``XADD`` feed entries ``stream maxlen op id lsn seq columns`` …
+a     a new row's views from its values: ``id nviews (kind key_prefix value score) …``
+      (kind ``-``: the column is NULL)
 ====  ===========================================================================
 
 Nothing is written when the fence is not this daemon's (``fenced``, or ``lost`` when
@@ -357,6 +387,7 @@ _OP_PATCH: Final = b"$1\r\np\r\n"
 _OP_TRUNCATE: Final = b"$1\r\nt\r\n"
 _OP_WATCH: Final = b"$1\r\nw\r\n"
 _OP_VIEWS: Final = b"$1\r\nu\r\n"
+_OP_ADD: Final = b"$1\r\na\r\n"
 
 
 class PlanError(RecordError):
@@ -511,6 +542,19 @@ class _TableSpec:
             append_bulk(spec, (v.score if v.score is not None else v.column).encode())
         self.views = bytes(spec)
         self.views_nargs = 1 + 4 * self.nviews
+        # For the ``a`` operation: per view its kind, key prefix, and the positions of
+        # its column and score column in a row (-1: not in the relation).
+        names = view.column_names
+        self.view_kinds: list[bytes] = []
+        self.view_prefixes: list[bytes] = []
+        self.view_columns: list[int] = []
+        self.view_scores: list[int] = []
+        for v in tracked.views:
+            self.view_kinds.append(b"z" if v.score is not None else b"s")
+            self.view_prefixes.append(v.key_prefix.encode())
+            self.view_columns.append(names.index(v.column) if v.column in names else -1)
+            score = v.score if v.score is not None else v.column
+            self.view_scores.append(names.index(score) if score in names else -1)
         # The cached columns, for an update's changed columns in the feed.
         columns = bytearray()
         ncols = 0
@@ -564,13 +608,13 @@ class Planner:
             new = change.new
             assert new is not None
             new_id = _pk(view, new)
-            if spec.nviews:
-                _append_watch(out, spec, new_id, view.key(new_id), False)
             # A new row has no key yet (deletes, truncates and rebuilds remove keys), so
-            # no DEL first: it costs Redis a command per row on the busiest path.
-            self._write(view, new, version, out, replace=False)
-            entries = [b"insert", new_id, _columns(view, new)] if feed else []
-            self._finish(out, spec, entries, version, seq)
+            # no DEL first: it costs Redis a command per row on the busiest path. Nor
+            # view membership: its views are added from the values, nothing read.
+            if self._write(view, new, version, out, replace=False) and spec.nviews:
+                _append_add(out, spec, new_id, new)
+            if feed:
+                self._finish(out, spec, [b"insert", new_id, _columns(view, new)], version, seq)
             return
         old = change.old
         if change.op == DELETE:
@@ -663,7 +707,8 @@ class Planner:
         version: bytes,
         out: CommandBatch,
         replace: bool = True,
-    ) -> None:
+    ) -> bool:
+        """Write the row's hash and lookups; False when the row is too large to cache."""
         row_id = _pk(view, values)
         key = view.key(row_id)
         included = view.included
@@ -682,7 +727,7 @@ class Planner:
                 value = values[position] if position >= 0 else None
                 if isinstance(value, bytes):
                     _append_del(out, view.lookup_key(index, value))
-            return
+            return False
         buf = out.op(_OP_REPLACE if replace else _OP_HSET, 3 + 2 * fields)
         append_bulk(buf, key)
         field_resp = view.field_resp
@@ -700,6 +745,7 @@ class Planner:
             value = values[position] if position >= 0 else None
             if isinstance(value, bytes):
                 _append_set(out, view.lookup_key(index, value), row_id)
+        return True
 
     def delete_row(
         self, view: TableView, row_id: bytes, lookups: tuple[bytes | None, ...], out: CommandBatch
@@ -858,6 +904,25 @@ def _append_watch(
     if diff:
         buf += spec.columns
     buf += spec.views
+
+
+def _append_add(
+    out: CommandBatch, spec: _TableSpec, row_id: bytes, values: tuple[Value, ...]
+) -> None:
+    """The ``a`` operation: add a new row's id to its views, from its values."""
+    buf = out.op(_OP_ADD, 2 + 4 * spec.nviews)
+    append_bulk(buf, row_id)
+    append_bulk(buf, b"%d" % spec.nviews)
+    for v in range(spec.nviews):
+        position = spec.view_columns[v]
+        value = values[position] if position >= 0 else None
+        score_at = spec.view_scores[v]
+        score = values[score_at] if score_at >= 0 else None
+        present = isinstance(value, bytes)
+        append_bulk(buf, spec.view_kinds[v] if present else b"-")
+        append_bulk(buf, spec.view_prefixes[v])
+        append_bulk(buf, value if isinstance(value, bytes) else b"")
+        append_bulk(buf, score if isinstance(score, bytes) else b"")
 
 
 def _append_del(out: CommandBatch, key: bytes) -> None:
