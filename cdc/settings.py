@@ -152,6 +152,8 @@ class Settings(BaseSettings):
             "plugin": self.plugin,
             "metrics": self.metrics_addr,
             "batch_max_changes": self.batch_max_changes,
+            "config": self.config or "default",
+            "change_feed": self.change_feed,
         }
 
 

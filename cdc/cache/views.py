@@ -1,8 +1,9 @@
 """Bringing view keys (contract 6b) back in line with the cached rows they derive from.
 
 The batch script keeps views as it applies changes. This is for the paths that write
-rows some other way or find views damaged: the sweep after a snapshot load (a row that
-no longer exists leaves its id behind) and ``cdc verify --repair``. Each member named is
+rows some other way or find views damaged: a snapshot load starts from no view keys
+(:func:`clear_views`: a row that no longer exists leaves no id behind) and ``cdc verify
+--repair`` reconciles members. Each member named is
 checked against its row's cached hash, atomically per call: it belongs to the view key of
 the hash's value (with the score of its ``updated_at``) and to no other.
 """
@@ -96,11 +97,18 @@ def reconcile(
     return fixed
 
 
-def sweep_views(client: redis.Redis, tables: Iterable[TrackedTable]) -> int:
-    """Check every member of every view against its row (after a snapshot load)."""
-    fixed = 0
+def clear_views(client: redis.Redis, tables: Iterable[TrackedTable]) -> int:
+    """Remove every view key (before a snapshot load, which adds each loaded row back:
+    what is left is exactly the snapshot's). Only SCAN and UNLINK: the daemon's ACL."""
+    removed = 0
     for table in tables:
         for view in table.views:
-            pairs = [(value, row_id) for value, row_id, _ in members(client, view)]
-            fixed += reconcile(client, table, view, pairs)
-    return fixed
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=match_prefix(view.key_prefix), count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += int(client.unlink(*batch))
+                    batch = []
+            if batch:
+                removed += int(client.unlink(*batch))
+    return removed

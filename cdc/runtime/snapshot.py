@@ -20,7 +20,7 @@ import psycopg
 import redis
 
 from cdc.cache.sink import RedisSink
-from cdc.cache.views import sweep_views
+from cdc.cache.views import clear_views
 from cdc.postgres import catalog
 from cdc.postgres.rows import iter_rows
 from cdc.postgres.source import ReplicationSource
@@ -63,6 +63,12 @@ def create_slot_and_load(
     created = source.create_slot(slot, plugin, export_snapshot=True)
     sink.claim({"slot": slot, "source": source_id})
     sink.reset_state({"loading": "1", "slot": slot, "source": source_id})
+    client = redis_client(redis_url, socket_timeout=redis_timeout)
+    try:
+        # The load adds every row it writes to its views: start them empty.
+        clear_views(client, tables)
+    finally:
+        client.close()
     report = load_snapshot(
         conninfo,
         created.snapshot,
@@ -162,8 +168,7 @@ return n
 
 
 def sweep(client: redis.Redis, tables: tuple[TrackedTable, ...], version: Lsn) -> int:
-    """Delete tracked keys not written by the load stamped ``version``, and view members
-    whose rows are gone."""
+    """Delete tracked keys not written by the load stamped ``version``."""
     stamp = lsn_bytes(version)
     removed = 0
     rows_script = client.register_script(_SWEEP_ROWS)
@@ -176,7 +181,6 @@ def sweep(client: redis.Redis, tables: tuple[TrackedTable, ...], version: Lsn) -
             for keys in scan_keys(client, prefix):
                 args = [prefix, table.key_prefix, lookup.column]
                 removed += int(lookups_script(keys=keys, args=args))
-    sweep_views(client, tables)  # members, not keys: not counted
     return removed
 
 
