@@ -101,7 +101,9 @@ def load_snapshot(
     batch_rows: int,
     progress: Progress | None = None,
 ) -> LoadReport:
-    """Write every tracked row, as of ``snapshot``, into Redis with ``_v`` = ``version``."""
+    """Write every tracked row, as of ``snapshot``, into Redis with ``_v`` = ``version``,
+    and add it to its views (which must start empty: :func:`create_slot_and_load` clears
+    them)."""
     report = LoadReport()
     started = time.monotonic()
     stamp = lsn_bytes(version)
@@ -121,7 +123,7 @@ def load_snapshot(
                 last_report = time.monotonic()
                 for rows in iter_rows(conn, table, columns, batch_rows):
                     for row in rows:
-                        planner.write_row(view, row, stamp, batch)
+                        planner.write_row(view, row, stamp, batch, views_empty=True)
                     loaded += len(rows)
                     sink.apply(batch, {"loading": "1"})
                     batch.clear()

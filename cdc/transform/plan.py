@@ -686,13 +686,20 @@ class Planner:
         version: bytes,
         out: CommandBatch,
         replace: bool = True,
+        views_empty: bool = False,
     ) -> None:
         """Replace the row's hash with ``values`` (all present), set its lookups and
         views (no feed entry: this is a load, not a change).
 
-        ``replace=False`` skips the leading ``DEL`` for rows known to have no key yet.
+        ``replace=False`` skips the leading ``DEL`` for rows known to have no key yet;
+        ``views_empty`` (a snapshot load, which clears view keys first) adds the row to
+        its views without reading what the hash held.
         """
         spec = self._spec(view)
+        if views_empty:
+            if self._write(view, values, version, out, replace) and spec.nviews:
+                _append_add(out, spec, _pk(view, values), values)
+            return
         if spec.nviews:
             row_id = _pk(view, values)
             _append_watch(out, spec, row_id, view.key(row_id), False)
