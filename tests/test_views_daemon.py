@@ -224,3 +224,24 @@ def test_a_reader_never_sees_a_ticket_in_two_status_sets_or_none(
     assert not bad, bad[:5]
     assert samples > 10
     assert_converged(database_url, redis_url)
+
+
+def test_views_of_a_transaction_applied_in_chunks_across_a_kill(
+    make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+) -> None:
+    for i in range(200):
+        pg.execute("INSERT INTO tickets (id, title) VALUES (%s, 'c')", (f"c{i}",))
+    with running(make_daemon(CDC_BATCH_MAX_CHANGES="40")) as daemon:
+        assert_converged(database_url, redis_url)
+        client = redis.Redis.from_url(redis_url)
+        with pg.transaction():
+            for i in range(200):
+                pg.execute(
+                    "UPDATE tickets SET status = %s, assignee_id = NULL WHERE id = %s",
+                    (STATUSES[i % 5], f"c{i}"),
+                )
+        # Some chunks are in, the transaction is not finished: kill -9 there.
+        wait_for(lambda: client.hget("cdc:state", "partial"), 30, "a chunk applied")
+        daemon.kill()
+    with running(make_daemon(CDC_BATCH_MAX_CHANGES="40")):
+        assert_converged(database_url, redis_url)
