@@ -77,19 +77,23 @@ class DaemonProcess:
             "CDC_SLOT": slot,
             "CDC_METRICS_ADDR": f"127.0.0.1:{self.metrics_port}",
             "CDC_LOG_FORMAT": "json",
+            "CDC_STATE_DIR": str(s.directory / "state"),
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.ready_at = 0.0
 
     def start(self) -> DaemonProcess:
         log = self.log_path.open("ab")
+        self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cdc", "run"], cwd=ROOT, env=self.env, stdout=log, stderr=log
         )
         log.close()
         return self
 
-    def wait_ready(self, timeout: float = 120) -> DaemonProcess:
+    def wait_ready(self, timeout: float = 120, poll: float = 0.05) -> DaemonProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
@@ -99,8 +103,9 @@ class DaemonProcess:
                 contextlib.suppress(OSError),
                 urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=1),
             ):
+                self.ready_at = time.monotonic()
                 return self
-            time.sleep(0.05)
+            time.sleep(poll)
         raise TimeoutError("daemon not ready")
 
     @property
@@ -153,3 +158,52 @@ def median(values: list[float]) -> float:
 def row(label: str, value: str, target: str, ok: bool | None) -> str:
     verdict = "" if ok is None else ("met" if ok else "NOT met")
     return f"{label:<58} {value:>22}   target {target:<28} {verdict}"
+
+
+# -- process and server figures ---------------------------------------------------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A ``/proc/<pid>/status`` figure in KiB (``VmHWM``: the resident high-water mark)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def slot_stats(database_url: str, slot: str) -> dict[str, int]:
+    """The server's spill and stream counters for ``slot`` (PostgreSQL 14+)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        if conn.info.server_version < 140000:
+            return {"spill_bytes": -1, "stream_bytes": -1}
+        found = conn.execute(
+            "SELECT spill_bytes, stream_bytes FROM pg_stat_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+    if found is None:
+        return {"spill_bytes": 0, "stream_bytes": 0}
+    return {"spill_bytes": int(found[0]), "stream_bytes": int(found[1])}
+
+
+def reset_slot_stats(database_url: str, slot: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        if conn.info.server_version >= 140000:
+            conn.execute("SELECT pg_stat_reset_replication_slot(%s)", (slot,))
+
+
+def slot_options(database_url: str) -> list[str]:
+    """pgoutput options as the daemon asks for them (cdc.daemon.stream_options)."""
+    with psycopg.connect(database_url) as conn:
+        version = conn.info.server_version
+    options = ["proto_version=1"]
+    if version >= 140000:
+        options = ["proto_version=2", "streaming=on"]
+    return [*options, "publication_names=cdc_cache"]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 PURE_PACKAGES = ("protocol", "transform")
 HOT_IO = (
-    "cache/resp.py",
     "cache/wire.py",
     "cache/sink.py",
     "postgres/source.py",
     "runtime/pipeline.py",
+    "runtime/streams.py",
 )
 ROOT = Path(__file__).resolve().parent
 

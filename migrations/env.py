@@ -1,8 +1,10 @@
 """Alembic environment: migrates the database named by ``DATABASE_URL``.
 
 Run from the repository root: ``alembic upgrade head`` (configuration lives in
-``pyproject.toml`` under ``[tool.alembic]``). ``-x url=postgresql://…`` overrides the
-environment. ``CDC_PUBLICATION`` names the publication the migrations create.
+``pyproject.toml`` under ``[tool.alembic]``). ``-x url=…`` overrides the
+environment; every form libpq takes is accepted (:mod:`schema.dsn`). ``CDC_PUBLICATION``
+names the publication the migrations create. Like the daemon, the migrations also read
+``.env`` from the working directory (variables already set win).
 """
 
 from __future__ import annotations
@@ -10,26 +12,30 @@ from __future__ import annotations
 import os
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from dotenv import load_dotenv
+from sqlalchemy import pool
 
+from schema.dsn import Dsn, DsnError, parse_dsn, sqlalchemy_engine
 from schema.tables import metadata
 
 target_metadata = metadata
+load_dotenv(".env", override=False)
 
 
-def database_url() -> str:
+def database_dsn() -> Dsn:
+    """``-x url=…`` or ``DATABASE_URL``, in any form libpq takes (schema.dsn)."""
     url = context.get_x_argument(as_dictionary=True).get("url") or os.environ.get("DATABASE_URL")
-    if not url:
+    if not url or not url.strip():
         raise SystemExit("DATABASE_URL is not set: point it at the PostgreSQL database to migrate")
-    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
-    raise SystemExit("DATABASE_URL must start with postgresql://")
+    try:
+        return parse_dsn(url, "DATABASE_URL")
+    except DsnError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=database_url(),
+        url="postgresql+psycopg://",
         target_metadata=target_metadata,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
@@ -45,7 +51,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(database_url(), poolclass=pool.NullPool)
+    engine = sqlalchemy_engine(database_dsn(), poolclass=pool.NullPool)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata)
         with context.begin_transaction():

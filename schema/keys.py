@@ -13,7 +13,8 @@ key                              type    content
 ``ticket:{<id>}``                hash    one field per non-NULL column of the row
 ``agent:{<id>}``                 hash    the same, without ``password_hash``
 ``agent:username:{<username>}``  string  the agent's id
-``cdc:*``                        any     the daemon's own state (checkpoint, fence)
+``cdc:*``                        any     the daemon's own state (checkpoint, fence) and
+                                        channel (``cdc:applied``)
 ===============================  ======  =================================================
 
 Views (contract section 6b), kept from the cached rows in the same atomic apply:
@@ -41,6 +42,9 @@ from dataclasses import dataclass, field
 CDC_PREFIX = "cdc:"
 # Hash holding the checkpoint (``lsn``), the fence token and the source's identity.
 STATE_KEY = CDC_PREFIX + "state"
+# Pub/sub channel: the daemon publishes its checkpoint (``X/Y``) there inside each batch's
+# atomic apply, so readers waiting on a token wake when it is visible (``&cdc:*`` in an ACL).
+APPLIED_CHANNEL = CDC_PREFIX + "applied"
 # Hash field names starting with this are the daemon's, not columns.
 RESERVED_FIELD_PREFIX = "_"
 # The LSN (PostgreSQL text form) of the transaction that last wrote a row.

@@ -16,9 +16,8 @@ from typing import Any, cast
 
 import pytest
 
-from cdc.cache.sink import ApplyResult, InFlight, RedisSink
+from cdc.cache.sink import ApplyResult, InFlight
 from cdc.postgres import catalog
-from cdc.postgres.source import ReplicationSource
 from cdc.runtime.pipeline import Pipeline
 from cdc.settings import Settings, load_settings
 from cdc.telemetry.metrics import Metrics
@@ -85,13 +84,13 @@ class FakeSource:
             self._stop.set()
         return item
 
-    def wait(self, timeout: float, also: int | None = None) -> tuple[bool, bool]:
-        return False, also is not None
+    def wait(self, timeout: float, also: int = -1) -> tuple[bool, bool]:
+        return False, also >= 0
 
-    def send_status(self, received: int, flushed: int, applied: int, reply: bool) -> None:
-        self.confirmed.append(flushed)
+    def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
+        self.confirmed.append(flush)
 
-    def finish(self) -> bool:
+    def finish(self, timeout: float = 5.0) -> bool:
         return True
 
 
@@ -116,6 +115,9 @@ class FakeSink:
     def ready(self, sent: InFlight) -> bool:
         return True
 
+    def buffered(self, sent: InFlight) -> bool:
+        return True
+
     def receive(self, sent: InFlight) -> ApplyResult:
         return ApplyResult([])
 
@@ -133,8 +135,8 @@ def run(transactions: list[Transaction], **limits: Any) -> tuple[FakeSink, FakeS
     pipeline = Pipeline(
         settings,
         TRACKED_TABLES,
-        cast(ReplicationSource, source),
-        cast(RedisSink, sink),
+        source,
+        sink,
         cast(catalog.Conn, None),
         Position(0),
         Metrics(),

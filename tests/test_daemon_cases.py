@@ -165,6 +165,13 @@ def test_add_and_drop_columns_while_streaming(
     assert_converged(database_url, redis_url)
     # A volatile default rewrites the table: no WAL for the rows, the backfill carries them.
     pg.execute("ALTER TABLE tickets ADD COLUMN token text DEFAULT md5(random()::text)")
+    # Online, so not necessarily before a fence written right after the DDL: wait for it.
+    client = redis.Redis.from_url(redis_url)
+    wait_for(
+        lambda: all(client.hexists(f"ticket:{{s{i}}}", "token") for i in range(30)),
+        30,
+        "the backfill of the rewritten table",
+    )
     assert_converged(database_url, redis_url)
 
 

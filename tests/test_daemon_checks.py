@@ -121,7 +121,10 @@ def test_table_without_the_replica_identity_it_needs(
     line = refused(make_daemon())
     assert 'table "public.agents" has replica identity (id)' in line
     assert "run the migrations" in line
+    # FULL on agents is refused too: it would publish password_hash in every old row.
     pg.execute("ALTER TABLE agents REPLICA IDENTITY FULL")
+    assert "REPLICA IDENTITY FULL" in refused(make_daemon())
+    pg.execute("ALTER TABLE agents REPLICA IDENTITY USING INDEX uq_agents_id_username")
     pg.execute("ALTER TABLE tickets REPLICA IDENTITY NOTHING")
     assert 'table "public.tickets" has replica identity NOTHING' in refused(make_daemon())
 
@@ -199,6 +202,8 @@ def test_redis_acl_user(
             enabled=True,
             passwords=["+s3cret-acl"],
             keys=["ticket:*", "agent:*", "cdc:*"],
+            # The daemon announces its checkpoint on cdc:applied (readers wake on it).
+            channels=["cdc:*"],
             commands=[
                 "+@read",
                 "+@write",
@@ -208,6 +213,7 @@ def test_redis_acl_user(
                 "+info",
                 "+ping",
                 "+scan",
+                "+publish",
             ],
         )
         admin.acl_setuser("default", enabled=False)

@@ -332,3 +332,4 @@ def test_invalidated_slot_is_recreated(
     with running(stack_daemon()) as daemon:
         assert_converged(url, own_stack.redis_url)
         assert any("invalidated" in str(e.get("event", "")) for e in daemon.events())
+        assert daemon.metric("cdc_rebuilds_total", 'reason="slot_invalidated"') == 1

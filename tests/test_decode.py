@@ -69,7 +69,7 @@ def pure_decoder() -> ModuleType:
     """cdc/protocol/pgoutput.py loaded from source, whatever is installed."""
     path = Path(pgoutput.__file__ or "").with_suffix(".py")
     if not path.exists():
-        path = Path(__file__).resolve().parents[1] / "cdc" / "pgoutput.py"
+        path = Path(__file__).resolve().parents[1] / "cdc" / "protocol" / "pgoutput.py"
     spec = importlib.util.spec_from_file_location("pgoutput_pure", path)
     assert spec is not None
     assert spec.loader is not None

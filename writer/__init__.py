@@ -1,9 +1,13 @@
 """The write library services import: PostgreSQL only, typed, with read-your-writes tokens.
 
-- :class:`Writer` (``writer.client``): the operations; each returns :class:`Written`.
-- :class:`CacheReader` (``writer.reader``): Redis first, PostgreSQL on a miss, waits for a
-  token when asked.
-- :mod:`writer.errors`: the error tree.
+- :class:`AsyncWriter` (``writer.aclient``) and :class:`Writer` (``writer.client``): the
+  operations; each returns :class:`Written`. Both run the same plans (``writer.steps``);
+  ``writer.transaction(conn)`` runs them inside the caller's transaction
+  (``writer.joined``).
+- :class:`AsyncCacheReader` and :class:`CacheReader` (``writer.reader``): Redis first,
+  PostgreSQL on a miss or when the cache is not ready; wait for a token when asked (woken
+  by the daemon's ``cdc:applied`` messages).
+- :mod:`writer.errors`: the error tree; :mod:`writer.config`: the pool settings.
 
 ``writer`` never imports ``cdc``: the daemon is a separate process.
 """
@@ -28,25 +32,34 @@ from schema.models import (
     TicketCreate,
     TicketUpdate,
 )
+from writer.aclient import AsyncWriter
 from writer.client import Writer
-from writer.db import Contention, Database, Written
+from writer.config import PoolConfig
+from writer.db import AsyncDatabase, Contention, Database, Written
 from writer.errors import (
     Conflict,
+    InvalidConfiguration,
     InvalidInput,
     InvalidReference,
     InvalidTransition,
     NotFound,
     OutcomeUnknown,
+    TokenPending,
     Unavailable,
     WriterError,
 )
-from writer.reader import CacheReader
+from writer.joined import AsyncTransaction, Transaction
+from writer.reader import AsyncCacheReader, CacheReader
 
 __all__ = [
     "Agent",
     "AgentCreate",
     "AgentUpdate",
     "Assignment",
+    "AsyncCacheReader",
+    "AsyncDatabase",
+    "AsyncTransaction",
+    "AsyncWriter",
     "AttachmentCreate",
     "AuditLogCreate",
     "AuditLogEntry",
@@ -57,11 +70,13 @@ __all__ = [
     "Database",
     "EmailRecord",
     "EmailRecordCreate",
+    "InvalidConfiguration",
     "InvalidInput",
     "InvalidReference",
     "InvalidTransition",
     "NotFound",
     "OutcomeUnknown",
+    "PoolConfig",
     "SessionArchive",
     "SessionArchiveCreate",
     "StatusChange",
@@ -70,6 +85,8 @@ __all__ = [
     "TicketComment",
     "TicketCreate",
     "TicketUpdate",
+    "TokenPending",
+    "Transaction",
     "Unavailable",
     "Writer",
     "WriterError",

@@ -1,4 +1,4 @@
-"""What every group of writer operations shares: validation, auditing, running a statement.
+"""What every writer operation shares: validation, the audit-log parameters, output models.
 
 Validation turns pydantic's errors into :class:`~writer.errors.InvalidInput` carrying field
 paths and messages only (never the offending values, which may be secrets).
@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from schema.models import Identifier, Input
-from writer.db import Database
 from writer.errors import FieldProblem, InvalidInput
 from writer.statements import audit_params
+from writer.steps import Options
 
 M = TypeVar("M", bound=Input)
 OutputT = TypeVar("OutputT", bound=BaseModel)
@@ -59,16 +59,11 @@ def optional_identifier(value: object, what: str) -> str | None:
     return identifier(value, what)
 
 
-class Operations:
-    """Base of the operation groups; :class:`writer.Writer` combines them."""
-
-    _db: Database
-    _audit: bool
-
-    def _audit_params(
-        self, event: str, target_type: str, actor: str | None, details: Mapping[str, Any]
-    ) -> dict[str, Any]:
-        return audit_params(self._audit, event, target_type, actor, None, details)
+def audit(
+    opts: Options, event: str, target_type: str, actor: str | None, details: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The audit-log row's parameters (the row is written only when ``opts.audit``)."""
+    return audit_params(opts.audit, event, target_type, actor, None, details)
 
 
 def to_model(model: type[OutputT], row: Mapping[str, Any]) -> OutputT:

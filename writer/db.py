@@ -5,8 +5,14 @@ rows along) run in autocommit mode, so it is its own transaction; the read-your-
 token, the WAL flush position read after that commit, comes back in the same round trip
 (:mod:`writer.pipeline`). The cache reader waits until the daemon's checkpoint reaches it.
 
+:class:`Database` runs writes on psycopg's pool, :class:`AsyncDatabase` on its async pool;
+both run the same exchange (:func:`writer.pipeline.execute_with_token`, a generator) and
+share the error translation.
+
 Driver errors become :mod:`writer.errors`; a connection lost once the write was sent
-means it may have committed, so it becomes :class:`~writer.errors.OutcomeUnknown`.
+means it may have committed, so it becomes :class:`~writer.errors.OutcomeUnknown`. An
+async task cancelled during a write gets its ``CancelledError`` (psycopg first asks the
+server to cancel the statement); its connection is discarded, never reused.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from typing import Any, Generic, TypeVar
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
+from schema.dsn import DsnError, parse_dsn
+from writer.config import PoolConfig
 from writer.errors import (
     Conflict,
     FieldProblem,
@@ -29,7 +37,15 @@ from writer.errors import (
     Unavailable,
     WriterError,
 )
-from writer.pipeline import TOKEN_SQL, SendFailed, configure, execute_with_token, statement
+from writer.pipeline import (
+    TOKEN_SQL,
+    Outcome,
+    SendFailed,
+    configure,
+    configure_async,
+    execute_with_token,
+    statement,
+)
 
 T = TypeVar("T")
 
@@ -46,12 +62,49 @@ class Contention(Unavailable):
     """Deadlock, serialization failure or lock timeout: nothing was written; retry."""
 
 
+class InvalidDatabaseUrl(WriterError, DsnError):
+    """The connection string is not one libpq takes (the message never quotes it)."""
+
+
 def normalize_conninfo(url: str) -> str:
-    """Accept ``postgresql+psycopg://`` (SQLAlchemy's form) as well as ``postgresql://``."""
-    for prefix in ("postgresql+psycopg://", "postgres+psycopg://"):
-        if url.startswith(prefix):
-            return "postgresql://" + url[len(prefix) :]
-    return url
+    """The libpq keyword DSN for any form :func:`schema.dsn.parse_dsn` takes (URL, keyword
+    DSN, service, ``postgresql+psycopg://``, ``postgresql+asyncpg://``)."""
+    try:
+        return parse_dsn(url, "the database URL").conninfo
+    except DsnError as exc:
+        raise InvalidDatabaseUrl(str(exc)) from None
+
+
+def _pool_kwargs(application_name: str, statement_timeout_ms: int) -> dict[str, Any]:
+    return {
+        "autocommit": True,
+        "row_factory": dict_row,
+        "application_name": application_name,
+        "options": f"-c statement_timeout={int(statement_timeout_ms)}",
+    }
+
+
+def _result(entity: str, outcome: Outcome) -> tuple[list[dict[str, Any]], str | None]:
+    if outcome.error is not None:
+        raise translate(entity, outcome.error) from None
+    return outcome.rows, outcome.token
+
+
+def _lost(entity: str) -> OutcomeUnknown:
+    return OutcomeUnknown(
+        f"{entity}: the connection was lost after the write was sent; "
+        "the write may or may not have been committed"
+    )
+
+
+def _closed(entity: str) -> Unavailable:
+    return Unavailable(f"{entity}: the pooled connection was closed; nothing was written")
+
+
+def _token_row(row: Mapping[str, Any] | None) -> str:
+    if row is None:  # pragma: no cover - the server always answers
+        raise OutcomeUnknown("no WAL position came back after the write")
+    return str(next(iter(row.values())))
 
 
 class Database:
@@ -66,23 +119,26 @@ class Database:
         timeout: float = 10.0,
         statement_timeout_ms: int = 30_000,
         application_name: str = "writer",
+        pool: PoolConfig | None = None,
     ) -> None:
-        self.timeout = timeout
+        config = pool or PoolConfig(
+            size=min_size, max_overflow=max_size - min_size, timeout=timeout
+        )
+        self.config = config
+        self.timeout = config.timeout
+        # Longest wait for an answer: the server's statement_timeout, plus the pool's.
+        self.wait_timeout = statement_timeout_ms / 1000 + max(config.timeout, 5.0)
         self.pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
             normalize_conninfo(conninfo),
-            min_size=min_size,
-            max_size=max_size,
-            timeout=timeout,
+            min_size=config.min_size,
+            max_size=config.max_size,
+            timeout=config.timeout,
+            max_lifetime=config.recycle,
             open=False,
             name=application_name,
             connection_class=psycopg.Connection[DictRow],
             configure=configure,
-            kwargs={
-                "autocommit": True,
-                "row_factory": dict_row,
-                "application_name": application_name,
-                "options": f"-c statement_timeout={int(statement_timeout_ms)}",
-            },
+            kwargs=_pool_kwargs(application_name, statement_timeout_ms),
         )
 
     def open(self, wait: bool = True) -> None:
@@ -108,28 +164,28 @@ class Database:
             raise Unavailable("could not connect to PostgreSQL") from exc
         try:
             try:
-                outcome = execute_with_token(conn, stmt, params)
+                outcome = conn.wait(
+                    execute_with_token(conn, stmt, params), timeout=self.wait_timeout
+                )
             except SendFailed:
                 conn.close()
-                raise Unavailable(
-                    f"{entity}: the pooled connection was closed; nothing was written"
-                ) from None
+                raise _closed(entity) from None
             except psycopg.OperationalError:
                 conn.close()
-                raise OutcomeUnknown(
-                    f"{entity}: the connection was lost after the write was sent; "
-                    "the write may or may not have been committed"
-                ) from None
-            if outcome.error is not None:
-                raise _translate(entity, outcome.error) from None
-            token = outcome.token or self._token_elsewhere()
-            return outcome.rows, token
+                raise _lost(entity) from None
+            except BaseException:
+                # Interrupted mid-exchange: the connection's state is unknown; drop it.
+                conn.close()
+                raise
+            rows, token = _result(entity, outcome)
+            return rows, token or self.position()
         finally:
             conn_cm.__exit__(None, None, None)
 
-    def _token_elsewhere(self) -> str:
-        """The write committed but its token query failed: any session's position now is
-        past our commit too."""
+    def position(self) -> str:
+        """The WAL position now, read on any connection: past every commit that returned.
+
+        Also the fallback when a write committed but its token query failed."""
         try:
             with self.pool.connection() as other:
                 row = other.execute(TOKEN_SQL.decode()).fetchone()
@@ -137,9 +193,7 @@ class Database:
             raise OutcomeUnknown(
                 "the write was committed but no WAL position could be read for its token"
             ) from exc
-        if row is None:  # pragma: no cover - the server always answers
-            raise OutcomeUnknown("no WAL position came back after the write")
-        return str(next(iter(row.values())))
+        return _token_row(row)
 
     def read(self, sql: str, params: Mapping[str, Any]) -> list[DictRow]:
         try:
@@ -151,7 +205,101 @@ class Database:
             raise Unavailable("PostgreSQL read failed: connection lost") from exc
 
 
-def _translate(entity: str, exc: psycopg.Error) -> WriterError:
+class AsyncDatabase:
+    """:class:`Database` on psycopg's async pool (``psycopg_pool.AsyncConnectionPool``)."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        pool: PoolConfig | None = None,
+        statement_timeout_ms: int = 30_000,
+        application_name: str = "writer",
+    ) -> None:
+        config = pool or PoolConfig()
+        self.config = config
+        self.timeout = config.timeout
+        # Longest wait for an answer: the server's statement_timeout, plus the pool's.
+        self.wait_timeout = statement_timeout_ms / 1000 + max(config.timeout, 5.0)
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[DictRow]] = AsyncConnectionPool(
+            normalize_conninfo(conninfo),
+            min_size=config.min_size,
+            max_size=config.max_size,
+            timeout=config.timeout,
+            max_lifetime=config.recycle,
+            open=False,
+            name=application_name,
+            connection_class=psycopg.AsyncConnection[DictRow],
+            configure=configure_async,
+            kwargs=_pool_kwargs(application_name, statement_timeout_ms),
+        )
+
+    async def open(self, wait: bool = True) -> None:
+        try:
+            await self.pool.open(wait=wait, timeout=self.timeout)
+        except PoolTimeout as exc:
+            raise Unavailable("could not connect to PostgreSQL") from exc
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def write(
+        self, entity: str, sql: str, params: Mapping[str, Any]
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Run ``sql`` in its own transaction; return its rows and the token."""
+        stmt = statement(sql)
+        try:
+            conn = await self.pool.getconn()
+        except PoolTimeout as exc:
+            raise Unavailable("no PostgreSQL connection available") from exc
+        except psycopg.OperationalError as exc:
+            raise Unavailable("could not connect to PostgreSQL") from exc
+        try:
+            try:
+                outcome = await conn.wait(
+                    execute_with_token(conn, stmt, params), timeout=self.wait_timeout
+                )
+            except SendFailed:
+                await conn.close()
+                raise _closed(entity) from None
+            except psycopg.OperationalError:
+                await conn.close()
+                raise _lost(entity) from None
+            except BaseException:
+                # Cancelled (or interrupted) mid-exchange: psycopg asked the server to cancel
+                # the statement; whatever state the connection is in, it is not reused.
+                await conn.close()
+                raise
+            rows, token = _result(entity, outcome)
+            return rows, token or await self.position()
+        finally:
+            await self.pool.putconn(conn)
+
+    async def position(self) -> str:
+        """The WAL position now (see :meth:`Database.position`)."""
+        try:
+            async with self.pool.connection() as other:
+                cur = await other.execute(TOKEN_SQL.decode())
+                row = await cur.fetchone()
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise OutcomeUnknown(
+                "the write was committed but no WAL position could be read for its token"
+            ) from exc
+        return _token_row(row)
+
+    async def read(self, sql: str, params: Mapping[str, Any]) -> list[DictRow]:
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(sql, params)
+                return await cur.fetchall()
+        except PoolTimeout as exc:
+            raise Unavailable("no PostgreSQL connection available") from exc
+        except psycopg.OperationalError as exc:
+            raise Unavailable("PostgreSQL read failed: connection lost") from exc
+
+
+def translate(entity: str, exc: psycopg.Error) -> WriterError:
+    """A driver error of a write as the writer's typed error (names, never values)."""
     constraint = exc.diag.constraint_name if exc.diag else None
     if isinstance(exc, pgerrors.UniqueViolation):
         return Conflict(entity, constraint)

@@ -4,13 +4,18 @@
 
     WriterError
     ├── InvalidInput        bad input, refused before anything reached PostgreSQL
+    ├── InvalidConfiguration  a bad pool setting or URL, or a connection the writer
+    │                       cannot join (an asyncpg-backed session)
     ├── NotFound            the row the operation targets does not exist
     ├── Conflict            a unique constraint refused the write (nothing was written)
     ├── InvalidReference    a referenced row (agent, ticket, comment) does not exist
     ├── InvalidTransition   the ticket cannot move from its status to the one asked
     ├── Unavailable         PostgreSQL could not be reached; nothing was written (retryable)
-    └── OutcomeUnknown      the connection died after COMMIT was sent: it may or may not
-                            have been committed; read the row back before retrying
+    ├── OutcomeUnknown      the connection died (or the task was cancelled) after the write
+    │                       was sent: it may or may not have been committed; read the row
+    │                       back before retrying
+    └── TokenPending        a caller's-transaction token asked for before that
+                            transaction committed (or after it rolled back)
 
 Messages name fields and constraints, never values: no secrets or row contents leak.
 """
@@ -99,3 +104,14 @@ class OutcomeUnknown(WriterError):
 
     Do not blindly retry a non-idempotent operation: read the row back first.
     """
+
+
+class InvalidConfiguration(WriterError, ValueError):
+    """A pool setting, a URL or a connection the writer cannot use; says which, in one line."""
+
+
+class TokenPending(WriterError):
+    """The token of a caller's transaction was asked for before it committed.
+
+    A token is only ever taken after the commit it stands for (``never earlier``); a
+    transaction that rolled back has no token."""

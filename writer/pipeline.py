@@ -8,15 +8,17 @@ pipeline directly through psycopg's public ``conn.pgconn`` and ``Transformer``::
     [PREPARE] EXECUTE stmt, SYNC, token query, SYNC      -> one write, one wait
 
 The SYNC between them ends the statement's implicit transaction, so it commits before
-the token query runs. Statements are converted once from ``%(name)s`` to ``$n`` and
-prepared once per connection; parameters go as text, their types inferred by the server.
+the token query runs. The exchange is a generator that yields what it waits for (psycopg's
+own style), so the sync and the async writer run the same code: ``conn.wait(gen)``.
+Statements are converted once from ``%(name)s`` to ``$n`` and prepared once per
+connection; parameters go as text, their types inferred by the server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
-import select
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,10 +29,12 @@ import orjson
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg import pq
+from psycopg.abc import PQGen
 from psycopg.abc import Transformer as TransformerType
 from psycopg.adapt import PyFormat, Transformer
 from psycopg.rows import tuple_row
 from psycopg.types.json import set_json_dumps, set_json_loads
+from psycopg.waiting import Wait
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 
@@ -40,6 +44,7 @@ _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 # it for nothing). With synchronous_commit=off only the insert position is past our commit.
 TOKEN_SQL = b"SELECT pg_current_wal_flush_lsn()::text"
 ASYNC_COMMIT_TOKEN_SQL = b"SELECT pg_current_wal_insert_lsn()::text"
+SYNC_COMMIT_SQL = "SELECT current_setting('synchronous_commit')"
 
 # The token query of each pooled connection (set when the pool opens it).
 _TOKEN: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
@@ -50,8 +55,23 @@ def configure(conn: psycopg.Connection[Any]) -> None:
     set_json_dumps(orjson.dumps, conn)
     set_json_loads(orjson.loads, conn)
     with conn.cursor(row_factory=tuple_row) as cur:
-        row = cur.execute("SELECT current_setting('synchronous_commit')").fetchone()
-    _TOKEN[conn] = ASYNC_COMMIT_TOKEN_SQL if row and row[0] == "off" else TOKEN_SQL
+        row = cur.execute(SYNC_COMMIT_SQL).fetchone()
+    _TOKEN[conn] = token_sql(row[0] if row else None)
+
+
+async def configure_async(conn: psycopg.AsyncConnection[Any]) -> None:
+    """:func:`configure` for a connection of the async pool."""
+    set_json_dumps(orjson.dumps, conn)
+    set_json_loads(orjson.loads, conn)
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(SYNC_COMMIT_SQL)
+        row = await cur.fetchone()
+    _TOKEN[conn] = token_sql(row[0] if row else None)
+
+
+def token_sql(synchronous_commit: str | None) -> bytes:
+    """The position past a commit made under that ``synchronous_commit`` setting."""
+    return ASYNC_COMMIT_TOKEN_SQL if synchronous_commit == "off" else TOKEN_SQL
 
 
 @dataclass(frozen=True)
@@ -97,9 +117,16 @@ class Outcome:
 
 
 def execute_with_token(
-    conn: psycopg.Connection[Any], stmt: Statement, params: Mapping[str, Any]
-) -> Outcome:
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+    stmt: Statement,
+    params: Mapping[str, Any],
+) -> PQGen[Outcome]:
     """Run ``stmt`` (autocommit) and read the token after it, in one round trip.
+
+    A generator in psycopg's style: it drives libpq without blocking and yields what it
+    waits for (socket readable / writable); ``conn.wait(gen)`` runs it on a sync
+    connection, ``await aconn.wait(gen)`` on an async one (which, if the task is
+    cancelled meanwhile, cancels the query on the server before re-raising).
 
     Raises :class:`psycopg.OperationalError` if the connection breaks once the pipeline
     was sent (the statement may have committed), :class:`SendFailed` if it was broken
@@ -121,11 +148,12 @@ def execute_with_token(
         pgconn.pipeline_sync()
         pgconn.send_query_params(_TOKEN.get(conn, TOKEN_SQL), None)
         pgconn.pipeline_sync()
-        _flush(pgconn)
-        results = _collect(pgconn, syncs=2)
+        yield from _flush(pgconn)
+        results = yield from _collect(pgconn, syncs=2)
     finally:
-        if pgconn.status == pq.ConnStatus.OK:
-            pgconn.exit_pipeline_mode()
+        if pgconn.status == pq.ConnStatus.OK and pgconn.pipeline_status != pq.PipelineStatus.OFF:
+            with contextlib.suppress(psycopg.Error):
+                pgconn.exit_pipeline_mode()
     if fresh:
         prepare_result = results.pop(0)
         if prepare_result.status != pq.ExecStatus.COMMAND_OK:
@@ -143,19 +171,19 @@ def execute_with_token(
     return Outcome(_rows(transformer, result), token, None)
 
 
-def _flush(pgconn: pq.abc.PGconn) -> None:
+def _flush(pgconn: pq.abc.PGconn) -> PQGen[None]:
     while pgconn.flush() == 1:
-        select.select([pgconn.socket], [pgconn.socket], [])
+        yield Wait.RW
         pgconn.consume_input()
 
 
-def _collect(pgconn: pq.abc.PGconn, syncs: int) -> list[pq.abc.PGresult]:
+def _collect(pgconn: pq.abc.PGconn, syncs: int) -> PQGen[list[pq.abc.PGresult]]:
     """Every result up to the ``syncs``-th PIPELINE_SYNC (the syncs left out)."""
     results: list[pq.abc.PGresult] = []
     seen = 0
     while seen < syncs:
         while pgconn.is_busy():
-            select.select([pgconn.socket], [], [])
+            yield Wait.R
             pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:

@@ -1,59 +1,115 @@
-"""The cache reader: Redis first, PostgreSQL on a miss, optionally after a write's token.
+"""The cache readers: Redis first, PostgreSQL on a miss, optionally after a write's token.
 
-``CacheReader.ticket(id, after=token)`` first waits (up to ``timeout``) until the daemon's
-checkpoint in Redis (``cdc:state`` field ``lsn``) reaches ``token``, i.e. until Redis holds
-that write or a later one, then reads the hash. A miss, or a wait that timed out, reads
-PostgreSQL instead, so a caller always sees its own writes. The reader never writes to
-Redis: only the daemon does, so the cache cannot drift.
+``reader.ticket(id, after=token)`` first waits (up to ``timeout``) until the daemon's
+checkpoint reaches ``token``, i.e. until Redis holds that write or a later one, then reads
+the hash. A miss, a wait that timed out, or a Redis that does not answer reads PostgreSQL
+instead, so a caller always sees its own writes. The readers never write to Redis: only
+the daemon does.
+
+Waiting does not poll. The daemon publishes its checkpoint (``X/Y``) on the channel
+``cdc:applied`` inside each batch's atomic apply, so the message is delivered when the
+batch is visible. Each reader keeps one subscription (:class:`~writer.feed.Feed`, a
+thread, for :class:`CacheReader`; a task for :class:`AsyncCacheReader`) that tracks the
+highest position announced and wakes the waiters. Messages can be missed (a reconnect, a
+reader subscribing late), so the checkpoint itself (``HGET cdc:state lsn``) is read once
+the subscription is up and again when a wait times out; if subscribing is refused, waits
+poll the checkpoint. A Redis ACL user for a reader needs ``&cdc:*`` (or ``&cdc:applied``)
+besides read access to the keys.
+
+List reads over the views (contract 6b) -- :meth:`CacheReader.tickets_with_status`,
+``tickets_of``, ``agents_with_status`` -- read the view and the cache's state in one
+``MULTI``; while the cache is not ready for them (``cdc:state`` missing, a snapshot
+loading, a rebuild running, or no ``views`` field: the daemon does not keep views) they
+read PostgreSQL. Members are then read row by row and kept only if
+the row still matches (it may have moved in between).
+
+Every read is written once, as a plan (:mod:`writer.reads`); the subscription lives in
+:mod:`writer.feed`; the sync and the async reader here only run them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from typing import Any, TypeVar
 
 import redis
-from pydantic import BaseModel
-from sqlalchemy import Table
+import redis.asyncio as aioredis
 
-from schema import keys, lsn
-from schema.keys import AGENTS, TICKETS, TrackedTable
+from schema import keys
 from schema.models import Agent, Ticket
-from schema.pgtext import row_from_text
-from schema.redis_url import redis_client
-from schema.tables import Agent as AgentTable
-from schema.tables import Ticket as TicketTable
-from writer.base import identifier
-from writer.db import Database
-from writer.errors import InvalidInput, Unavailable
-from writer.statements import returning
+from schema.redis_url import async_redis_client, redis_client
+from writer.db import AsyncDatabase, Database
+from writer.errors import Unavailable
+from writer.feed import AsyncFeed, Feed
+from writer.reads import (
+    ReadPlan,
+    Redis,
+    Wait,
+    agent_by_username_plan,
+    agent_plan,
+    agents_with_status_plan,
+    parse_lsn,
+    ticket_plan,
+    tickets_of_plan,
+    tickets_with_status_plan,
+)
 
-M = TypeVar("M", bound=BaseModel)
+__all__ = ["AsyncCacheReader", "CacheReader", "parse_lsn"]
+
+T = TypeVar("T")
 
 
-def parse_lsn(text: str) -> int:
-    """A token's text to an integer WAL position."""
-    try:
-        return lsn.parse_lsn(text)
-    except lsn.LsnError:
-        raise InvalidInput("token", []) from None
+# -- the readers ---------------------------------------------------------------------------
 
 
 class CacheReader:
-    """Reads tickets and agents from the cache the daemon maintains."""
+    """Reads tickets and agents from the cache the daemon maintains (sync)."""
 
-    def __init__(
-        self, client: redis.Redis, database: Database | None = None, *, poll: float = 0.001
-    ) -> None:
+    def __init__(self, client: redis.Redis, database: Database | None = None) -> None:
         self._redis = client
         self._db = database
-        self._poll = poll
+        self._feed: Feed | None = None
+        self._feed_lock = threading.Lock()
+        self._owns_pool = False
 
     @classmethod
-    def connect(cls, redis_url: str, database: Database | None = None) -> CacheReader:
-        # Every REDIS_URL form the daemon takes (rediss:// with client certificates,
-        # redis+sentinel://): one parser for both, in schema.
-        return cls(redis_client(redis_url, decode_responses=True), database)
+    def connect(
+        cls,
+        redis_url: str,
+        database: Database | None = None,
+        *,
+        max_connections: int = 256,
+        socket_timeout: float = 5.0,
+    ) -> CacheReader:
+        """A reader for any ``REDIS_URL`` form the daemon takes (``rediss://`` with client
+        certificates, ``redis+sentinel://``): one parser for both, in :mod:`schema`.
+        ``socket_timeout`` bounds connecting and every reply: a Redis that does not answer
+        times out (and the read falls back to PostgreSQL) instead of hanging the caller."""
+        client = redis_client(
+            redis_url,
+            decode_responses=True,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+        )
+        reader = cls(client, database)
+        reader._owns_pool = True
+        return reader
+
+    def close(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
+        self._redis.close()
+        if self._owns_pool:
+            self._redis.connection_pool.disconnect()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- read-your-writes --------------------------------------------------------------
 
@@ -65,66 +121,234 @@ class CacheReader:
     def wait(self, token: str, timeout: float = 1.0) -> bool:
         """Wait until Redis reflects the write that returned ``token`` (or a later one)."""
         target = parse_lsn(token)
+        feed = self._feed_started()
+        if feed.position >= target:
+            return True
         deadline = time.monotonic() + timeout
-        delay = self._poll
+        if feed.failed():
+            return self._poll(feed, target, deadline)
+        # Once subscribed (the feed read the checkpoint then), every later position comes
+        # as a message: no read per wait, however many wait at once.
+        if feed.wait_subscribed(deadline) and feed.wait(target, deadline):
+            return True
+        if feed.failed():
+            return self._poll(feed, target, deadline)
+        # Timed out, or no subscription: the checkpoint decides (a message may be lost).
+        feed.advance(self._redis.hget(keys.STATE_KEY, "lsn"))
+        return feed.position >= target
+
+    def _poll(self, feed: Feed, target: int, deadline: float) -> bool:
+        """No subscription possible: read the checkpoint, backing off from 1 to 50 ms."""
+        delay = 0.001
         while True:
-            position = self.applied_position()
-            if position is not None and position >= target:
+            feed.advance(self._redis.hget(keys.STATE_KEY, "lsn"))
+            if feed.position >= target:
                 return True
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False
-            time.sleep(delay)
+            time.sleep(min(delay, left))
             delay = min(delay * 2, 0.05)
+
+    def _feed_started(self) -> Feed:
+        if self._feed is None:
+            with self._feed_lock:
+                if self._feed is None:
+                    self._feed = Feed(self._redis)
+        return self._feed
 
     # -- lookups -----------------------------------------------------------------------
 
     def ticket(
         self, ticket_id: str, *, after: str | None = None, timeout: float = 1.0
     ) -> Ticket | None:
-        ticket_id = identifier(ticket_id, "ticket_id")
-        return self._get(TICKETS, TicketTable.__table__, Ticket, ticket_id, after, timeout)  # type: ignore[arg-type]
+        return self._run(ticket_plan(ticket_id, after, timeout))
 
     def agent(
         self, agent_id: str, *, after: str | None = None, timeout: float = 1.0
     ) -> Agent | None:
-        agent_id = identifier(agent_id, "agent_id")
-        return self._get(AGENTS, AgentTable.__table__, Agent, agent_id, after, timeout)  # type: ignore[arg-type]
+        return self._run(agent_plan(agent_id, after, timeout))
 
     def agent_by_username(
         self, username: str, *, after: str | None = None, timeout: float = 1.0
     ) -> Agent | None:
-        fresh = after is None or self.wait(after, timeout)
-        if fresh:
-            agent_id = self._redis.get(keys.agent_username_key(username))
-            if agent_id is not None:
-                agent = self._get(AGENTS, AgentTable.__table__, Agent, str(agent_id), None, timeout)  # type: ignore[arg-type]
-                if agent is not None and agent.username == username:
-                    return agent
-        rows = self._query(
-            f"SELECT {returning('agents')} FROM agents WHERE username = %(key)s", {"key": username}
-        )
-        return Agent.model_validate(rows[0]) if rows else None
+        return self._run(agent_by_username_plan(username, after, timeout))
 
-    def _get(
-        self,
-        tracked: TrackedTable,
-        table: Table,
-        model: type[M],
-        row_id: str,
-        after: str | None,
-        timeout: float,
-    ) -> M | None:
-        fresh = after is None or self.wait(after, timeout)
-        if fresh:
-            fields: dict[str, str] = self._redis.hgetall(tracked.key(row_id))  # type: ignore[assignment]
-            if fields:
-                return model.model_validate(row_from_text(table, fields))
-        rows = self._query(
-            f"SELECT {returning(table.name)} FROM {table.name} WHERE id = %(key)s", {"key": row_id}
-        )
-        return model.model_validate(rows[0]) if rows else None
+    def tickets_with_status(
+        self, status: str, *, limit: int = 100, after: str | None = None, timeout: float = 1.0
+    ) -> list[Ticket]:
+        """Tickets with that status, newest ``updated_at`` first."""
+        return self._run(tickets_with_status_plan(status, limit, after, timeout))
 
-    def _query(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        if self._db is None:
-            raise Unavailable("cache miss and no database to fall back to")
-        return [dict(row) for row in self._db.read(sql, params)]
+    def tickets_of(
+        self, agent_id: str, *, after: str | None = None, timeout: float = 1.0
+    ) -> list[Ticket]:
+        """Tickets assigned to that agent, newest ``updated_at`` first."""
+        return self._run(tickets_of_plan(agent_id, after, timeout))
+
+    def agents_with_status(
+        self, status: str, *, after: str | None = None, timeout: float = 1.0
+    ) -> list[Agent]:
+        """Agents with that status, by username."""
+        return self._run(agents_with_status_plan(status, after, timeout))
+
+    def _run(self, plan: ReadPlan[T]) -> T:
+        answer: Any = None
+        while True:
+            try:
+                step = plan.send(answer)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            if isinstance(step, Wait):
+                try:
+                    answer = self.wait(step.token, step.timeout)
+                except (redis.RedisError, OSError):
+                    answer = False  # Redis down: PostgreSQL answers
+            elif isinstance(step, Redis):
+                pipe = self._redis.pipeline(transaction=step.atomic)
+                for command in step.commands:
+                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                try:
+                    answer = pipe.execute()
+                except (redis.RedisError, OSError):
+                    answer = None
+            else:
+                if self._db is None:
+                    raise Unavailable("cache miss and no database to fall back to")
+                answer = [dict(row) for row in self._db.read(step.sql, step.params)]
+
+
+class AsyncCacheReader:
+    """:class:`CacheReader` on ``redis.asyncio`` (hiredis) and the async pool."""
+
+    def __init__(self, client: aioredis.Redis, database: AsyncDatabase | None = None) -> None:
+        self._redis = client
+        self._db = database
+        self._feed: AsyncFeed | None = None
+        self._owns_pool = False
+
+    @classmethod
+    def connect(
+        cls,
+        redis_url: str,
+        database: AsyncDatabase | None = None,
+        *,
+        max_connections: int = 256,
+        socket_timeout: float = 5.0,
+    ) -> AsyncCacheReader:
+        """:meth:`CacheReader.connect` for asyncio: the same URL forms (one parser), the
+        same bounded socket waits."""
+        client = async_redis_client(
+            redis_url,
+            decode_responses=True,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+        )
+        reader = cls(client, database)
+        reader._owns_pool = True
+        return reader
+
+    async def close(self) -> None:
+        if self._feed is not None:
+            await self._feed.close()
+        await self._redis.aclose(close_connection_pool=self._owns_pool)
+
+    async def __aenter__(self) -> AsyncCacheReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def applied_position(self) -> int | None:
+        value = await self._redis.hget(keys.STATE_KEY, "lsn")
+        return parse_lsn(str(value)) if value else None
+
+    async def wait(self, token: str, timeout: float = 1.0) -> bool:
+        """Wait until Redis reflects the write that returned ``token`` (or a later one)."""
+        target = parse_lsn(token)
+        if self._feed is None:
+            self._feed = AsyncFeed(self._redis)
+        feed = self._feed
+        if feed.position >= target:
+            return True
+        deadline = time.monotonic() + timeout
+        if feed.failed():
+            return await self._poll(feed, target, deadline)
+        if await feed.wait_subscribed(deadline) and await feed.wait(target, deadline):
+            return True
+        if feed.failed():
+            return await self._poll(feed, target, deadline)
+        feed.advance(await self._redis.hget(keys.STATE_KEY, "lsn"))
+        return feed.position >= target
+
+    async def _poll(self, feed: AsyncFeed, target: int, deadline: float) -> bool:
+        """No subscription possible: read the checkpoint, backing off from 1 to 50 ms."""
+        delay = 0.001
+        while True:
+            feed.advance(await self._redis.hget(keys.STATE_KEY, "lsn"))
+            if feed.position >= target:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
+
+    async def ticket(
+        self, ticket_id: str, *, after: str | None = None, timeout: float = 1.0
+    ) -> Ticket | None:
+        return await self._run(ticket_plan(ticket_id, after, timeout))
+
+    async def agent(
+        self, agent_id: str, *, after: str | None = None, timeout: float = 1.0
+    ) -> Agent | None:
+        return await self._run(agent_plan(agent_id, after, timeout))
+
+    async def agent_by_username(
+        self, username: str, *, after: str | None = None, timeout: float = 1.0
+    ) -> Agent | None:
+        return await self._run(agent_by_username_plan(username, after, timeout))
+
+    async def tickets_with_status(
+        self, status: str, *, limit: int = 100, after: str | None = None, timeout: float = 1.0
+    ) -> list[Ticket]:
+        """Tickets with that status, newest ``updated_at`` first."""
+        return await self._run(tickets_with_status_plan(status, limit, after, timeout))
+
+    async def tickets_of(
+        self, agent_id: str, *, after: str | None = None, timeout: float = 1.0
+    ) -> list[Ticket]:
+        """Tickets assigned to that agent, newest ``updated_at`` first."""
+        return await self._run(tickets_of_plan(agent_id, after, timeout))
+
+    async def agents_with_status(
+        self, status: str, *, after: str | None = None, timeout: float = 1.0
+    ) -> list[Agent]:
+        """Agents with that status, by username."""
+        return await self._run(agents_with_status_plan(status, after, timeout))
+
+    async def _run(self, plan: ReadPlan[T]) -> T:
+        answer: Any = None
+        while True:
+            try:
+                step = plan.send(answer)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            if isinstance(step, Wait):
+                try:
+                    answer = await self.wait(step.token, step.timeout)
+                except (redis.RedisError, OSError):
+                    answer = False  # Redis down: PostgreSQL answers
+            elif isinstance(step, Redis):
+                pipe = self._redis.pipeline(transaction=step.atomic)
+                for command in step.commands:
+                    pipe.execute_command(*command)
+                try:
+                    answer = await pipe.execute()
+                except (redis.RedisError, OSError):
+                    answer = None
+            else:
+                if self._db is None:
+                    raise Unavailable("cache miss and no database to fall back to")
+                answer = [dict(row) for row in await self._db.read(step.sql, step.params)]

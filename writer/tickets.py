@@ -1,9 +1,13 @@
 """Ticket operations: create, update, change status, assign, comment, attach, resolve, close.
 
-Each is one transaction. A status change writes ``ticket_status_history`` and an
-assignment writes ``ticket_assignments`` in the same statement as the change; every
-operation appends its audit log there too (unless the writer was built with
-``audit=False``).
+Each is one statement, so one transaction of its own or a part of the caller's. A status
+change writes ``ticket_status_history`` and an assignment writes ``ticket_assignments`` in
+the same statement as the change; every operation appends its audit log there too (unless
+the writer was built with ``audit=False``).
+
+Each operation is a plan (:mod:`writer.steps`): pure, it yields its one :class:`Write`
+and returns the row as written; :class:`writer.Writer`, :class:`writer.AsyncWriter` and
+the caller's-transaction layer (:mod:`writer.joined`) all run these same functions.
 """
 
 from __future__ import annotations
@@ -24,8 +28,7 @@ from schema.models import (
     TicketCreate,
     TicketUpdate,
 )
-from writer.base import Operations, identifier, optional_identifier, to_model, validate
-from writer.db import Written
+from writer.base import audit, identifier, optional_identifier, to_model, validate
 from writer.errors import FieldProblem, InvalidInput, InvalidReference, InvalidTransition, NotFound
 from writer.ids import new_id
 from writer.statements import (
@@ -37,6 +40,7 @@ from writer.statements import (
     update,
     written,
 )
+from writer.steps import Options, Plan, Write
 
 _ALLOWED_TRANSITIONS = sorted(
     f"{src.value}>{dst.value}" for src, targets in TICKET_TRANSITIONS.items() for dst in targets
@@ -154,191 +158,207 @@ def _ticket_fk_missing(exc: InvalidReference, ticket_id: str) -> NotFound | Inva
     return exc
 
 
-class TicketOperations(Operations):
-    def create_ticket(
-        self, data: TicketCreate | Mapping[str, Any], *, actor: str | None = None
-    ) -> Written[Ticket]:
-        ticket = validate(TicketCreate, data)
-        actor = optional_identifier(actor, "actor")
-        values = ticket.model_dump(exclude_none=True, exclude_unset=True)
-        values["id"] = ticket.id or new_id()
-        if ticket.status is not TicketStatus.OPEN:
-            values["status"] = ticket.status
-        params = adapt("tickets", values)
-        params.update(
-            self._audit_params("ticket.created", "ticket", actor, {"status": ticket.status.value})
-        )
-        rows, token = self._db.write("ticket", _create_sql(tuple(values)), params)
-        return Written(to_model(Ticket, written(values, rows[0])), token)
+def create_ticket(
+    opts: Options, data: TicketCreate | Mapping[str, Any], *, actor: str | None = None
+) -> Plan[Ticket]:
+    ticket = validate(TicketCreate, data)
+    actor = optional_identifier(actor, "actor")
+    values = ticket.model_dump(exclude_none=True, exclude_unset=True)
+    values["id"] = ticket.id or new_id()
+    if ticket.status is not TicketStatus.OPEN:
+        values["status"] = ticket.status
+    params = adapt("tickets", values)
+    params.update(audit(opts, "ticket.created", "ticket", actor, {"status": ticket.status.value}))
+    rows = yield Write("ticket", _create_sql(tuple(values)), params)
+    return to_model(Ticket, written(values, rows[0]))
 
-    def update_ticket(
-        self, ticket_id: str, changes: TicketUpdate | Mapping[str, Any], *, actor: str | None = None
-    ) -> Written[Ticket]:
-        ticket_id = identifier(ticket_id, "ticket_id")
-        update_model = validate(TicketUpdate, changes)
-        actor = optional_identifier(actor, "actor")
-        fields = sorted(update_model.model_fields_set)
-        if not fields:
+
+def update_ticket(
+    opts: Options,
+    ticket_id: str,
+    changes: TicketUpdate | Mapping[str, Any],
+    *,
+    actor: str | None = None,
+) -> Plan[Ticket]:
+    ticket_id = identifier(ticket_id, "ticket_id")
+    update_model = validate(TicketUpdate, changes)
+    actor = optional_identifier(actor, "actor")
+    fields = sorted(update_model.model_fields_set)
+    if not fields:
+        raise InvalidInput("TicketUpdate", [FieldProblem((), "no field to update", "empty_update")])
+    for name in ("title", "priority", "ticket_type", "customer", "tags", "extra_data"):
+        if name in fields and getattr(update_model, name) is None:
             raise InvalidInput(
-                "TicketUpdate", [FieldProblem((), "no field to update", "empty_update")]
+                "TicketUpdate", [FieldProblem((name,), "cannot be cleared", "not_nullable")]
             )
-        for name in ("title", "priority", "ticket_type", "customer", "tags", "extra_data"):
-            if name in fields and getattr(update_model, name) is None:
-                raise InvalidInput(
-                    "TicketUpdate", [FieldProblem((name,), "cannot be cleared", "not_nullable")]
-                )
-        values = {name: getattr(update_model, name) for name in fields}
-        params = adapt("tickets", values)
-        params["id"] = ticket_id
-        params.update(self._audit_params("ticket.updated", "ticket", actor, {"fields": fields}))
-        sql = update("tickets", fields, extra_sets=["updated_at = now()"])
-        rows, token = self._db.write("ticket", sql, params)
-        if not rows:
-            raise NotFound("ticket", ticket_id)
-        return Written(to_model(Ticket, rows[0]), token)
+    values = {name: getattr(update_model, name) for name in fields}
+    params = adapt("tickets", values)
+    params["id"] = ticket_id
+    params.update(audit(opts, "ticket.updated", "ticket", actor, {"fields": fields}))
+    sql = update("tickets", fields, extra_sets=["updated_at = now()"])
+    rows = yield Write("ticket", sql, params)
+    if not rows:
+        raise NotFound("ticket", ticket_id)
+    return to_model(Ticket, rows[0])
 
-    def change_ticket_status(
-        self, ticket_id: str, change: StatusChange | Mapping[str, Any], *, actor: str | None = None
-    ) -> Written[Ticket]:
-        """Move a ticket to another status, recording ``ticket_status_history``."""
-        ticket_id = identifier(ticket_id, "ticket_id")
-        status_change = validate(StatusChange, change)
-        actor = optional_identifier(actor, "actor")
-        changed_by = status_change.changed_by or actor
-        to_status = status_change.to_status.value
-        params: dict[str, Any] = {
-            "id": ticket_id,
-            "to_status": to_status,
-            "allowed": _ALLOWED_TRANSITIONS,
-            "changed_by": changed_by,
-            "reason": status_change.reason,
-            "comment": status_change.comment,
-            "resolution": status_change.resolution,
-        }
-        params.update(
-            self._audit_params("ticket.status_changed", "ticket", changed_by, {"to": to_status})
-        )
-        rows, token = self._db.write("ticket", _status_sql(), params)
-        if not rows:
-            raise NotFound("ticket", ticket_id)
-        row = dict(rows[0])
-        current = row.pop("current_status")
-        if row.get("id") is None:
-            raise InvalidTransition(ticket_id, str(current), to_status)
-        row.pop("previous_status", None)
-        return Written(to_model(Ticket, row), token)
 
-    def resolve_ticket(
-        self, ticket_id: str, *, resolution: str | None = None, actor: str | None = None
-    ) -> Written[Ticket]:
-        return self.change_ticket_status(
-            ticket_id, {"to_status": TicketStatus.RESOLVED, "resolution": resolution}, actor=actor
-        )
+def change_ticket_status(
+    opts: Options,
+    ticket_id: str,
+    change: StatusChange | Mapping[str, Any],
+    *,
+    actor: str | None = None,
+) -> Plan[Ticket]:
+    """Move a ticket to another status, recording ``ticket_status_history``."""
+    ticket_id = identifier(ticket_id, "ticket_id")
+    status_change = validate(StatusChange, change)
+    actor = optional_identifier(actor, "actor")
+    changed_by = status_change.changed_by or actor
+    to_status = status_change.to_status.value
+    params: dict[str, Any] = {
+        "id": ticket_id,
+        "to_status": to_status,
+        "allowed": _ALLOWED_TRANSITIONS,
+        "changed_by": changed_by,
+        "reason": status_change.reason,
+        "comment": status_change.comment,
+        "resolution": status_change.resolution,
+    }
+    params.update(audit(opts, "ticket.status_changed", "ticket", changed_by, {"to": to_status}))
+    rows = yield Write("ticket", _status_sql(), params)
+    if not rows:
+        raise NotFound("ticket", ticket_id)
+    row = dict(rows[0])
+    current = row.pop("current_status")
+    if row.get("id") is None:
+        raise InvalidTransition(ticket_id, str(current), to_status)
+    row.pop("previous_status", None)
+    return to_model(Ticket, row)
 
-    def close_ticket(
-        self, ticket_id: str, *, reason: str | None = None, actor: str | None = None
-    ) -> Written[Ticket]:
-        return self.change_ticket_status(
-            ticket_id, {"to_status": TicketStatus.CLOSED, "reason": reason}, actor=actor
-        )
 
-    def reopen_ticket(
-        self, ticket_id: str, *, reason: str | None = None, actor: str | None = None
-    ) -> Written[Ticket]:
-        return self.change_ticket_status(
-            ticket_id, {"to_status": TicketStatus.OPEN, "reason": reason}, actor=actor
+def resolve_ticket(
+    opts: Options, ticket_id: str, *, resolution: str | None = None, actor: str | None = None
+) -> Plan[Ticket]:
+    return (
+        yield from change_ticket_status(
+            opts,
+            ticket_id,
+            {"to_status": TicketStatus.RESOLVED, "resolution": resolution},
+            actor=actor,
         )
+    )
 
-    def assign_ticket(
-        self,
-        ticket_id: str,
-        assignment: Assignment | Mapping[str, Any],
-        *,
-        actor: str | None = None,
-    ) -> Written[Ticket]:
-        """Assign (or, with ``agent_id=None``, unassign), recording ``ticket_assignments``."""
-        ticket_id = identifier(ticket_id, "ticket_id")
-        request = validate(Assignment, assignment)
-        actor = optional_identifier(actor, "actor")
-        assigned_by = request.assigned_by or actor
-        params: dict[str, Any] = {
-            "id": ticket_id,
-            "agent_id": request.agent_id,
-            "assigned_by": assigned_by,
-            "reason": request.reason,
-        }
-        params.update(
-            self._audit_params("ticket.assigned", "ticket", assigned_by, {"to": request.agent_id})
-        )
-        rows, token = self._db.write("ticket", _assign_sql(), params)
-        if not rows:
-            raise NotFound("ticket", ticket_id)
-        row = dict(rows[0])
-        row.pop("previous_assignee", None)
-        return Written(to_model(Ticket, row), token)
 
-    def add_comment(
-        self,
-        ticket_id: str,
-        comment: CommentCreate | Mapping[str, Any],
-        *,
-        actor: str | None = None,
-    ) -> Written[TicketComment]:
-        ticket_id = identifier(ticket_id, "ticket_id")
-        data = validate(CommentCreate, comment)
-        actor = optional_identifier(actor, "actor")
-        values = data.model_dump()
-        values["id"] = data.id or new_id()
-        values["ticket_id"] = ticket_id
-        params = adapt("ticket_comments", values)
-        params["first_response"] = (
-            data.comment_type.value == "public" and data.author_id is not None
+def close_ticket(
+    opts: Options, ticket_id: str, *, reason: str | None = None, actor: str | None = None
+) -> Plan[Ticket]:
+    return (
+        yield from change_ticket_status(
+            opts, ticket_id, {"to_status": TicketStatus.CLOSED, "reason": reason}, actor=actor
         )
-        params.update(
-            self._audit_params(
-                "ticket.commented",
-                "ticket_comment",
-                actor or data.author_id,
-                {"ticket_id": ticket_id},
-            )
-        )
-        try:
-            rows, token = self._db.write(
-                "ticket comment", _child_insert_sql("ticket_comments", _COMMENT_COLUMNS), params
-            )
-        except InvalidReference as exc:
-            raise _ticket_fk_missing(exc, ticket_id) from None
-        return Written(to_model(TicketComment, written(values, rows[0])), token)
+    )
 
-    def add_attachment(
-        self,
-        ticket_id: str,
-        attachment: AttachmentCreate | Mapping[str, Any],
-        *,
-        actor: str | None = None,
-    ) -> Written[TicketAttachment]:
-        ticket_id = identifier(ticket_id, "ticket_id")
-        data = validate(AttachmentCreate, attachment)
-        actor = optional_identifier(actor, "actor")
-        values = data.model_dump()
-        values["id"] = data.id or new_id()
-        values["ticket_id"] = ticket_id
-        params = adapt("ticket_attachments", values)
-        params["first_response"] = False
-        params.update(
-            self._audit_params(
-                "ticket.attachment_added",
-                "ticket_attachment",
-                actor or data.uploaded_by,
-                {"ticket_id": ticket_id},
-            )
+
+def reopen_ticket(
+    opts: Options, ticket_id: str, *, reason: str | None = None, actor: str | None = None
+) -> Plan[Ticket]:
+    return (
+        yield from change_ticket_status(
+            opts, ticket_id, {"to_status": TicketStatus.OPEN, "reason": reason}, actor=actor
         )
-        try:
-            rows, token = self._db.write(
-                "ticket attachment",
-                _child_insert_sql("ticket_attachments", _ATTACHMENT_COLUMNS),
-                params,
-            )
-        except InvalidReference as exc:
-            raise _ticket_fk_missing(exc, ticket_id) from None
-        return Written(to_model(TicketAttachment, written(values, rows[0])), token)
+    )
+
+
+def assign_ticket(
+    opts: Options,
+    ticket_id: str,
+    assignment: Assignment | Mapping[str, Any],
+    *,
+    actor: str | None = None,
+) -> Plan[Ticket]:
+    """Assign (or, with ``agent_id=None``, unassign), recording ``ticket_assignments``."""
+    ticket_id = identifier(ticket_id, "ticket_id")
+    request = validate(Assignment, assignment)
+    actor = optional_identifier(actor, "actor")
+    assigned_by = request.assigned_by or actor
+    params: dict[str, Any] = {
+        "id": ticket_id,
+        "agent_id": request.agent_id,
+        "assigned_by": assigned_by,
+        "reason": request.reason,
+    }
+    params.update(audit(opts, "ticket.assigned", "ticket", assigned_by, {"to": request.agent_id}))
+    rows = yield Write("ticket", _assign_sql(), params)
+    if not rows:
+        raise NotFound("ticket", ticket_id)
+    row = dict(rows[0])
+    row.pop("previous_assignee", None)
+    return to_model(Ticket, row)
+
+
+def add_comment(
+    opts: Options,
+    ticket_id: str,
+    comment: CommentCreate | Mapping[str, Any],
+    *,
+    actor: str | None = None,
+) -> Plan[TicketComment]:
+    ticket_id = identifier(ticket_id, "ticket_id")
+    data = validate(CommentCreate, comment)
+    actor = optional_identifier(actor, "actor")
+    values = data.model_dump()
+    values["id"] = data.id or new_id()
+    values["ticket_id"] = ticket_id
+    params = adapt("ticket_comments", values)
+    params["first_response"] = data.comment_type.value == "public" and data.author_id is not None
+    params.update(
+        audit(
+            opts,
+            "ticket.commented",
+            "ticket_comment",
+            actor or data.author_id,
+            {"ticket_id": ticket_id},
+        )
+    )
+    try:
+        rows = yield Write(
+            "ticket comment", _child_insert_sql("ticket_comments", _COMMENT_COLUMNS), params
+        )
+    except InvalidReference as exc:
+        raise _ticket_fk_missing(exc, ticket_id) from None
+    return to_model(TicketComment, written(values, rows[0]))
+
+
+def add_attachment(
+    opts: Options,
+    ticket_id: str,
+    attachment: AttachmentCreate | Mapping[str, Any],
+    *,
+    actor: str | None = None,
+) -> Plan[TicketAttachment]:
+    ticket_id = identifier(ticket_id, "ticket_id")
+    data = validate(AttachmentCreate, attachment)
+    actor = optional_identifier(actor, "actor")
+    values = data.model_dump()
+    values["id"] = data.id or new_id()
+    values["ticket_id"] = ticket_id
+    params = adapt("ticket_attachments", values)
+    params["first_response"] = False
+    params.update(
+        audit(
+            opts,
+            "ticket.attachment_added",
+            "ticket_attachment",
+            actor or data.uploaded_by,
+            {"ticket_id": ticket_id},
+        )
+    )
+    try:
+        rows = yield Write(
+            "ticket attachment",
+            _child_insert_sql("ticket_attachments", _ATTACHMENT_COLUMNS),
+            params,
+        )
+    except InvalidReference as exc:
+        raise _ticket_fk_missing(exc, ticket_id) from None
+    return to_model(TicketAttachment, written(values, rows[0]))

@@ -15,6 +15,9 @@ owner      host and pid of that daemon (for people)
 source     system identifier / database / slot the cache was built from
 loading    ``1`` while a snapshot is being loaded (the cache is not consistent yet)
 rebuild    progress of an online rebuild (see :mod:`cdc.runtime.backfill`), empty when none
+system_id  PostgreSQL system identifier of the server the cache follows
+timeline   that server's timeline when last claimed (see :mod:`cdc.runtime.failover`)
+epoch      1 for a first load, one more for each rebuild or reset
 =========  =============================================================================
 
 A state without ``format`` was written by version 1 (the same fields): a daemon migrates it

@@ -182,6 +182,13 @@ class RedisSink:
         except WireError as exc:
             raise RedisUnavailable(str(exc)) from exc
 
+    def buffered(self, sent: InFlight) -> bool:
+        """Whether the answer to ``sent`` arrived with an earlier one (no system call)."""
+        try:
+            return self.wire.buffered(1 + sent.waits)
+        except WireError as exc:
+            raise RedisUnavailable(str(exc)) from exc
+
     def receive(self, sent: InFlight) -> ApplyResult:
         """Redis' answer to a batch sent earlier: applied, or an error saying why not."""
         try:

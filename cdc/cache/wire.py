@@ -218,12 +218,14 @@ class RedisWire:
 
         Looks at what is buffered first: an answer read along with an earlier one
         leaves the socket with nothing more to say, so readiness must not wait on it."""
-        if self._buffered(count):
+        if self.buffered(count):
             return True
         self._fill_available()
-        return self._buffered(count)
+        return self.buffered(count)
 
-    def _buffered(self, count: int) -> bool:
+    def buffered(self, count: int) -> bool:
+        """Whether ``count`` whole replies are already buffered (no system call: a socket
+        with a timeout polls before every ``recv``, even a non-blocking one)."""
         pending = self._pending
         at = 0
         for _ in range(count):

@@ -17,11 +17,13 @@ from cdc.telemetry import logs
 from schema.keys import TrackedTable
 from schema.redis_url import probe_tls, redis_client, tls_problem
 
+log = logs.get("cdc.ops.checks")
+
 SAFE_EVICTION = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl")
 
 
 def check_postgres(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
-    conn = catalog.connect(settings.replication_conninfo, "PostgreSQL")
+    conn = catalog.connect(settings.catalog_conninfo, "PostgreSQL")
     try:
         wal_level = catalog.setting(conn, "wal_level")
         if wal_level != "logical":
@@ -46,6 +48,8 @@ def check_postgres(settings: Settings, tables: tuple[TrackedTable, ...]) -> None
             )
         for table in tables:
             check_table(conn, table, role.name, settings.publication)
+        for warning in column_list_warnings(conn, settings, tables, role):
+            log.warning("excluded columns", problem=warning)
         slot = catalog.slot_info(conn, settings.slot)
         if slot is not None:
             if slot.slot_type != "logical":
@@ -86,14 +90,79 @@ def check_table(
             f'table "{table.qualified_name}" has replica identity {have}, which must cover '
             f"({', '.join(table.identity_columns)}): run the migrations"
         )
-    check_declaration(conn, table, columns, publication)
-    row = conn.execute(
-        "SELECT has_table_privilege(current_user, %s, 'SELECT')", (table.qualified_name,)
-    ).fetchone()
-    if not row or not row[0]:
+    if identity.kind == "f" and table.excluded_columns:
+        # FULL would put the excluded columns into every UPDATE/DELETE's old row (and with
+        # a column list PostgreSQL refuses the table's UPDATEs).
         raise ConfigError(
-            f'role "{role}" cannot SELECT from {table.qualified_name}: GRANT SELECT to it'
+            f'table "{table.qualified_name}" has REPLICA IDENTITY FULL, which would publish '
+            f"{', '.join(sorted(table.excluded_columns))}: run the migrations"
         )
+    check_declaration(conn, table, columns, publication)
+    readable = catalog.readable_columns(conn, table, publication)
+    denied = catalog.unreadable_columns(conn, table, readable)
+    if denied:
+        which = "" if len(denied) == len(readable) else f" ({', '.join(denied)})"
+        raise ConfigError(
+            f'role "{role}" cannot SELECT from {table.qualified_name}{which}:'
+            " GRANT SELECT to it (docker/grants/10-cdc-daemon.sql)"
+        )
+
+
+def column_list_warnings(
+    conn: catalog.Conn,
+    settings: Settings,
+    tables: tuple[TrackedTable, ...],
+    role: catalog.RoleInfo,
+) -> list[str]:
+    """Where excluded columns (``agents.password_hash``) still leave PostgreSQL, or a
+    column list is out of date. Warnings: the daemon never writes them to Redis either way."""
+    out: list[str] = []
+    for table in tables:
+        if not table.excluded_columns:
+            continue
+        excluded = ", ".join(f"{table.name}.{c}" for c in sorted(table.excluded_columns))
+        if not catalog.has_column_lists(conn):
+            out.append(
+                f"PostgreSQL {conn.info.server_version // 10000} has no publication column"
+                f" lists: {excluded} travels in the replication stream (never to Redis);"
+                " PostgreSQL 15+ keeps it in the server"
+            )
+        elif settings.plugin == "wal2json":
+            out.append(
+                f"wal2json ignores publication column lists: {excluded} travels in the"
+                " replication stream (never to Redis); CDC_PLUGIN=pgoutput keeps it in the server"
+            )
+        else:
+            published = catalog.publication_columns(conn, settings.publication, table) or []
+            leaking = sorted(set(published) & table.excluded_columns)
+            if leaking:
+                out.append(
+                    f'publication "{settings.publication}" publishes'
+                    f" {', '.join(f'{table.name}.{c}' for c in leaking)}: run the migrations"
+                    " (alembic upgrade head) to give it a column list"
+                )
+            else:
+                missing = [
+                    c
+                    for c in catalog.table_columns(conn, table)
+                    if c not in published and c not in table.excluded_columns
+                ]
+                if missing:
+                    out.append(
+                        f'publication "{settings.publication}" does not publish'
+                        f" {', '.join(f'{table.name}.{c}' for c in missing)}: its column list"
+                        " is out of date; run SELECT cdc_sync_column_lists()"
+                    )
+        if not role.superuser:
+            readable = catalog.unreadable_columns(conn, table, sorted(table.excluded_columns))
+            granted = sorted(set(table.excluded_columns) - set(readable))
+            if granted:
+                out.append(
+                    f'role "{role.name}" can read'
+                    f" {', '.join(f'{table.name}.{c}' for c in granted)}: grant column-level"
+                    " SELECT without it (docker/grants/10-cdc-daemon.sql)"
+                )
+    return out
 
 
 def check_declaration(

@@ -24,7 +24,7 @@ EXIT_CONFIG = 2
 
 
 def fail(message: str, code: int = EXIT_CONFIG) -> None:
-    click.echo(f"cdc: {message}", err=True)
+    click.echo(logs.scrub(f"cdc: {message}"), err=True)
     sys.exit(code)
 
 
@@ -34,7 +34,7 @@ def _settings() -> Settings:
     except ConfigError as exc:
         fail(str(exc))
         raise AssertionError("unreachable") from None
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, settings.secrets())
     return settings
 
 
@@ -61,7 +61,8 @@ def main() -> None:
 
     Configuration is read from the environment (or .env): DATABASE_URL,
     CDC_DATABASE_URL, REDIS_URL, CDC_SLOT, CDC_PUBLICATION, CDC_METRICS_ADDR,
-    CDC_LOG_FORMAT. See the README for the full list.
+    CDC_LOG_FORMAT, CDC_LOG_LEVEL. DATABASE_URL takes every form libpq takes (URL,
+    keyword DSN, service, PGPASSWORD/.pgpass). See the README for the full list.
     """
 
 

@@ -18,6 +18,7 @@ from cdc.cache.sink import RedisSink
 from cdc.errors import ConfigError, SlotInUse
 from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource
+from cdc.runtime import failover
 from cdc.runtime.snapshot import LoadReport, create_slot_and_load
 from cdc.settings import Settings
 from cdc.telemetry import logs
@@ -38,6 +39,11 @@ class SlotStatus:
     retained_wal_bytes: int | None = None
     wal_status: str | None = None
     current_wal_lsn: str | None = None
+    # PostgreSQL 17+: a failover slot; ``synced``: every reachable standby of a multi-host
+    # URL has a synchronized copy (None: no standby reachable, or no failover slots).
+    failover: bool | None = None
+    synced: bool | None = None
+    standbys: list[dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,7 +61,16 @@ class SlotStatus:
             ("retained_wal_bytes", _number(self.retained_wal_bytes)),
             ("wal_status", self.wal_status or "-"),
             ("current_wal_lsn", self.current_wal_lsn or "-"),
+            ("failover", _flag(self.failover)),
+            ("synced", _flag(self.synced)),
         ]
+        for standby in self.standbys or []:
+            rows.append(
+                (
+                    f"standby {standby['host']}:{standby['port']}",
+                    f"synced {_flag(standby['synced'])}",
+                )
+            )
         return [f"{name:<20} {value}" for name, value in rows]
 
 
@@ -63,8 +78,12 @@ def _number(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+def _flag(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
 def status(settings: Settings) -> SlotStatus:
-    conn = catalog.connect(settings.replication_conninfo)
+    conn = catalog.connect(settings.catalog_conninfo)
     try:
         info = catalog.slot_info(conn, settings.slot)
         if info is None:
@@ -73,7 +92,14 @@ def status(settings: Settings) -> SlotStatus:
                 exists=False,
                 current_wal_lsn=format_lsn(catalog.current_wal_lsn(conn)),
             )
+        flags = failover.slot_failover(conn, settings.slot)
+        copies = failover.standby_copies(settings.replication_conninfo, settings.slot)
         return SlotStatus(
+            failover=flags.failover if flags is not None else None,
+            synced=all(c.synced for c in copies) if copies else None,
+            standbys=[{"host": c.host, "port": c.port, "synced": c.synced} for c in copies]
+            if copies
+            else None,
             slot=info.name,
             exists=True,
             plugin=info.plugin,
@@ -118,7 +144,7 @@ class ResetPlan:
 def plan_reset(
     settings: Settings, force: bool, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
 ) -> ResetPlan:
-    conn = catalog.connect(settings.replication_conninfo)
+    conn = catalog.connect(settings.catalog_conninfo)
     try:
         info = catalog.slot_info(conn, settings.slot)
         if info is not None and info.active and not force:
@@ -150,7 +176,7 @@ def reset(
     settings: Settings, plan: ResetPlan, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
 ) -> LoadReport:
     log = logs.get("cdc.ops.slot")
-    conn = catalog.connect(settings.replication_conninfo)
+    conn = catalog.connect(settings.catalog_conninfo)
     source = ReplicationSource(settings.replication_conninfo)
     sink = RedisSink(settings.redis, settings.redis_timeout)
     try:
@@ -166,20 +192,33 @@ def reset(
         def progress(table: str, rows: int, seconds: float) -> None:
             log.info("loading", table=table, rows=rows, seconds=round(seconds, 1))
 
-        return create_slot_and_load(
+        epoch = failover.next_epoch(sink.read_state())
+        source_id = f"{system.system_id}/{system.dbname}/{settings.slot}"
+        report = create_slot_and_load(
             source,
             sink,
             Planner(settings.max_row_bytes, settings.change_feed, settings.change_feed_maxlen),
             tables,
-            conninfo=settings.replication_conninfo,
+            conninfo=settings.catalog_conninfo,
             redis_url=settings.redis,
             redis_timeout=settings.redis_timeout,
             slot=settings.slot,
             plugin=settings.plugin,
-            source_id=f"{system.system_id}/{system.dbname}/{settings.slot}",
+            source_id=source_id,
             batch_rows=settings.backfill_chunk,
             progress=progress,
+            publication=settings.publication,
         )
+        # The reloaded cache is a new epoch of this server's current timeline.
+        sink.claim(
+            {
+                "slot": settings.slot,
+                "source": source_id,
+                "epoch": epoch,
+                **failover.identity_fields(system.system_id, system.timeline),
+            }
+        )
+        return report
     finally:
         source.close()
         sink.close()

@@ -18,7 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from psycopg import errors as pgerrors
+
 from cdc.cache.views import members, reconcile
+from cdc.errors import PostgresUnavailable
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
 from cdc.runtime.snapshot import scan_keys
@@ -145,11 +148,12 @@ class Verifier:
         report = Report()
         state = self.redis.hgetall(STATE_KEY)
         report.rebuilding = bool(state.get(b"rebuild")) or state.get(b"loading") == b"1"
-        conn = catalog.connect(self.settings.replication_conninfo, "PostgreSQL (verify)")
+        conn = catalog.connect(self.settings.catalog_conninfo, "PostgreSQL (verify)")
         try:
             suspects: list[tuple[TrackedTable, TableView, str]] = []
             for table in self.tables:
-                view = view_from_columns(table, catalog.table_columns(conn, table))
+                columns = catalog.readable_columns(conn, table, self.settings.publication)
+                view = view_from_columns(table, columns)
                 suspects += self._scan_table(conn, table, view, report)
             if suspects:
                 self._wait_for_daemon(conn)
@@ -165,6 +169,13 @@ class Verifier:
             report.differences += _describe_views(found)
             if repair and found:
                 report.repaired += self._repair_views(found)
+        except (pgerrors.LockNotAvailable, pgerrors.QueryCanceled) as exc:
+            what = (
+                "a lock (CDC_LOCK_TIMEOUT)"
+                if isinstance(exc, pgerrors.LockNotAvailable)
+                else ("a slow query (CDC_STATEMENT_TIMEOUT)")
+            )
+            raise PostgresUnavailable(f"verify gave up waiting for {what}; try again") from None
         finally:
             conn.close()
         return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from cdc.errors import PostgresUnavailable
 from cdc.postgres.source import SESSION_OPTIONS, connect_error
@@ -20,11 +21,18 @@ Conn = psycopg.Connection[tuple[object, ...]]
 
 
 def connect(conninfo: str, what: str = "PostgreSQL", timeout: float = 10.0) -> Conn:
+    """An autocommit session with the replication session's settings, keeping the
+    ``options`` of ``conninfo`` (``Settings.catalog_conninfo`` carries the timeouts there)."""
+    try:
+        own = conninfo_to_dict(conninfo).get("options")
+    except psycopg.Error:
+        own = None
+    options = f"{own} {SESSION_OPTIONS}" if own else SESSION_OPTIONS
     try:
         return psycopg.connect(
             conninfo,
             autocommit=True,
-            options=SESSION_OPTIONS,
+            options=options,
             application_name="cdc",
             connect_timeout=max(1, int(timeout)),
         )
@@ -179,6 +187,54 @@ def table_columns(conn: Conn, table: TrackedTable) -> list[str]:
         ORDER BY a.attnum
         """,
         (table.schema, table.name),
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+#: The first server version with publication column lists (``pg_publication_tables.attnames``).
+COLUMN_LISTS_VERSION = 150000
+
+
+def has_column_lists(conn: Conn) -> bool:
+    return conn.info.server_version >= COLUMN_LISTS_VERSION
+
+
+def publication_columns(conn: Conn, publication: str, table: TrackedTable) -> list[str] | None:
+    """The columns ``publication`` publishes of ``table`` (its column list, or every
+    column), in attribute order; None before PostgreSQL 15 or if the table is not in it."""
+    if not has_column_lists(conn):
+        return None
+    row = conn.execute(
+        "SELECT attnames FROM pg_publication_tables"
+        " WHERE pubname = %s AND schemaname = %s AND tablename = %s",
+        (publication, table.schema, table.name),
+    ).fetchone()
+    if row is None or row[0] is None:
+        return None
+    published = {str(name) for name in row[0]}  # type: ignore[attr-defined]
+    return [c for c in table_columns(conn, table) if c in published]
+
+
+def readable_columns(conn: Conn, table: TrackedTable, publication: str | None) -> list[str]:
+    """The columns snapshots, backfills and ``verify`` read: what the publication
+    publishes (so a row read with SQL and the same row streamed agree), never an excluded
+    column (``agents.password_hash``: not granted to the daemon's role, never read)."""
+    columns = publication_columns(conn, publication, table) if publication else None
+    if columns is None:
+        columns = table_columns(conn, table)
+    return [c for c in columns if c not in table.excluded_columns]
+
+
+def unreadable_columns(conn: Conn, table: TrackedTable, columns: list[str]) -> list[str]:
+    """Those of ``columns`` the current role may not SELECT."""
+    rows = conn.execute(
+        """
+        SELECT a.attname FROM pg_attribute a
+        WHERE a.attrelid = %s::regclass AND a.attname = ANY(%s)
+          AND NOT has_column_privilege(current_user, a.attrelid, a.attnum, 'SELECT')
+        ORDER BY a.attnum
+        """,
+        (table.qualified_name, columns),
     ).fetchall()
     return [str(r[0]) for r in rows]
 

@@ -134,14 +134,29 @@ class ReplicationSource:
 
     # -- slot commands (before streaming) ---------------------------------------------------
 
-    def create_slot(self, name: str, plugin: str, export_snapshot: bool) -> CreatedSlot:
+    @property
+    def server_version(self) -> int:
+        """``server_version_num`` of the server we are connected to (e.g. 180001)."""
+        return self._require().info.server_version
+
+    def create_slot(
+        self, name: str, plugin: str, export_snapshot: bool, failover: bool | None = None
+    ) -> CreatedSlot:
         """Create the logical slot; with ``export_snapshot`` the snapshot stays usable
-        until the next command on this connection."""
+        until the next command on this connection.
+
+        ``failover`` (default: on PostgreSQL 17+) makes it a failover slot, which standbys
+        with ``sync_replication_slots`` keep a copy of. Two-phase decoding is never
+        enabled on it: PostgreSQL 17 refuses failover for two-phase slots, and the daemon
+        decodes prepared transactions at COMMIT PREPARED anyway."""
         conn = self._require()
         snapshot = "export" if export_snapshot else "nothing"
+        if failover is None:
+            failover = self.server_version >= 170000
+        options = f"SNAPSHOT '{snapshot}'" + (", FAILOVER true" if failover else "")
         try:
             row = conn.execute(
-                f"CREATE_REPLICATION_SLOT \"{name}\" LOGICAL {plugin} (SNAPSHOT '{snapshot}')"
+                f'CREATE_REPLICATION_SLOT "{name}" LOGICAL {plugin} ({options})'
             ).fetchone()
         except pgerrors.DuplicateObject:
             raise SlotInUse(name, None) from None
@@ -153,6 +168,40 @@ class ReplicationSource:
             raise ConfigError(f'cannot create slot "{name}": {_first_line(exc)}') from None
         assert row is not None
         return CreatedSlot(str(row[0]), parse_lsn(str(row[1])), str(row[2]) if row[2] else None)
+
+    def enable_failover(self, name: str) -> None:
+        """``ALTER_REPLICATION_SLOT … (FAILOVER true)`` (17+; the slot must be inactive)."""
+        conn = self._require()
+        try:
+            conn.execute(f'ALTER_REPLICATION_SLOT "{name}" (FAILOVER true)')
+        except pgerrors.ObjectInUse as exc:
+            match = re.search(r"PID (\d+)", str(exc))
+            raise SlotInUse(name, int(match.group(1)) if match else None) from None
+        except psycopg.OperationalError as exc:
+            raise PostgresUnavailable(
+                f"enabling failover on slot {name!r} failed: {_first_line(exc)}"
+            ) from None
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f'cannot enable failover on slot "{name}": {_first_line(exc)}'
+            ) from None
+
+    def timeline_history(self, timeline: int) -> str:
+        """The history file of ``timeline`` (``TIMELINE_HISTORY``; timeline 1 has none)."""
+        if timeline <= 1:
+            return ""
+        conn = self._require()
+        try:
+            row = conn.execute(f"TIMELINE_HISTORY {int(timeline)}").fetchone()
+        except psycopg.OperationalError as exc:
+            raise PostgresUnavailable(f"TIMELINE_HISTORY failed: {_first_line(exc)}") from None
+        except psycopg.Error as exc:
+            raise PostgresUnavailable(f"TIMELINE_HISTORY refused: {_first_line(exc)}") from None
+        assert row is not None
+        content = row[1]
+        if isinstance(content, bytes | bytearray | memoryview):
+            return bytes(content).decode("utf-8", "replace")
+        return str(content)
 
     def drop_slot(self, name: str) -> None:
         conn = self._require()

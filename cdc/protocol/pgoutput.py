@@ -63,8 +63,9 @@ def decode_tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
     count = (buf[pos] << 8) | buf[pos + 1]
     pos += 2
     end = len(buf)
-    values: list[Value] = []
-    for _ in range(count):
+    # Filled by index rather than appended: no list regrowth (NULLs stay as they are).
+    values: list[Value] = [None] * count
+    for i in range(count):
         if pos >= end:
             raise DecodeError("truncated tuple")
         kind = buf[pos]
@@ -77,13 +78,12 @@ def decode_tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
             pos += 5
             if pos + length > end:
                 raise DecodeError("truncated column value")
-            values.append(buf[pos : pos + length])
+            values[i] = buf[pos : pos + length]
             pos += length
         elif kind == 0x6E:  # 'n' null
-            values.append(None)
             pos += 1
         elif kind == 0x75:  # 'u' unchanged TOAST
-            values.append(UNCHANGED_TOAST)
+            values[i] = UNCHANGED_TOAST
             pos += 1
         else:
             raise DecodeError(f"unknown tuple column kind {kind:#04x}")

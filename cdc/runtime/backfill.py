@@ -29,19 +29,25 @@ window, each key holds either ``R`` or a newer streamed value, never an older on
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg import errors as pgerrors
 
+from cdc.errors import PostgresUnavailable
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, rows_after, rows_by_id
+from cdc.telemetry import logs
 from cdc.transform.assemble import TableView, view_from_columns
 from cdc.transform.core import RecentTransactions
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TrackedTable
 from schema.lsn import Lsn, lsn_bytes, parse_lsn
 
+RETRY_INITIAL = 0.5
+RETRY_MAX = 5.0
 _HALF = 1 << 31
 _WRAP = 1 << 32
 
@@ -106,19 +112,27 @@ class BackfillStats:
     rows_dirty: int = 0
     windows: int = 0
     retries: int = 0
+    timeouts: int = 0
     tables_done: list[str] = field(default_factory=list)
 
 
 class Backfill:
     """Queue of backfill requests and the one open window."""
 
-    def __init__(self, planner: Planner, chunk: int) -> None:
+    def __init__(self, planner: Planner, chunk: int, publication: str | None = None) -> None:
         self.planner = planner
         self.chunk = chunk
+        # Rows are read with the publication's columns (never an excluded one).
+        self.publication = publication
         self.queue: deque[Request] = deque()
         self.window: Window | None = None
         self.recent = RecentTransactions()
         self.stats = BackfillStats()
+        # After a query timed out (a lock held on the table, a slow server): not before this
+        # (monotonic seconds), so the stream is held up at most one lock_timeout per try.
+        self.retry_at = 0.0
+        self._retry_delay = RETRY_INITIAL
+        self.log = logs.get("cdc.runtime.backfill")
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -191,12 +205,48 @@ class Backfill:
     # -- windows -----------------------------------------------------------------------------------
 
     def open(self, conn: catalog.Conn) -> Window | None:
-        """Read the next chunk; None when there is nothing to do."""
+        """Read the next chunk; None when there is nothing to do (or not now).
+
+        A chunk query that times out (``lock_timeout`` behind an ``ACCESS EXCLUSIVE``
+        lock, ``statement_timeout``) is not an error: the window stays closed, the stream
+        goes on, and the chunk is tried again after a growing delay."""
         if self.window is not None:
             return self.window
         if not self.queue:
             return None
-        request = self.queue[0]
+        now = time.monotonic()
+        if now < self.retry_at:
+            return None
+        try:
+            window = self._open(conn, self.queue[0])
+        except (pgerrors.LockNotAvailable, pgerrors.QueryCanceled) as exc:
+            self.stats.retries += 1
+            self.stats.timeouts += 1
+            delay = self._retry_delay
+            locked = isinstance(exc, pgerrors.LockNotAvailable)
+            self._retry_delay = min(RETRY_MAX, delay * 2)
+            self.retry_at = time.monotonic() + delay
+            self.log.warning(
+                "backfill query timed out; the stream goes on, retrying later",
+                table=self.queue[0].table.name,
+                reason="lock_timeout" if locked else "statement_timeout",
+                retry_in=round(delay, 2),
+            )
+            return None
+        except (pgerrors.UndefinedColumn, pgerrors.UndefinedTable):
+            # DDL between reading the columns and the rows (DROP/RENAME COLUMN): the
+            # schema change reaches the pipeline too; read again at the next idle moment.
+            self.stats.retries += 1
+            return None
+        except psycopg.OperationalError as exc:
+            raise PostgresUnavailable(
+                f"backfill of {self.queue[0].table.name}: connection lost ({type(exc).__name__})"
+            ) from None
+        if window is not None:
+            self._retry_delay = RETRY_INITIAL
+        return window
+
+    def _open(self, conn: catalog.Conn, request: Request) -> Window | None:
         conn.autocommit = False
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
@@ -210,7 +260,7 @@ class Backfill:
                     # yet (its commit reached the stream first): try again a moment later.
                     self.stats.retries += 1
                     return None
-                columns = catalog.table_columns(conn, request.table)
+                columns = catalog.readable_columns(conn, request.table, self.publication)
                 view = view_from_columns(request.table, columns)
                 if request.ids is None:
                     rows = rows_after(conn, request.table, columns, request.after, self.chunk)

@@ -13,11 +13,15 @@ slot / cache state                    action
 ====================================  ===========================================================
 no slot, no cache                     first start: create the slot with an exported snapshot,
                                       load it, sweep stale keys, stream from the consistent point
-no slot, a cache from a slot          refuse (exit 2): the slot was dropped; ``cdc slot reset``
+no slot, a cache from a slot          ``CDC_ON_SLOT_LOSS`` (:mod:`.failover`): after a promotion
+                                      (timeline changed) an online rebuild on a new slot; dropped
+                                      by hand: refuse (exit 2), ``cdc slot reset``
 slot invalidated (wal_status lost)    drop and recreate it, load a new snapshot (automatic)
 slot, cache consistent with it        resume from the checkpoint (replays are skipped)
 slot, cache missing or behind slot    online rebuild: clear the tracked keys, stream, and
 (Redis lost data)                     backfill every table while streaming (:mod:`.backfill`)
+slot, cache past the new timeline's   online rebuild (a promotion: Redis has changes the new
+switch point                          primary never had)
 ====================================  ===========================================================
 """
 
@@ -50,6 +54,7 @@ from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource, SystemInfo
 from cdc.protocol.wal2json import START_OPTIONS as WAL2JSON_OPTIONS
 from cdc.protocol.wal2json import Wal2JsonDecoder
+from cdc.runtime import failover
 from cdc.runtime.backfill import Backfill
 from cdc.runtime.observer import Observer
 from cdc.runtime.pipeline import Decode, Pipeline
@@ -82,9 +87,19 @@ class Backoff:
         self.current = self.initial
 
 
-def stream_options(settings: Settings, tables: tuple[TrackedTable, ...]) -> dict[str, str]:
+def stream_options(
+    settings: Settings, tables: tuple[TrackedTable, ...], server_version: int = 0
+) -> dict[str, str]:
     if settings.plugin == "wal2json":
         return {**WAL2JSON_OPTIONS, "add-tables": ",".join(t.qualified_name for t in tables)}
+    if server_version >= 140000:
+        # Large transactions arrive while they run (cdc/runtime/streams.py), not after the server
+        # decoded (and spilled) them whole. Never two_phase (section 7.8, failover slots).
+        return {
+            "proto_version": "2",
+            "streaming": "on",
+            "publication_names": settings.publication,
+        }
     return {"proto_version": "1", "publication_names": settings.publication}
 
 
@@ -101,11 +116,12 @@ class Daemon:
         self.planner = Planner(
             settings.max_row_bytes, settings.change_feed, settings.change_feed_maxlen
         )
-        self.backfill = Backfill(self.planner, settings.backfill_chunk)
+        self.backfill = Backfill(self.planner, settings.backfill_chunk, settings.publication)
         self.observer: Observer | None = None
         self._busy_since: float | None = None
         self._standby_logged = False
         self._recreate_slot = False
+        self._failover_checked = False
         self.metrics.info.info(
             {"slot": settings.slot, "publication": settings.publication, "plugin": settings.plugin}
         )
@@ -213,7 +229,7 @@ class Daemon:
         sink = RedisSink(settings.redis, settings.redis_timeout, settings.redis_min_replicas)
         pg: catalog.Conn | None = None
         try:
-            pg = catalog.connect(settings.replication_conninfo, "PostgreSQL")
+            pg = catalog.connect(settings.catalog_conninfo, "PostgreSQL")
             system = source.connect()
             self.metrics.connected.labels(target="postgres").set(1)
             sink.connect()
@@ -275,6 +291,8 @@ class Daemon:
         settings = self.settings
         name = settings.slot
         source_id = f"{system.system_id}/{system.dbname}/{name}"
+        identity = failover.identity_fields(system.system_id, system.timeline)
+        failover.require_primary(pg)
         state = sink.read_state()
         check_format(state)
         slot = catalog.slot_info(pg, name)
@@ -282,42 +300,44 @@ class Daemon:
             raise SlotInUse(name, slot.active_pid)
         if slot is not None and (slot.invalidated or self._recreate_slot):
             self.log.warning("dropping the invalidated slot", slot=name, wal_status=slot.wal_status)
+            self.metrics.rebuilds.labels(reason="slot_invalidated").inc()
             source.drop_slot(name)
             slot = None
             state = CacheState()
         self._recreate_slot = False
+        failover.prepare_slot(pg, source, name, warn=not self._failover_checked)
+        self._failover_checked = True
         if slot is None:
             if state.lsn is not None and not state.loading:
-                raise ConfigError(
-                    f'slot "{name}" does not exist but Redis holds a cache built from it:'
-                    ' run "cdc slot reset" to recreate the slot and reload the cache'
+                # After a promotion without failover slots, or dropped by hand.
+                lost = failover.slot_loss_reason(
+                    settings.on_slot_loss, state, name, system.timeline
                 )
-            return self._first_start(source, sink, source_id), False
+                created = source.create_slot(name, settings.plugin, export_snapshot=False)
+                source.start(
+                    name, Lsn(0), stream_options(settings, self.tables, source.server_version)
+                )
+                sink.claim({"slot": name, "source": source_id})
+                confirmed = Lsn(created.consistent_point)
+                return self._rebuild(sink, state, confirmed, lost, "slot_lost", source_id, identity)
+            return self._first_start(source, sink, source_id, identity), False
         confirmed = slot.confirmed_flush_lsn or Lsn(0)
-        reason = rebuild_reason(state, confirmed, source_id)
+        # TIMELINE_HISTORY cannot follow START_REPLICATION on this connection: read it now.
+        history = source.timeline_history(system.timeline)
+        reason, kind = self._rebuild_reason(state, confirmed, source_id, system, history)
         start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
-        source.start(name, start, stream_options(settings, self.tables))
+        source.start(name, start, stream_options(settings, self.tables, source.server_version))
         # The state read after the claim is the one to resume from: no predecessor can
         # write once the fence is ours.
         claimed = sink.claim({"slot": name, "source": source_id})
         if not reason:
-            reason = rebuild_reason(claimed, confirmed, source_id)
+            reason, kind = self._rebuild_reason(claimed, confirmed, source_id, system, history)
             state = claimed
         if reason:
-            self.log.warning("the cache must be rebuilt", reason=reason)
-            self._clear_tracked_keys()
-            self.backfill.queue.clear()
-            for table in self.tables:
-                self.backfill.request_table(table, "rebuild")
-            sink.reset_state(
-                {
-                    "lsn": format_lsn(confirmed),
-                    "slot": name,
-                    "source": source_id,
-                    "rebuild": self.backfill.progress_marker(),
-                }
-            )
-            return Position(confirmed), True
+            return self._rebuild(sink, state, confirmed, reason, kind, source_id, identity)
+        if any(state.extra.get(k) != v for k, v in identity.items()):
+            # First session on this server or timeline: record it beside the checkpoint.
+            sink.claim({"slot": name, "source": source_id, **identity})
         assert state.lsn is not None
         rebuilding = False
         if state.rebuild:
@@ -332,7 +352,53 @@ class Daemon:
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
 
-    def _first_start(self, source: ReplicationSource, sink: RedisSink, source_id: str) -> Position:
+    @staticmethod
+    def _rebuild_reason(
+        state: CacheState, confirmed: Lsn, source_id: str, system: SystemInfo, history: str
+    ) -> tuple[str | None, str]:
+        """Why the cache must be rebuilt (None: resume), and the reason's metric label."""
+        reason = rebuild_reason(state, confirmed, source_id)
+        if reason is not None:
+            return reason, "cache_lost"
+        return (
+            failover.timeline_reason(state, system.system_id, system.timeline, history),
+            "promotion",
+        )
+
+    def _rebuild(
+        self,
+        sink: RedisSink,
+        state: CacheState,
+        confirmed: Lsn,
+        reason: str,
+        kind: str,
+        source_id: str,
+        identity: dict[str, str],
+    ) -> tuple[Position, bool]:
+        """Online rebuild under a new epoch (the slot is acquired and the fence ours):
+        clear the tracked keys and backfill every table while streaming."""
+        name = self.settings.slot
+        self.log.warning("the cache must be rebuilt", reason=reason)
+        self.metrics.rebuilds.labels(reason=kind).inc()
+        self._clear_tracked_keys()
+        self.backfill.queue.clear()
+        for table in self.tables:
+            self.backfill.request_table(table, "rebuild")
+        sink.reset_state(
+            {
+                "lsn": format_lsn(confirmed),
+                "slot": name,
+                "source": source_id,
+                "rebuild": self.backfill.progress_marker(),
+                "epoch": failover.next_epoch(state),
+                **identity,
+            }
+        )
+        return Position(confirmed), True
+
+    def _first_start(
+        self, source: ReplicationSource, sink: RedisSink, source_id: str, identity: dict[str, str]
+    ) -> Position:
         settings = self.settings
         self.log.info("first start: creating the slot and loading a snapshot", slot=settings.slot)
 
@@ -344,7 +410,7 @@ class Daemon:
             sink,
             self.planner,
             self.tables,
-            conninfo=settings.replication_conninfo,
+            conninfo=settings.catalog_conninfo,
             redis_url=settings.redis,
             redis_timeout=settings.redis_timeout,
             slot=settings.slot,
@@ -352,6 +418,7 @@ class Daemon:
             source_id=source_id,
             batch_rows=settings.backfill_chunk,
             progress=progress,
+            publication=settings.publication,
         )
         self.log.info(
             "snapshot loaded",
@@ -360,7 +427,12 @@ class Daemon:
             seconds=round(report.seconds, 2),
             consistent_point=format_lsn(report.consistent_point),
         )
-        source.start(settings.slot, report.consistent_point, stream_options(settings, self.tables))
+        source.start(
+            settings.slot,
+            report.consistent_point,
+            stream_options(settings, self.tables, source.server_version),
+        )
+        sink.claim({"slot": settings.slot, "source": source_id, "epoch": "1", **identity})
         return Position(Lsn(report.consistent_point))
 
     def _clear_tracked_keys(self) -> None:

@@ -46,9 +46,7 @@ class Observer:
         while not self._stop.is_set():
             try:
                 if conn is None or conn.closed:
-                    conn = catalog.connect(
-                        self.settings.replication_conninfo, "PostgreSQL (observer)"
-                    )
+                    conn = catalog.connect(self.settings.catalog_conninfo, "PostgreSQL (observer)")
                 now = time.monotonic()
                 self._poll_schema(conn)
                 if now >= next_lag:

@@ -30,15 +30,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cdc import failpoints
 from cdc.cache.checkpoint import format_partial
-from cdc.cache.sink import InFlight, RedisSink
+from cdc.cache.sink import ApplyResult, InFlight
 from cdc.errors import PoisonRecord, PostgresUnavailable, RecordError
 from cdc.postgres import catalog
-from cdc.postgres.source import ReplicationSource
 from cdc.protocol.messages import Message, PrimaryKeepalive
 from cdc.runtime.backfill import Backfill
+from cdc.runtime.streams import StreamBuffers, state_directory
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from cdc.telemetry.metrics import Metrics
@@ -50,6 +51,34 @@ from schema.lsn import Lsn, format_lsn
 
 # A decoder other than pgoutput (wal2json); pgoutput is decoded inside the core.
 Decode = Callable[[bytes], Message | list[Message]]
+
+
+class Source(Protocol):
+    """What the loop needs of the replication stream (:class:`ReplicationSource`)."""
+
+    def read(self) -> bytes | None: ...
+
+    def wait(self, timeout: float, also: int = -1) -> tuple[bool, bool]: ...
+
+    def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None: ...
+
+    def finish(self, timeout: float = 5.0) -> bool: ...
+
+
+class Sink(Protocol):
+    """What the loop needs of Redis (:class:`RedisSink`)."""
+
+    publish_refused: bool
+
+    def send(self, batch: CommandBatch, state: dict[str, str]) -> InFlight: ...
+
+    def ready(self, sent: InFlight) -> bool: ...
+
+    def buffered(self, sent: InFlight) -> bool: ...
+
+    def receive(self, sent: InFlight) -> ApplyResult: ...
+
+    def fileno(self) -> int: ...
 
 
 @dataclass
@@ -68,8 +97,8 @@ class Pipeline:
         self,
         settings: Settings,
         tables: tuple[TrackedTable, ...],
-        source: ReplicationSource,
-        sink: RedisSink,
+        source: Source,
+        sink: Sink,
         catalog_conn: catalog.Conn,
         position: Position,
         metrics: Metrics,
@@ -109,6 +138,11 @@ class Pipeline:
             self.backfill.recent,
         )
         self._watch_window()
+        # Streamed in-progress transactions, applied at their Stream Commit.
+        self.streams = StreamBuffers(
+            state_directory(settings.state_dir), settings.slot, settings.stream_memory
+        )
+        self.streams.clean()
         # Highest checkpoint sent to Redis (acknowledged or in flight).
         self.sent_checkpoint: int = position.checkpoint
         self._inflight: _Sent | None = None
@@ -129,6 +163,7 @@ class Pipeline:
         max_changes = self.settings.batch_max_changes
         max_bytes = self.settings.batch_max_bytes
         fast = self._fast
+        in_block = False  # inside a Stream Start .. Stream Stop block
         while True:
             if self.stop.is_set():
                 self._shutdown()
@@ -142,15 +177,43 @@ class Pipeline:
                 data = failpoints.record(data)
             try:
                 if fast:
-                    outcome = core.feed(data)
-                    if outcome is not None:
-                        self._on_outcome(outcome)
+                    if data[0] == 0x77 and (in_block or _stream_kind(data[25])):
+                        in_block = self._on_stream(data)
+                    else:
+                        outcome = core.feed(data)
+                        if outcome is not None:
+                            self._on_outcome(outcome)
                 else:
                     self._slow_path(data)
             except (RecordError, ValueError, IndexError, KeyError, TypeError) as exc:
                 raise self._poison(data, exc) from None
             if core.over_limit(max_changes, max_bytes):
                 self._at_limit()
+
+    def _on_stream(self, data: bytes) -> bool:
+        """A message of a streamed transaction; at its commit, apply it as any other.
+        Returns whether a stream block is open."""
+        replay = self.streams.feed(data)
+        if replay is None:
+            return self.streams.in_block
+        core = self.core
+        max_changes = self.settings.batch_max_changes
+        max_bytes = self.settings.batch_max_bytes
+        stop = self.stop
+        for message in replay:
+            outcome = core.feed_message(message)
+            if outcome is None and not core.over_limit(max_changes, max_bytes):
+                continue
+            if outcome is not None:
+                self._on_outcome(outcome)
+            if core.over_limit(max_changes, max_bytes):
+                self._at_limit()  # a chunk of the transaction is sent
+            if stop.is_set():
+                # Stopping inside a large transaction: what was applied of it is in
+                # ``partial``; the server streams it again after the restart.
+                replay.close()
+                break
+        return False
 
     def _slow_path(self, data: bytes) -> None:
         """Other output plugins (wal2json): decode in Python, then the same core."""
@@ -404,13 +467,13 @@ class Pipeline:
         if self._inflight is None:
             self.source.wait(timeout)
             return
-        if self.sink.ready(self._inflight.handle):
+        if self.sink.buffered(self._inflight.handle):
             # Its answer may have arrived with the previous one's: the socket will not
             # become readable for it again.
             self.drain()
             return
         _, answered = self.source.wait(timeout, also=self.sink.fileno())
-        # Readable is not answered: the +QUEUED replies arrive long before EXEC's.
+        # Readable is not answered: only part of the answer may have arrived.
         if answered and self.sink.ready(self._inflight.handle):
             self.drain()
 
@@ -428,7 +491,14 @@ class Pipeline:
         self.core.drop_open()  # the transaction in progress is streamed again after a restart
         self.flush(chunk=False)
         self.drain()
+        self.streams.close()
         self.send_status(reply=False)
         if not self.source.finish():
             self.log.warning("the server did not end the stream in time; closing it")
         self.log.info("stopped", checkpoint=format_lsn(self.position.checkpoint))
+
+
+def _stream_kind(kind: int) -> bool:
+    """pgoutput's messages that frame streamed transactions: Stream Start, Stop, Commit,
+    Abort (cdc/runtime/streams.py)."""
+    return kind == 0x53 or kind == 0x45 or kind == 0x63 or kind == 0x41  # noqa: PLR1714

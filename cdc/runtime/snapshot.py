@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 
 import psycopg
 import redis
+from psycopg import errors as pgerrors
 
 from cdc.cache.sink import RedisSink
 from cdc.cache.views import clear_views
+from cdc.errors import PostgresUnavailable
 from cdc.postgres import catalog
 from cdc.postgres.rows import iter_rows
 from cdc.postgres.source import ReplicationSource
@@ -55,6 +57,7 @@ def create_slot_and_load(
     source_id: str,
     batch_rows: int,
     progress: Progress | None = None,
+    publication: str | None = None,
 ) -> LoadReport:
     """Create ``slot`` with an exported snapshot, take the fence, load every tracked row as
     of that snapshot, delete stale keys, and set the checkpoint to the consistent point.
@@ -78,6 +81,7 @@ def create_slot_and_load(
         planner,
         batch_rows,
         progress,
+        publication,
     )
     client = redis_client(redis_url, socket_timeout=redis_timeout)
     try:
@@ -100,6 +104,7 @@ def load_snapshot(
     planner: Planner,
     batch_rows: int,
     progress: Progress | None = None,
+    publication: str | None = None,
 ) -> LoadReport:
     """Write every tracked row, as of ``snapshot``, into Redis with ``_v`` = ``version``,
     and add it to its views (which must start empty: :func:`create_slot_and_load` clears
@@ -108,6 +113,7 @@ def load_snapshot(
     started = time.monotonic()
     stamp = lsn_bytes(version)
     conn = catalog.connect(conninfo, "PostgreSQL (snapshot)")
+    table_name = ""
     try:
         conn.autocommit = False
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
@@ -116,7 +122,9 @@ def load_snapshot(
             if snapshot is not None:
                 conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
             for table in tables:
-                columns = catalog.table_columns(conn, table)
+                table_name = table.name
+                # Only what the publication streams, never an excluded column.
+                columns = catalog.readable_columns(conn, table, publication)
                 view = view_from_columns(table, columns)
                 batch = CommandBatch()
                 loaded = 0
@@ -134,6 +142,21 @@ def load_snapshot(
                 report.rows[table.name] = loaded
                 if progress is not None:
                     progress(table.name, loaded, time.monotonic() - started)
+    except (pgerrors.LockNotAvailable, pgerrors.QueryCanceled) as exc:
+        # The slot stays and cdc:state says loading: the next session rebuilds online,
+        # streaming while the backfill waits for the table (contract 7, case 20).
+        reason = "lock_timeout" if isinstance(exc, pgerrors.LockNotAvailable) else "timeout"
+        raise PostgresUnavailable(
+            f"snapshot of {table_name} gave up waiting ({reason}); try again"
+        ) from None
+    except (pgerrors.UndefinedColumn, pgerrors.UndefinedTable):
+        raise PostgresUnavailable(
+            f"snapshot of {table_name}: the table changed while it was read; rebuilding"
+        ) from None
+    except psycopg.OperationalError as exc:
+        raise PostgresUnavailable(
+            f"snapshot of {table_name}: connection lost ({type(exc).__name__})"
+        ) from None
     finally:
         conn.close()
     report.seconds = time.monotonic() - started

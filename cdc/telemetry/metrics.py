@@ -128,6 +128,9 @@ class Metrics:
         self.batches = Counter(
             "cdc_batches_total", "Redis transactions (batches) applied", registry=r
         )
+        self.rebuilds = Counter(
+            "cdc_rebuilds_total", "Online rebuilds of the cache, by reason", ["reason"], registry=r
+        )
         self.info = Info("cdc", "Daemon configuration", registry=r)
         for target in ("postgres", "redis"):
             self.connected.labels(target=target).set(0)
@@ -136,6 +139,8 @@ class Metrics:
             self.backfill_rows.labels(table=table)
             for table_op in ("insert", "update", "delete", "truncate"):
                 self.changes.labels(table=table, op=table_op)
+        for reason in ("cache_lost", "promotion", "slot_lost", "slot_invalidated"):
+            self.rebuilds.labels(reason=reason)
         for kind in (
             "postgres",
             "redis",

