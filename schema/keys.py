@@ -193,3 +193,23 @@ def agent_key(agent_id: str) -> str:
 
 def agent_username_key(username: str) -> str:
     return AGENTS.lookups[0].key(username)
+
+
+def _view(table: TrackedTable, column: str) -> View:
+    for view in table.views:
+        if view.column == column:
+            return view
+    raise KeyError(f"{table.name} has no view over {column}")
+
+
+def ticket_status_key(status: str) -> str:
+    """``tickets:status:{<status>}`` (contract 6b), as the declaration names it."""
+    return _view(TICKETS, "status").key(status)
+
+
+def ticket_assignee_key(agent_id: str) -> str:
+    return _view(TICKETS, "assignee_id").key(agent_id)
+
+
+def agent_status_key(status: str) -> str:
+    return _view(AGENTS, "status").key(status)

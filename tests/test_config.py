@@ -161,3 +161,11 @@ def test_a_table_added_by_configuration_is_cached_with_its_view(
         pg.execute("DELETE FROM ticket_comments WHERE id = 'c1'")
         wait_for(lambda: client.zrange("tickets:comments:{t1}", 0, -1) == [b"c2"], 30, "the view")
         assert client.hget("comment:{c2}", "content") == b"ho"
+
+
+def test_view_key_helpers_follow_the_declaration() -> None:
+    from schema.keys import agent_status_key, ticket_assignee_key, ticket_status_key
+
+    assert ticket_status_key("open") == "tickets:status:{open}"
+    assert ticket_assignee_key("a1") == "tickets:assignee:{a1}"
+    assert agent_status_key("online") == "agents:status:{online}"
