@@ -49,6 +49,8 @@ APPLIED_CHANNEL = CDC_PREFIX + "applied"
 RESERVED_FIELD_PREFIX = "_"
 # The LSN (PostgreSQL text form) of the transaction that last wrote a row.
 VERSION_FIELD = "_v"
+# Set in cdc:state ("1") when the daemon keeps the views (contract 6b) of every row.
+VIEWS_STATE_FIELD = "views"
 
 
 @dataclass(frozen=True, slots=True)

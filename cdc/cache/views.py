@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import redis
 
 from cdc.transform.plan import LUA_EPOCH, LUA_VIEW_WRITE
-from schema.keys import TrackedTable, View, match_prefix
+from schema.keys import VIEWS_STATE_FIELD, TrackedTable, View, match_prefix
 
 _RECONCILE = (
     LUA_EPOCH
@@ -50,6 +50,13 @@ end
 return fixed
 """
 )
+
+
+def state_fields(tables: Iterable[TrackedTable]) -> dict[str, str]:
+    """What ``cdc:state`` says once a load or rebuild covered the views: readers answer
+    list reads from them only then (an empty view has no key, so without it a daemon
+    that keeps no views would look like one whose views are empty)."""
+    return {VIEWS_STATE_FIELD: "1"} if any(table.views for table in tables) else {}
 
 
 def members(client: redis.Redis, view: View) -> Iterator[tuple[str, str, float | None]]:

@@ -39,6 +39,7 @@ import redis
 
 from cdc.cache.checkpoint import CacheState, check_format
 from cdc.cache.sink import RedisSink
+from cdc.cache.views import state_fields
 from cdc.errors import (
     CdcError,
     ConfigError,
@@ -392,6 +393,7 @@ class Daemon:
                 "rebuild": self.backfill.progress_marker(),
                 "epoch": failover.next_epoch(state),
                 **identity,
+                **state_fields(self.tables),
             }
         )
         return Position(confirmed), True

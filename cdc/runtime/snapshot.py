@@ -21,7 +21,7 @@ import redis
 from psycopg import errors as pgerrors
 
 from cdc.cache.sink import RedisSink
-from cdc.cache.views import clear_views
+from cdc.cache.views import clear_views, state_fields
 from cdc.errors import PostgresUnavailable
 from cdc.postgres import catalog
 from cdc.postgres.rows import iter_rows
@@ -89,7 +89,12 @@ def create_slot_and_load(
     finally:
         client.close()
     sink.reset_state(
-        {"lsn": format_lsn(created.consistent_point), "slot": slot, "source": source_id}
+        {
+            "lsn": format_lsn(created.consistent_point),
+            "slot": slot,
+            "source": source_id,
+            **state_fields(tables),
+        }
     )
     report.consistent_point = created.consistent_point
     return report
