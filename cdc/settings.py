@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdc.errors import ConfigError
 from schema.dsn import Dsn, DsnError, environment_secrets, parse_dsn
+from schema.keys import TrackedTable
 from schema.redis_url import RedisTarget
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -93,6 +94,11 @@ class Settings(BaseSettings):
         default=2.0, gt=0, validation_alias=_env("CDC_OBSERVE_INTERVAL")
     )
     backfill_chunk: int = Field(default=2_000, ge=1, validation_alias=_env("CDC_BACKFILL_CHUNK"))
+    config: str | None = Field(default=None, validation_alias=_env("CDC_CONFIG"))
+    change_feed: bool = Field(default=False, validation_alias=_env("CDC_CHANGE_FEED"))
+    change_feed_maxlen: int = Field(
+        default=100_000, ge=1, validation_alias=_env("CDC_CHANGE_FEED_MAXLEN")
+    )
     # Every query of the daemon outside the replication stream (catalog, snapshot, backfill,
     # verify) gives up after these, so none can hang behind a lock or a slow server; a
     # backfill that timed out is tried again later while the stream goes on.
@@ -125,6 +131,15 @@ class Settings(BaseSettings):
         return value
 
     # -- derived ------------------------------------------------------------------------------
+
+    def tables(self) -> tuple[TrackedTable, ...]:
+        """The tables the cache declares (``CDC_CONFIG``, else the packaged default)."""
+        from schema.config import CacheConfigError, load_tables
+
+        try:
+            return load_tables(self.config)
+        except CacheConfigError as exc:
+            raise ConfigError(f"CDC_CONFIG: {exc}") from None
 
     @property
     def dsn(self) -> Dsn:
@@ -169,6 +184,8 @@ class Settings(BaseSettings):
             "plugin": self.plugin,
             "metrics": self.metrics_addr,
             "batch_max_changes": self.batch_max_changes,
+            "config": self.config or "default",
+            "change_feed": self.change_feed,
         }
 
     def postgres_urls(self) -> list[tuple[str, str]]:

@@ -82,6 +82,10 @@ DAEMON_ACL_RULES: tuple[str, ...] = (
     "+srem",
     "+zadd",
     "+zrem",
+    # cdc verify reads the views (contract 6b) member by member.
+    "+sscan",
+    "+zscan",
+    "+zscore",
     "+xadd",
     "+publish",
 )

@@ -1,9 +1,9 @@
 """The Redis key layout, and which tables are streamed to Redis: declared here, once.
 
 Both the ``cdc`` daemon (which writes these keys) and the ``writer``'s cache reader (which
-reads them) import this module, so the layout cannot drift between them. Adding a table to
-the cache is a new :class:`TrackedTable` entry here plus the migration that adds it to the
-publication; no daemon code changes.
+reads them) import this module, so the layout cannot drift between them. What is cached is
+declared in ``schema/cache.toml`` (see :mod:`schema.config`): adding a table to the cache
+is an entry there plus the migration that adds it to the publication; no code changes.
 
 Layout (contract section 6):
 
@@ -16,6 +16,18 @@ key                              type    content
 ``cdc:*``                        any     the daemon's own state (checkpoint, fence) and
                                         channel (``cdc:applied``)
 ===============================  ======  =================================================
+
+Views (contract section 6b), kept from the cached rows in the same atomic apply:
+
+================================  ==========  ==============================================
+key                               type        content
+================================  ==========  ==============================================
+``tickets:status:{<status>}``     sorted set  ticket ids; score: ``updated_at`` epoch seconds
+``tickets:assignee:{<agent id>}`` set         ids of the tickets assigned to that agent
+``agents:status:{<status>}``      set         agent ids
+================================  ==========  ==============================================
+
+``changes:<table>`` is the change feed's stream (contract section 6c), when enabled.
 
 Field values are the text PostgreSQL prints for the column (``col::text``) in a session with
 ``TimeZone=UTC``. Fields starting with ``_`` are the daemon's (``_v``: the LSN of the
@@ -37,6 +49,8 @@ APPLIED_CHANNEL = CDC_PREFIX + "applied"
 RESERVED_FIELD_PREFIX = "_"
 # The LSN (PostgreSQL text form) of the transaction that last wrote a row.
 VERSION_FIELD = "_v"
+# Set in cdc:state ("1") when the daemon keeps the views (contract 6b) of every row.
+VIEWS_STATE_FIELD = "views"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +69,38 @@ class LookupKey:
         return f"{self.prefix}:{{"
 
 
+@dataclass(frozen=True, slots=True)
+class View:
+    """Row ids grouped by one column's value: ``<prefix>:{<value>}``, a set, or a sorted
+    set scored by the epoch seconds of the ``score`` column."""
+
+    prefix: str
+    column: str
+    score: str | None = None
+
+    def key(self, value: str) -> str:
+        return f"{self.prefix}:{{{value}}}"
+
+    @property
+    def key_prefix(self) -> str:
+        """What every key of this view starts with."""
+        return f"{self.prefix}:{{"
+
+    @property
+    def sorted(self) -> bool:
+        return self.score is not None
+
+    def key_value(self, key: str) -> str | None:
+        """The column value a key of this view is for, or None if the key is not one."""
+        if key.startswith(self.key_prefix) and key.endswith("}"):
+            return key[len(self.key_prefix) : -1]
+        return None
+
+
+# The change feed of a table is the stream ``changes:<table>`` (contract section 6c).
+FEED_PREFIX = "changes:"
+
+
 def match_prefix(prefix: str) -> str:
     """A Redis glob (``SCAN MATCH``) for every key that starts with ``prefix``."""
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in prefix) + "*"
@@ -70,6 +116,7 @@ class TrackedTable:
     primary_key: str = "id"
     excluded_columns: frozenset[str] = frozenset()
     lookups: tuple[LookupKey, ...] = ()
+    views: tuple[View, ...] = ()
     # Columns the replica identity must carry on UPDATE/DELETE (besides the primary key)
     # so that lookup keys can be removed when their value changes or the row goes.
     identity_columns: tuple[str, ...] = field(init=False)
@@ -93,6 +140,21 @@ class TrackedTable:
         """What every row key of this table starts with (for scans)."""
         return f"{self.prefix}:{{"
 
+    @property
+    def feed_key(self) -> str:
+        """The change feed's stream of this table."""
+        return FEED_PREFIX + self.name
+
+    @property
+    def owned_prefixes(self) -> tuple[str, ...]:
+        """Every key prefix the cache of this table writes: rows, lookups, views (a
+        rebuild clears them; the change feed is history and stays)."""
+        return (
+            self.key_prefix,
+            *(lookup.key_prefix for lookup in self.lookups),
+            *(view.key_prefix for view in self.views),
+        )
+
     def key_id(self, key: str) -> str | None:
         """The row id inside a key of this table, or None if the key is not one."""
         if key.startswith(self.key_prefix) and key.endswith("}"):
@@ -100,16 +162,27 @@ class TrackedTable:
         return None
 
 
-TICKETS = TrackedTable(name="tickets", prefix="ticket")
-AGENTS = TrackedTable(
-    name="agents",
-    prefix="agent",
-    excluded_columns=frozenset({"password_hash"}),
-    lookups=(LookupKey(prefix="agent:username", column="username"),),
-)
+def _declared() -> tuple[TrackedTable, ...]:
+    # Imported here: schema.config builds on the classes above.
+    from schema.config import load_tables
 
-# The tables streamed to Redis, in the order a snapshot loads them.
-TRACKED_TABLES: tuple[TrackedTable, ...] = (AGENTS, TICKETS)
+    return load_tables()
+
+
+# The tables streamed to Redis, in the order a snapshot loads them: the packaged
+# declaration (schema/cache.toml); the daemon reads CDC_CONFIG instead when it is set.
+TRACKED_TABLES: tuple[TrackedTable, ...] = _declared()
+
+
+def tracked_table(name: str) -> TrackedTable:
+    for table in TRACKED_TABLES:
+        if table.name == name:
+            return table
+    raise KeyError(name)
+
+
+TICKETS = tracked_table("tickets")
+AGENTS = tracked_table("agents")
 
 
 def ticket_key(ticket_id: str) -> str:
@@ -124,8 +197,21 @@ def agent_username_key(username: str) -> str:
     return AGENTS.lookups[0].key(username)
 
 
-def tracked_table(name: str) -> TrackedTable:
-    for table in TRACKED_TABLES:
-        if table.name == name:
-            return table
-    raise KeyError(name)
+def _view(table: TrackedTable, column: str) -> View:
+    for view in table.views:
+        if view.column == column:
+            return view
+    raise KeyError(f"{table.name} has no view over {column}")
+
+
+def ticket_status_key(status: str) -> str:
+    """``tickets:status:{<status>}`` (contract 6b), as the declaration names it."""
+    return _view(TICKETS, "status").key(status)
+
+
+def ticket_assignee_key(agent_id: str) -> str:
+    return _view(TICKETS, "assignee_id").key(agent_id)
+
+
+def agent_status_key(status: str) -> str:
+    return _view(AGENTS, "status").key(status)

@@ -307,10 +307,11 @@ def assert_converged(database_url: str, redis_url: str, fence_first: bool = True
                             elif value is None or text(value) != owner:
                                 problems.append(f"lookup {name} should be {owner}")
                     problems += [f"missing lookup {k}" for k in wanted]
+            problems += view_problems(conn, client)
+        owned: tuple[str, ...] = ("ticket:{", "agent:{", "agent:username:{", "cdc:", "changes:")
+        owned += tuple(view.key_prefix for table in TRACKED_TABLES for view in table.views)
         other = [
-            k.decode()
-            for k in client.scan_iter(count=1000)
-            if not k.decode().startswith(("ticket:{", "agent:{", "agent:username:{", "cdc:"))
+            k.decode() for k in client.scan_iter(count=1000) if not k.decode().startswith(owned)
         ]
         problems += [f"unexpected key {k}" for k in other]
     finally:
@@ -319,6 +320,44 @@ def assert_converged(database_url: str, redis_url: str, fence_first: bool = True
         problems[:50]
     )
     return counts
+
+
+def view_problems(conn: psycopg.Connection[Any], client: redis.Redis) -> list[str]:
+    """Contract 6b: each view equals its SQL computation (members, and the scores of
+    sorted sets: ``extract(epoch from <score column>)``); an empty set has no key."""
+    problems: list[str] = []
+    for table in TRACKED_TABLES:
+        for view in table.views:
+            score = f'extract(epoch from "{view.score}")::float8' if view.score else "NULL"
+            expected: dict[str, dict[str, float | None]] = {}
+            for value, row_id, points in conn.execute(
+                f'SELECT "{view.column}"::text, "{table.primary_key}"::text, {score}'
+                f' FROM "{table.schema}"."{table.name}" WHERE "{view.column}" IS NOT NULL'
+            ).fetchall():
+                expected.setdefault(view.key(value), {})[row_id] = points
+            actual: dict[str, dict[str, float | None]] = {}
+            for found in scan(client, view.key_prefix):
+                for raw in found:
+                    key = raw.decode()
+                    kind: Any = client.type(raw)
+                    if kind == (b"zset" if view.sorted else b"set"):
+                        if view.sorted:
+                            pairs: Any = client.zrange(raw, 0, -1, withscores=True)
+                            actual[key] = {text(m): float(v) for m, v in pairs}
+                        else:
+                            actual[key] = {text(m): None for m in client.smembers(raw)}
+                    else:
+                        problems.append(f"view {key} is a {text(kind)}")
+            for key in sorted(expected.keys() | actual.keys()):
+                want, have = expected.get(key, {}), actual.get(key, {})
+                if want != have:
+                    missing = sorted(want.keys() - have.keys())[:5]
+                    extra = sorted(have.keys() - want.keys())[:5]
+                    scores = sorted(i for i in want.keys() & have.keys() if want[i] != have[i])[:5]
+                    problems.append(
+                        f"view {key}: missing {missing} extra {extra} different scores {scores}"
+                    )
+    return problems
 
 
 def redis_state(redis_url: str) -> dict[str, str]:

@@ -201,7 +201,7 @@ def test_redis_acl_user(
             "cdc",
             enabled=True,
             passwords=["+s3cret-acl"],
-            keys=["ticket:*", "agent:*", "cdc:*"],
+            keys=["ticket:*", "agent:*", "tickets:*", "agents:*", "changes:*", "cdc:*"],
             # The daemon announces its checkpoint on cdc:applied (readers wake on it).
             channels=["cdc:*"],
             commands=[

@@ -97,6 +97,7 @@ def check_table(
             f'table "{table.qualified_name}" has REPLICA IDENTITY FULL, which would publish '
             f"{', '.join(sorted(table.excluded_columns))}: run the migrations"
         )
+    check_declaration(conn, table, columns, publication)
     readable = catalog.readable_columns(conn, table, publication)
     denied = catalog.unreadable_columns(conn, table, readable)
     if denied:
@@ -162,6 +163,74 @@ def column_list_warnings(
                     " SELECT without it (docker/grants/10-cdc-daemon.sql)"
                 )
     return out
+
+
+def check_declaration(
+    conn: catalog.Conn, table: TrackedTable, columns: list[str], publication: str | None = None
+) -> None:
+    """The declared cache (CDC_CONFIG) against the table: columns exist, the key names the
+    primary key, views and lookups read published columns."""
+    name = table.qualified_name
+    used = [
+        *sorted(table.excluded_columns),
+        *(lookup.column for lookup in table.lookups),
+        *(view.column for view in table.views),
+        *(view.score for view in table.views if view.score),
+    ]
+    for column in used:
+        if column not in columns:
+            raise ConfigError(f'CDC_CONFIG: table "{name}" has no column "{column}"')
+    primary = [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a"
+            " ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+            " WHERE i.indrelid = %s::regclass AND i.indisprimary",
+            (f'"{table.schema}"."{table.name}"',),
+        ).fetchall()
+    ]
+    if primary != [table.primary_key]:
+        raise ConfigError(
+            f'CDC_CONFIG: the key of table "{name}" must be its primary key'
+            f" ({', '.join(primary) or 'none'}), not {table.primary_key}"
+        )
+    if publication is None or conn.info.server_version < 150000:
+        return
+    row = conn.execute(
+        "SELECT attnames FROM pg_publication_tables"
+        " WHERE pubname = %s AND schemaname = %s AND tablename = %s",
+        (publication, table.schema, table.name),
+    ).fetchone()
+    names: list[str] | None = row[0] if row else None  # type: ignore[assignment]
+    published = set(names) if names is not None else set(columns)
+    for column in [table.primary_key, *used[len(table.excluded_columns) :]]:
+        if column not in published:
+            raise ConfigError(
+                f'CDC_CONFIG: column "{column}" of table "{name}" is not in publication'
+                f' "{publication}"'
+            )
+
+
+def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
+    """``cdc config check``: the declaration against the database, nothing started."""
+    conn = catalog.connect(settings.replication_conninfo, "PostgreSQL")
+    try:
+        published = catalog.publication_tables(conn, settings.publication)
+        if published is None:
+            raise ConfigError(
+                f'publication "{settings.publication}" does not exist: run the migrations'
+            )
+        for table in tables:
+            if (table.schema, table.name) not in published:
+                raise ConfigError(
+                    f'CDC_CONFIG: table "{table.qualified_name}" is not in publication'
+                    f' "{settings.publication}"'
+                )
+            if not catalog.replica_identity(conn, table).exists:
+                raise ConfigError(f'CDC_CONFIG: table "{table.qualified_name}" does not exist')
+            check_declaration(conn, table, catalog.table_columns(conn, table), settings.publication)
+    finally:
+        conn.close()
 
 
 def check_redis(settings: Settings) -> None:

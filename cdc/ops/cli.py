@@ -108,7 +108,8 @@ def slot_reset(yes: bool, dry_run: bool, force: bool) -> None:
     from schema.lsn import format_lsn
 
     settings = _settings()
-    plan = plan_reset(settings, force)
+    tables = settings.tables()
+    plan = plan_reset(settings, force, tables)
     click.echo("\n".join(("would " if dry_run else "") + line for line in plan.lines()))
     if dry_run:
         return
@@ -117,7 +118,7 @@ def slot_reset(yes: bool, dry_run: bool, force: bool) -> None:
             fail("refusing to reset without confirmation: pass --yes", code=1)
         if not click.confirm("Reset the slot and rebuild the cache?", default=False):
             fail("aborted", code=1)
-    report = reset(settings, plan)
+    report = reset(settings, plan, tables)
     click.echo(
         f"slot {settings.slot} recreated at {format_lsn(report.consistent_point)}; "
         f"loaded {sum(report.rows.values())} rows "
@@ -141,6 +142,28 @@ def verify(repair: bool, as_json: bool) -> None:
         click.echo("\n".join(report.lines()))
     if not report.equal:
         sys.exit(1)
+
+
+@main.group()
+def config() -> None:
+    """The declared cache (CDC_CONFIG): tables, keys, lookups, views."""
+
+
+@config.command("check")
+@_guard
+def config_check() -> None:
+    """Validate CDC_CONFIG against the database without starting (exit 0 valid, 2 not)."""
+    from cdc.ops.checks import check_config
+
+    settings = _settings()
+    tables = settings.tables()
+    check_config(settings, tables)
+    source = settings.config or "the packaged default"
+    views = sum(len(t.views) for t in tables)
+    click.echo(
+        f"{source}: valid ({len(tables)} tables: {', '.join(t.name for t in tables)};"
+        f" {views} views)"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -197,7 +197,7 @@ def reset(
         report = create_slot_and_load(
             source,
             sink,
-            Planner(settings.max_row_bytes),
+            Planner(settings.max_row_bytes, settings.change_feed, settings.change_feed_maxlen),
             tables,
             conninfo=settings.catalog_conninfo,
             redis_url=settings.redis,

@@ -20,6 +20,7 @@ from typing import Any
 
 from psycopg import errors as pgerrors
 
+from cdc.cache.views import members, reconcile
 from cdc.errors import PostgresUnavailable
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
@@ -32,6 +33,7 @@ from schema.keys import (
     TRACKED_TABLES,
     VERSION_FIELD,
     TrackedTable,
+    View,
 )
 from schema.lsn import lsn_bytes, parse_lsn
 from schema.redis_url import redis_client
@@ -159,6 +161,14 @@ class Verifier:
             report.differences = self._describe(conn, suspects)
             if repair and report.differences:
                 report.repaired = self._repair(conn, suspects)
+            # Views after rows: a view is repaired from its rows' (repaired) hashes.
+            found = self._view_differences(conn, report)
+            if found:
+                self._wait_for_daemon(conn)
+                found = self._view_differences(conn, Report())
+            report.differences += _describe_views(found)
+            if repair and found:
+                report.repaired += self._repair_views(found)
         except (pgerrors.LockNotAvailable, pgerrors.QueryCanceled) as exc:
             what = (
                 "a lock (CDC_LOCK_TIMEOUT)"
@@ -293,6 +303,48 @@ class Verifier:
                 out.append(Difference(table.key(ident), found[0], found[1]))
         return out
 
+    # -- views ---------------------------------------------------------------------------------
+
+    def _view_differences(self, conn: catalog.Conn, report: Report) -> list[ViewDifference]:
+        """Each view compared with its SQL computation (contract 6b)."""
+        out: list[ViewDifference] = []
+        for table in self.tables:
+            for view in table.views:
+                score = f'extract(epoch from "{view.score}")::float8' if view.score else "NULL"
+                expected: dict[tuple[str, str], float | None] = {}
+                for value, row_id, points in conn.execute(
+                    f'SELECT "{view.column}"::text, "{table.primary_key}"::text, {score}'
+                    f' FROM "{table.schema}"."{table.name}" WHERE "{view.column}" IS NOT NULL'
+                ).fetchall():
+                    expected[(str(value), str(row_id))] = (
+                        None if points is None else float(str(points))
+                    )
+                seen_keys: set[str] = set()
+                for value, row_id, points in members(self.redis, view):
+                    if value not in seen_keys:
+                        seen_keys.add(value)
+                        report.keys_scanned += 1
+                    pair = (value, row_id)
+                    if pair not in expected:
+                        out.append(ViewDifference(table, view, value, row_id, "extra"))
+                    elif expected.pop(pair) != points:
+                        out.append(ViewDifference(table, view, value, row_id, "different"))
+                for value, row_id in expected:
+                    out.append(ViewDifference(table, view, value, row_id, "missing"))
+        return out
+
+    def _repair_views(self, found: list[ViewDifference]) -> int:
+        """Each differing member made to agree with its row's hash (atomically per
+        chunk, so a change the daemon applies meanwhile is never undone)."""
+        repaired = 0
+        groups: dict[tuple[str, str], list[ViewDifference]] = {}
+        for diff in found:
+            groups.setdefault((diff.table.name, diff.view.prefix), []).append(diff)
+        for diffs in groups.values():
+            pairs = [(d.value, d.row_id) for d in diffs]
+            repaired += reconcile(self.redis, diffs[0].table, diffs[0].view, pairs)
+        return repaired
+
     # -- repair --------------------------------------------------------------------------------
 
     def _repair(
@@ -386,6 +438,25 @@ return 1
 """
 
 
+@dataclass
+class ViewDifference:
+    """A view member that its SQL computation does not have, lacks, or scores otherwise."""
+
+    table: TrackedTable
+    view: View
+    value: str
+    row_id: str
+    kind: str  # missing | extra | different
+
+
+def _describe_views(found: list[ViewDifference]) -> list[Difference]:
+    """One difference per view key and kind, naming the ids."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for diff in found:
+        grouped.setdefault((diff.view.key(diff.value), diff.kind), []).append(diff.row_id)
+    return [Difference(key, kind, sorted(ids)) for (key, kind), ids in grouped.items()]
+
+
 def _text(value: bytes | str | None) -> str:
     if value is None:
         return ""
@@ -411,7 +482,7 @@ def _dedupe(
 
 
 def verify(settings: Settings, repair: bool = False) -> Report:
-    verifier = Verifier(settings)
+    verifier = Verifier(settings, settings.tables())
     try:
         return verifier.run(repair)
     finally:

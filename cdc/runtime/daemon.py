@@ -39,6 +39,7 @@ import redis
 
 from cdc.cache.checkpoint import CacheState, check_format
 from cdc.cache.sink import RedisSink
+from cdc.cache.views import state_fields
 from cdc.errors import (
     CdcError,
     ConfigError,
@@ -113,7 +114,9 @@ class Daemon:
         self.readiness = Readiness()
         self.stop = threading.Event()
         self.log = logs.get("cdc")
-        self.planner = Planner(settings.max_row_bytes)
+        self.planner = Planner(
+            settings.max_row_bytes, settings.change_feed, settings.change_feed_maxlen
+        )
         self.backfill = Backfill(self.planner, settings.backfill_chunk, settings.publication)
         self.observer: Observer | None = None
         self._busy_since: float | None = None
@@ -390,6 +393,7 @@ class Daemon:
                 "rebuild": self.backfill.progress_marker(),
                 "epoch": failover.next_epoch(state),
                 **identity,
+                **state_fields(self.tables),
             }
         )
         return Position(confirmed), True
@@ -437,8 +441,7 @@ class Daemon:
         client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:
-                prefixes = [table.key_prefix] + [lookup.key_prefix for lookup in table.lookups]
-                for prefix in prefixes:
+                for prefix in table.owned_prefixes:
                     for keys in scan_keys(client, prefix):
                         client.unlink(*keys)
         except redis.RedisError as exc:
@@ -466,7 +469,7 @@ def rebuild_reason(state: CacheState, confirmed: Lsn, source_id: str) -> str | N
 
 
 def run(settings: Settings) -> int:
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, settings.tables())
     daemon.install_signal_handlers()
     try:
         return daemon.run()

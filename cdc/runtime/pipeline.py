@@ -126,7 +126,8 @@ class Pipeline:
         self.assembler = Assembler(tables)
         # One planner: the backfill's, which the stream core plans with too.
         self.backfill = backfill or Backfill(
-            Planner(settings.max_row_bytes), settings.backfill_chunk
+            Planner(settings.max_row_bytes, settings.change_feed, settings.change_feed_maxlen),
+            settings.backfill_chunk,
         )
         self.planner = self.backfill.planner
         self.core = StreamCore(

@@ -21,6 +21,7 @@ import redis
 from psycopg import errors as pgerrors
 
 from cdc.cache.sink import RedisSink
+from cdc.cache.views import clear_views, state_fields
 from cdc.errors import PostgresUnavailable
 from cdc.postgres import catalog
 from cdc.postgres.rows import iter_rows
@@ -65,6 +66,12 @@ def create_slot_and_load(
     created = source.create_slot(slot, plugin, export_snapshot=True)
     sink.claim({"slot": slot, "source": source_id})
     sink.reset_state({"loading": "1", "slot": slot, "source": source_id})
+    client = redis_client(redis_url, socket_timeout=redis_timeout)
+    try:
+        # The load adds every row it writes to its views: start them empty.
+        clear_views(client, tables)
+    finally:
+        client.close()
     report = load_snapshot(
         conninfo,
         created.snapshot,
@@ -82,7 +89,12 @@ def create_slot_and_load(
     finally:
         client.close()
     sink.reset_state(
-        {"lsn": format_lsn(created.consistent_point), "slot": slot, "source": source_id}
+        {
+            "lsn": format_lsn(created.consistent_point),
+            "slot": slot,
+            "source": source_id,
+            **state_fields(tables),
+        }
     )
     report.consistent_point = created.consistent_point
     return report
@@ -99,7 +111,9 @@ def load_snapshot(
     progress: Progress | None = None,
     publication: str | None = None,
 ) -> LoadReport:
-    """Write every tracked row, as of ``snapshot``, into Redis with ``_v`` = ``version``."""
+    """Write every tracked row, as of ``snapshot``, into Redis with ``_v`` = ``version``,
+    and add it to its views (which must start empty: :func:`create_slot_and_load` clears
+    them)."""
     report = LoadReport()
     started = time.monotonic()
     stamp = lsn_bytes(version)
@@ -122,7 +136,7 @@ def load_snapshot(
                 last_report = time.monotonic()
                 for rows in iter_rows(conn, table, columns, batch_rows):
                     for row in rows:
-                        planner.write_row(view, row, stamp, batch)
+                        planner.write_row(view, row, stamp, batch, views_empty=True)
                     loaded += len(rows)
                     sink.apply(batch, {"loading": "1"})
                     batch.clear()

@@ -296,7 +296,7 @@ class StreamCore:
         """Plan a TRUNCATE; returns the tables an open window's snapshot does not see it on."""
         if not self._applies(seq):
             return []
-        self.planner.truncate(views, self._batch)
+        self.planner.truncate(views, self._batch, self.version, seq)
         unseen: list[str] = []
         for view in views:
             self.touched_tables.add(view.table_name)

@@ -1,0 +1,1 @@
+"""Server-Sent Events from the cache's change feed (see app.py)."""
