@@ -6,6 +6,7 @@ production) every point is one false module-level test. Points:
 =============  ===============================================================
 name           where
 =============  ===============================================================
+before_send    a batch is ready and about to be sent to Redis (the one before it is sent)
 after_send     right after a batch was sent to Redis, before the next one
 record         each XLogData record before it is decoded
 =============  ===============================================================

@@ -277,12 +277,13 @@ def test_a_paused_predecessor_lands_nothing_after_a_successor_took_over(
     slot_name: str,
     tmp_path: Path,
 ) -> None:
-    """Case 17: the daemon is held between sending two batches (fail point), a successor
-    takes the slot and the fence and writes; when the first one resumes nothing it sends
-    lands, and no ``_v`` goes backwards, even for a moment."""
+    """Case 17: the daemon is held between sending two batches (fail point: the next one
+    is planned, not yet sent), a successor takes the slot and the fence and writes; when
+    the first one resumes, the batch it sends lands nowhere, and no ``_v`` goes
+    backwards, even for a moment."""
     rows = [f"v{i}" for i in range(12)]
     hold = tmp_path / "hold"
-    first = make_daemon(CDC_FAILPOINTS=f"after_send=pause:{hold}", CDC_SLOT_BUSY_TIMEOUT="60")
+    first = make_daemon(CDC_FAILPOINTS=f"before_send=pause:{hold}", CDC_SLOT_BUSY_TIMEOUT="60")
     load = Load(database_url, rows).start()
     sampler = VersionSampler(redis_url, rows)
     try:

@@ -337,6 +337,8 @@ class Pipeline:
         # Send first, then take the previous batch's answer: Redis always has the next
         # batch queued while the daemon waits, so neither side idles on the other.
         previous = self._inflight
+        if failpoints.ACTIVE:
+            failpoints.hit("before_send")
         handle = self.sink.send(cut.batch, state)
         if failpoints.ACTIVE:
             failpoints.hit("after_send")
