@@ -2,7 +2,7 @@
 
 The state it keeps with every batch is described in :mod:`cdc.cache.checkpoint`.
 
-Every batch is one ``EVAL`` of :data:`cdc.transform.plan.BATCH_SCRIPT`, whose arguments start with
+Every batch is one ``EVAL`` of :data:`cdc.transform.script.BATCH_SCRIPT`, whose arguments start with
 a head::
 
     <fence> <expected lsn> <expected partial> <lsn to publish> <n> <state field value>…
@@ -34,7 +34,8 @@ from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
 from cdc.cache.wire import RedisAddress, RedisWire, WireError, WireReplyError
 from cdc.errors import ApplyFailed, Fenced, RedisLost, RedisRejected, RedisUnavailable
 from cdc.protocol.resp import append_bulk, append_command, array_header, command
-from cdc.transform.plan import BATCH_SCRIPT, CommandBatch
+from cdc.transform.plan import CommandBatch
+from cdc.transform.script import BATCH_SCRIPT
 from schema.keys import STATE_KEY
 
 _STATE = STATE_KEY.encode()

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import redis
 
-from cdc.transform.plan import LUA_EPOCH, LUA_VIEW_WRITE
+from cdc.transform.script import LUA_EPOCH, LUA_VIEW_WRITE
 from schema.keys import VIEWS_STATE_FIELD, TrackedTable, View, match_prefix
 
 _RECONCILE = (
