@@ -73,16 +73,20 @@ def frames(transactions: list[Transaction]) -> list[bytes]:
 class FakeSource:
     """Replays frames, then reports an idle stream; ``stop`` is set when it runs dry."""
 
-    def __init__(self, data: list[bytes], stop: threading.Event) -> None:
-        self._data: Iterator[bytes] = iter(data)
+    def __init__(self, data: list[bytes | None], stop: threading.Event) -> None:
+        self._data: Iterator[bytes | None] = iter(data)
+        self._end = len(data)
+        self._read = 0
         self._stop = stop
         self.confirmed: list[int] = []
 
     def read(self) -> bytes | None:
-        item = next(self._data, None)
-        if item is None:
+        """The next frame; None in the data is a moment of quiet (the loop idles)."""
+        self._read += 1
+        if self._read > self._end:
             self._stop.set()
-        return item
+            return None
+        return next(self._data)
 
     def wait(self, timeout: float, also: int = -1) -> tuple[bool, bool]:
         return False, also >= 0
@@ -125,12 +129,18 @@ class FakeSink:
         return -1
 
 
-def run(transactions: list[Transaction], **limits: Any) -> tuple[FakeSink, FakeSource]:
+def run(
+    transactions: list[Transaction],
+    position: Position | None = None,
+    data: list[bytes | None] | None = None,
+    **limits: Any,
+) -> tuple[FakeSink, FakeSource]:
     settings: Settings = load_settings(
         database_url="postgresql://u@localhost/db", status_interval=0.001, **limits
     )
     stop = threading.Event()
-    source = FakeSource(frames(transactions), stop)
+    recorded: list[bytes | None] = list(frames(transactions)) if data is None else data
+    source = FakeSource(recorded, stop)
     sink = FakeSink()
     pipeline = Pipeline(
         settings,
@@ -138,7 +148,7 @@ def run(transactions: list[Transaction], **limits: Any) -> tuple[FakeSink, FakeS
         source,
         sink,
         cast(catalog.Conn, None),
-        Position(0),
+        position or Position(0),
         Metrics(),
         stop,
         None,
@@ -191,3 +201,19 @@ def test_the_byte_limit_also_ends_batches_at_commits() -> None:
     for sent in sink.sent:
         assert sent.state["partial"] == ""
         assert sent.changes % 3 == 0
+
+
+def test_a_checkpoint_move_keeps_how_far_a_resumed_large_transaction_got() -> None:
+    """A restart inside a chunked transaction resumes at its change count; a keepalive's
+    checkpoint move before the transaction arrives again must not erase that count (the
+    first chunks would be applied again, their older values visible until overwritten)."""
+    big = Transaction(xid=3, rows=12)
+    data: list[bytes | None] = list(frames([big]))
+    keepalive = b"k" + struct.pack(">QqB", 0x10500, 0, 1)
+    data[1:1] = [keepalive, None]  # a keepalive and a quiet moment before its Begin
+    sink, _ = run([], Position(0x10000, big.final_lsn, 6), data, batch_max_changes=5)
+    assert sum(s.changes for s in sink.sent) == 6  # the 6 it had not applied yet
+    marker = f"{big.final_lsn >> 32:X}/{big.final_lsn & 0xFFFFFFFF:X}"
+    before_commit = [s for s in sink.sent if s.state["lsn"] != sink.sent[-1].state["lsn"]]
+    assert before_commit
+    assert all(s.state["partial"].startswith(marker + ":") for s in before_commit)

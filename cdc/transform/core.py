@@ -254,7 +254,7 @@ class StreamCore:
     def cut(self, chunk: bool) -> Cut:
         """Take the whole batch. With ``chunk`` and a transaction in progress, its changes
         so far go too, as a chunk recorded by ``partial`` (only when it alone fills a batch)."""
-        partial: tuple[int, int] | None = None
+        partial = self._carried_partial()
         if chunk and self.applying and self._batch.changes:
             partial = (self.final_lsn, self.assembler.seq)
             self.skip_changes = 0
@@ -267,11 +267,24 @@ class StreamCore:
     def cut_complete(self) -> Cut:
         """Take the complete transactions of the batch; the one in progress stays."""
         rest = self._batch.split(self.boundary)
-        cut = Cut(self._batch, self.pending_checkpoint, self.commit_times, None)
+        cut = Cut(self._batch, self.pending_checkpoint, self.commit_times, self._carried_partial())
         self._batch = rest
         self.boundary = Boundary()
         self.commit_times = []
         return cut
+
+    def _carried_partial(self) -> tuple[int, int] | None:
+        """The ``partial`` marker a cut without a chunk of its own must keep.
+
+        While a large transaction is applied in part and has not committed (a restart
+        resumes it by change count), moving the checkpoint, to a keepalive's position, a
+        backfill window or a shutdown, must not erase how far into it Redis got: the
+        next session would apply its first chunks again."""
+        position = self.position
+        lsn = position.partial_lsn
+        if lsn is not None and self.pending_checkpoint <= lsn:
+            return (lsn, position.partial_count)
+        return None
 
     def drop_open(self) -> None:
         """Forget the planned part of the transaction in progress (it is streamed again
