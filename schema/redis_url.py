@@ -7,7 +7,7 @@ verify, snapshot sweeps) and the writer's ``CacheReader`` agree on every form
 ``redis://[user:password@]host:port[/db]``
     one node; ``rediss://`` for TLS with the ``ssl_*`` query parameters redis-py knows
     (``ssl_certfile``, ``ssl_keyfile``, ``ssl_ca_certs``, ``ssl_ca_path``, ``ssl_cert_reqs``,
-    ``ssl_check_hostname``, ``ssl_password``). Parsed by redis-py itself.
+    ``ssl_check_hostname``, ``ssl_password``), typed as redis-py types them.
 ``redis+sentinel://[user:password@]host:port[,host:port…]/<master name>[/<db>]``
     the master of a Sentinel-managed group: the user and password are the master's,
     ``?sentinel_password=`` (and ``?sentinel_username=``) authenticate to the Sentinels;
@@ -23,14 +23,12 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import redis
-import redis.asyncio
-from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
-from redis.sentinel import Sentinel
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 DIRECT_SCHEMES = {"redis": False, "rediss": True}
@@ -42,6 +40,48 @@ _CERT_REQS = {
     "required": ssl.CERT_REQUIRED,
     "cert_required": ssl.CERT_REQUIRED,
 }
+
+
+def _flag(value: str) -> bool | None:
+    """A boolean query value as redis-py reads it (empty: unset)."""
+    if value == "":
+        return None
+    return value.upper() not in ("0", "F", "FALSE", "N", "NO")
+
+
+# How the query values redis-py knows are typed (``redis.connection.URL_QUERY_ARGUMENT_PARSERS``);
+# others are passed on as text. Kept here rather than imported: importing redis-py costs
+# 65-110 ms, and the daemon's start (restart to ready) needs none of it.
+_QUERY_PARSERS: dict[str, Callable[[str], Any]] = {
+    "db": int,
+    "socket_timeout": float,
+    "socket_connect_timeout": float,
+    "socket_read_size": int,
+    "socket_keepalive": _flag,
+    "retry_on_timeout": _flag,
+    "max_connections": int,
+    "health_check_interval": int,
+    "ssl_check_hostname": _flag,
+    "ssl_min_version": int,
+    "timeout": float,
+    "protocol": int,
+}
+
+
+def _query_options(query: str) -> dict[str, Any]:
+    """The URL's query as typed connection options (the first value of each name wins)."""
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(query):
+        if name in options or value == "":
+            continue
+        parser = _QUERY_PARSERS.get(name)
+        try:
+            options[name] = parser(value) if parser else value
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid value for {name!r}") from None
+    return options
+
+
 _TLS_KEYS = (
     "ssl_certfile",
     "ssl_keyfile",
@@ -159,18 +199,25 @@ class RedisTarget:
 
     @classmethod
     def _direct(cls, url: str, tls: bool) -> RedisTarget:
-        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-        options.pop("connection_class", None)
-        host = str(options.pop("host", "127.0.0.1") or "127.0.0.1")
-        port = int(options.pop("port", 6379) or 6379)
+        parts = urlsplit(url)
+        options = _query_options(parts.query)
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError("the port must be a number from 1 to 65535") from None
+        host = unquote(parts.hostname or "") or "127.0.0.1"
+        if "db" not in options and parts.path.strip("/"):
+            path = unquote(parts.path).replace("/", "")
+            if path.isdigit():
+                options["db"] = int(path)
         tls_options = TlsOptions.from_options(options) if tls else None
         for name in _TLS_KEYS:
             options.pop(name, None)
         return cls(
             hosts=((host, port),),
             db=int(options.pop("db", 0) or 0),
-            username=options.pop("username", None),
-            password=options.pop("password", None),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
             tls=tls_options,
             options=options,
         )
@@ -198,13 +245,7 @@ class RedisTarget:
             raise ValueError("the path must be /<master name>[/<db>]")
         if len(path) == 2 and not path[1].isdigit():
             raise ValueError("the database after the master name must be a number")
-        options: dict[str, Any] = {}
-        for name, value in parse_qsl(parts.query):
-            parser: Callable[[str], Any] | None = URL_QUERY_ARGUMENT_PARSERS.get(name)  # type: ignore[assignment]
-            try:
-                options[name] = parser(value) if parser else value
-            except (TypeError, ValueError):
-                raise ValueError(f"invalid value for {name!r}") from None
+        options = _query_options(parts.query)
         tls_options = TlsOptions.from_options(options) if tls else None
         for name in _TLS_KEYS:
             options.pop(name, None)
@@ -264,6 +305,9 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     With Sentinel, the client asks the Sentinels for the master on every new connection
     and treats a ``READONLY`` reply as a lost master (redis-py's ``SentinelConnectionPool``),
     so it follows a failover by itself."""
+    import redis
+    from redis.sentinel import Sentinel
+
     target = RedisTarget.parse(url)
     if not target.sentinel:
         return redis.Redis(host=target.host, port=target.port, **{**target.node_kwargs(), **kwargs})
@@ -276,6 +320,9 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
 
 def async_redis_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
     """:func:`redis_client` for asyncio (``AsyncCacheReader``): the same forms and options."""
+    import redis.asyncio
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
     target = RedisTarget.parse(url)
     if not target.sentinel:
         return redis.asyncio.Redis(

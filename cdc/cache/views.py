@@ -11,11 +11,13 @@ the hash's value (with the score of its ``updated_at``) and to no other.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-
-import redis
+from typing import TYPE_CHECKING
 
 from cdc.transform.script import LUA_EPOCH, LUA_VIEW_WRITE
 from schema.keys import VIEWS_STATE_FIELD, TrackedTable, View, match_prefix
+
+if TYPE_CHECKING:
+    import redis  # for annotations: redis-py is imported only where a client is made
 
 _RECONCILE = (
     LUA_EPOCH

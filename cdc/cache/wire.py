@@ -141,12 +141,13 @@ class RedisWire:
                 sentinel._context = self._tls_context()
             sentinel.connect()
             reply = sentinel.call(b"SENTINEL", b"get-master-addr-by-name", addr.master.encode())
-        except WireError as exc:
-            return str(exc)
-        except WireReplyError as exc:
-            return f"Sentinel {host}:{port}: {exc.code or exc}"
-        except OSError as exc:  # the TLS files
-            raise WireError(f"cannot set up TLS for {addr.describe()}: {exc}") from exc
+        # Distinct names: compiled by mypyc, one name would be typed as the first class.
+        except WireError as lost:
+            return str(lost)
+        except WireReplyError as refused:
+            return f"Sentinel {host}:{port}: {refused.code or refused}"
+        except OSError as tls:  # the TLS files
+            raise WireError(f"cannot set up TLS for {addr.describe()}: {tls}") from tls
         finally:
             sentinel.close()
         if isinstance(reply, list) and len(reply) == 2:

@@ -35,8 +35,6 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-import redis
-
 from cdc.cache.checkpoint import CacheState, check_format
 from cdc.cache.sink import RedisSink
 from cdc.cache.views import state_fields
@@ -438,6 +436,8 @@ class Daemon:
         return Position(Lsn(report.consistent_point))
 
     def _clear_tracked_keys(self) -> None:
+        import redis  # only here: redis-py costs 65-110 ms of every start
+
         client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psycopg
-import redis
 from psycopg import errors as pgerrors
 
 from cdc.cache.sink import RedisSink
@@ -31,6 +31,9 @@ from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import VERSION_FIELD, TrackedTable, match_prefix
 from schema.lsn import Lsn, format_lsn, lsn_bytes
 from schema.redis_url import redis_client
+
+if TYPE_CHECKING:
+    import redis  # for annotations: redis-py is imported only where a client is made
 
 Progress = Callable[[str, int, float], None]
 
