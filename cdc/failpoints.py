@@ -9,6 +9,7 @@ name           where
 before_send    a batch is ready and about to be sent to Redis (the one before it is sent)
 after_send     right after a batch was sent to Redis, before the next one
 record         each XLogData record before it is decoded
+repair_write   ``cdc verify --repair`` read a row and is about to rewrite its key
 =============  ===============================================================
 
 Actions: ``pause:<path>`` blocks while the file ``<path>`` exists, after creating

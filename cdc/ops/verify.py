@@ -7,9 +7,12 @@ streaming meanwhile, a difference may only be in flight: pass 2 waits until the 
 checkpoint passes the WAL position of pass 1, then re-reads just the differing keys from
 both sides. Only what still differs is reported (and, with ``--repair``, rewritten).
 
-Repairs are conditional: a key is rewritten only if it still holds what was read before
-its row was (see :meth:`Verifier._repair`), so a change the daemon applies meanwhile is
-never overwritten by an older row.
+Repairs never overwrite a newer change. While a daemon streams the slot, the differing
+rows are handed to it through the WAL (``pg_logical_emit_message`` with the prefix
+``cdc:repair``) and its online backfill re-reads them, deciding by transaction visibility
+which streamed changes the read has not seen (:mod:`cdc.runtime.backfill`). With no
+daemon running, and for lookup keys, a key is rewritten here only if it still holds
+what was read before its row was (see :meth:`Verifier._rewrite`).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from typing import Any
 
 from psycopg import errors as pgerrors
 
+from cdc import failpoints
 from cdc.cache.views import members, reconcile
-from cdc.errors import PostgresUnavailable
+from cdc.errors import ConfigError, PostgresUnavailable
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
 from cdc.runtime.snapshot import scan_keys
 from cdc.settings import Settings
-from cdc.transform.assemble import TableView, view_from_columns
+from cdc.transform.assemble import REPAIR_PREFIX, TableView, repair_content, view_from_columns
 from schema.keys import (
     RESERVED_FIELD_PREFIX,
     STATE_KEY,
@@ -39,6 +43,8 @@ from schema.lsn import lsn_bytes, parse_lsn
 from schema.redis_url import redis_client
 
 CHUNK = 1000
+# How long --repair waits for the running daemon to re-read the rows it was given.
+REPAIR_WAIT = 30.0
 
 
 @dataclass
@@ -352,6 +358,65 @@ class Verifier:
     ) -> int:
         """Rewrite each differing key from PostgreSQL, never over a newer change.
 
+        While a daemon streams the slot, rows are not written from here: only the daemon
+        knows which transactions a row read has not seen (a DELETE committed just after
+        the read leaves an absent key absent, so no token read from Redis can tell), so
+        the ids go to it in the WAL and its backfill re-reads them (:meth:`_hand_over`).
+        Without a daemon nothing else writes, and the keys are rewritten here. Lookup
+        keys are always rewritten here, conditionally (:meth:`_rewrite`)."""
+        rows = [s for s in suspects if not s[2].startswith("lookup:")]
+        lookups = [s for s in suspects if s[2].startswith("lookup:")]
+        repaired = 0
+        if rows:
+            streaming = self._daemon_streams(conn)
+            repaired += self._hand_over(conn, rows) if streaming else self._rewrite(conn, rows)
+            if lookups and streaming:
+                # Re-read rows rewrote their lookups too: what still differs is left.
+                lookups = self._confirm(conn, lookups)
+        return repaired + self._rewrite(conn, lookups)
+
+    def _daemon_streams(self, conn: catalog.Conn) -> bool:
+        slot = catalog.slot_info(conn, self.settings.slot)
+        return slot is not None and slot.active
+
+    def _hand_over(
+        self, conn: catalog.Conn, rows: list[tuple[TrackedTable, TableView, str]]
+    ) -> int:
+        """Ask the daemon to re-read ``rows`` (logical messages, :data:`REPAIR_PREFIX`),
+        then wait until they agree; returns how many do."""
+        by_table: dict[str, list[str]] = {}
+        for table, _, ident in rows:
+            by_table.setdefault(table.name, []).append(ident)
+        try:
+            for name, ids in by_table.items():
+                for at in range(0, len(ids), CHUNK):
+                    self._emit(conn, repair_content(name, ids[at : at + CHUNK]))
+            pending = rows
+            deadline = time.monotonic() + REPAIR_WAIT
+            while pending and time.monotonic() < deadline:
+                time.sleep(0.1)
+                # The daemon writes a re-read row once the stream passed the WAL position
+                # of its read: an idle server writes no WAL, so write some.
+                self._emit(conn, repair_content("", []))
+                self._wait_for_daemon(conn, 1.0)
+                pending = self._confirm(conn, pending)
+        except pgerrors.InsufficientPrivilege:
+            raise ConfigError(
+                "cdc verify --repair: the role may not call pg_logical_emit_message, by"
+                " which it asks the running daemon to re-read rows (GRANT EXECUTE ON"
+                " FUNCTION pg_logical_emit_message(boolean, text, text) to it)"
+            ) from None
+        return len(rows) - len(pending)
+
+    @staticmethod
+    def _emit(conn: catalog.Conn, content: str) -> None:
+        conn.execute("SELECT pg_logical_emit_message(false, %s, %s)", (REPAIR_PREFIX, content))
+
+    def _rewrite(
+        self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
+    ) -> int:
+        """Rewrite each key from PostgreSQL here, only if it still holds what was read.
+
         Per key: read what Redis holds (its ``_v``, or a lookup's value), then the row,
         then write in one script only if the key still holds what was read. If the
         daemon changed the key in between, its change is newer than this repair and
@@ -384,6 +449,8 @@ class Verifier:
                     mapping[VERSION_FIELD.encode()] = version
                     for name, field_value in mapping.items():
                         args += [name, field_value]
+            if failpoints.ACTIVE:
+                failpoints.hit("repair_write")
             if replace(keys=[key], args=args) == 1:
                 repaired += 1
         return repaired

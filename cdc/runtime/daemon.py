@@ -94,9 +94,11 @@ def stream_options(
     if server_version >= 140000:
         # Large transactions arrive while they run (cdc/runtime/streams.py), not after the server
         # decoded (and spilled) them whole. Never two_phase (section 7.8, failover slots).
+        # Logical messages carry cdc verify --repair's requests (cdc.ops.verify).
         return {
             "proto_version": "2",
             "streaming": "on",
+            "messages": "true",
             "publication_names": settings.publication,
         }
     return {"proto_version": "1", "publication_names": settings.publication}

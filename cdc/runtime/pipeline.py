@@ -43,7 +43,13 @@ from cdc.runtime.streams import StreamBuffers, state_directory
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from cdc.telemetry.metrics import Metrics
-from cdc.transform.assemble import Assembler, SchemaChange, TableTruncate, TxCommit
+from cdc.transform.assemble import (
+    Assembler,
+    RepairRequest,
+    SchemaChange,
+    TableTruncate,
+    TxCommit,
+)
 from cdc.transform.core import BatchFull, Cut, Position, StreamCore
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TrackedTable
@@ -238,6 +244,8 @@ class Pipeline:
             self._on_truncate(outcome)
         elif isinstance(outcome, SchemaChange):
             self._on_schema_change(outcome)
+        elif isinstance(outcome, RepairRequest):
+            self._on_repair(outcome)
 
     def _poison(self, data: bytes, exc: Exception) -> PoisonRecord:
         """The record in ``data`` cannot be handled: say where, never what it holds."""
@@ -289,6 +297,18 @@ class Pipeline:
         )
         self.backfill.schema_changed(event.view.tracked)
         self._watch_window()
+
+    def _on_repair(self, event: RepairRequest) -> None:
+        """``cdc verify --repair`` asks for rows to be re-read: through the backfill, whose
+        windows never write a row older than what the stream applied (its module
+        docstring), rather than by the verifier, which cannot know that."""
+        tracked = self.tables.get(event.table)
+        if tracked is None or not event.ids:
+            return  # another daemon's table (several daemons on one Redis)
+        self.log.info(
+            "re-reading rows for cdc verify --repair", table=event.table, rows=len(event.ids)
+        )
+        self.backfill.request_rows(tracked, list(event.ids), "verify --repair")
 
     # -- applying ----------------------------------------------------------------------------
 
