@@ -376,8 +376,11 @@ class Verifier:
         return repaired + self._rewrite(conn, lookups)
 
     def _daemon_streams(self, conn: catalog.Conn) -> bool:
+        """A daemon streams the slot and hears logical messages (pgoutput asks for them
+        from PostgreSQL 14 on)."""
         slot = catalog.slot_info(conn, self.settings.slot)
-        return slot is not None and slot.active
+        hears = self.settings.plugin == "wal2json" or conn.info.server_version >= 140000
+        return slot is not None and slot.active and hears
 
     def _hand_over(
         self, conn: catalog.Conn, rows: list[tuple[TrackedTable, TableView, str]]
