@@ -19,6 +19,7 @@ is the only text of a URL that may be logged (no password, no query).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -49,6 +50,18 @@ def _flag(value: str) -> bool | None:
     return value.upper() not in ("0", "F", "FALSE", "N", "NO")
 
 
+def _verify_flags(value: str) -> list[ssl.VerifyFlags]:
+    """``VERIFY_X509_STRICT,VERIFY_X509_PARTIAL_CHAIN`` (brackets allowed) as redis-py
+    reads it."""
+    flags = []
+    for name in value.replace("[", "").replace("]", "").split(","):
+        flag = getattr(ssl.VerifyFlags, name.strip(), None)
+        if not isinstance(flag, ssl.VerifyFlags):
+            raise ValueError(name)
+        flags.append(flag)
+    return flags
+
+
 # How the query values redis-py knows are typed (``redis.connection.URL_QUERY_ARGUMENT_PARSERS``);
 # others are passed on as text. Kept here rather than imported: importing redis-py costs
 # 65-110 ms, and the daemon's start (restart to ready) needs none of it.
@@ -65,6 +78,10 @@ _QUERY_PARSERS: dict[str, Callable[[str], Any]] = {
     "ssl_min_version": int,
     "timeout": float,
     "protocol": int,
+    "legacy_responses": _flag,
+    "retry_on_error": list,
+    "ssl_include_verify_flags": _verify_flags,
+    "ssl_exclude_verify_flags": _verify_flags,
 }
 
 
@@ -206,18 +223,20 @@ class RedisTarget:
         except ValueError:
             raise ValueError("the port must be a number from 1 to 65535") from None
         host = unquote(parts.hostname or "") or "127.0.0.1"
-        if "db" not in options and parts.path.strip("/"):
-            path = unquote(parts.path).replace("/", "")
-            if path.isdigit():
-                options["db"] = int(path)
+        if "db" not in options and parts.path:
+            # As redis-py: the path is the db when it reads as a number, else ignored.
+            with contextlib.suppress(ValueError):
+                options["db"] = int(unquote(parts.path).replace("/", ""))
         tls_options = TlsOptions.from_options(options) if tls else None
         for name in _TLS_KEYS:
             options.pop(name, None)
+        # The netloc's credentials win over ?username= / ?password= (as in redis-py).
+        query_user, query_password = options.pop("username", None), options.pop("password", None)
         return cls(
             hosts=((host, port),),
             db=int(options.pop("db", 0) or 0),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
+            username=unquote(parts.username) if parts.username else query_user,
+            password=unquote(parts.password) if parts.password else query_password,
             tls=tls_options,
             options=options,
         )

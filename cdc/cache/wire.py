@@ -38,6 +38,20 @@ class WireReplyError(Exception):
         self.code = message.split(" ", 1)[0] if message else ""
 
 
+def auth_problem(reply: WireReplyError) -> str | None:
+    """What to fix when ``reply`` refused the credentials (``AUTH``, or a command sent
+    without them); None for any other error. Redis' texts never hold the password."""
+    text = str(reply)
+    if "without any password configured" in text:
+        return (
+            "REDIS_URL has a password but Redis has none set for that user: remove it"
+            " from REDIS_URL, or set one in Redis (requirepass / ACL)"
+        )
+    if reply.code in ("WRONGPASS", "NOAUTH") or "invalid password" in text:
+        return f"Redis refused the credentials in REDIS_URL ({reply.code})"
+    return None
+
+
 # Every form of REDIS_URL (one node, TLS, Sentinel) is parsed in one place, shared with
 # redis-py's clients and the writer's reader.
 RedisAddress = RedisTarget
@@ -145,6 +159,8 @@ class RedisWire:
         except WireError as lost:
             return str(lost)
         except WireReplyError as refused:
+            if auth_problem(refused):
+                return f"Sentinel {host}:{port}: credentials refused ({refused.code})"
             return f"Sentinel {host}:{port}: {refused.code or refused}"
         except OSError as tls:  # the TLS files
             raise WireError(f"cannot set up TLS for {addr.describe()}: {tls}") from tls

@@ -7,7 +7,7 @@ identities itself (those belong to the migrations).
 
 from __future__ import annotations
 
-from cdc.cache.wire import RedisWire, WireError, WireReplyError
+from cdc.cache.wire import RedisWire, WireError, WireReplyError, auth_problem
 from cdc.errors import ConfigError, RedisUnavailable
 from cdc.postgres import catalog
 from cdc.settings import Settings
@@ -266,17 +266,13 @@ def check_redis(settings: Settings) -> None:
                 "REDIS_URL points at a Redis Cluster node: point it at a single Redis node"
             )
     except WireReplyError as exc:
-        if exc.code in _REFUSED or "invalid password" in str(exc):
-            raise ConfigError(f"Redis refused the credentials in REDIS_URL ({exc.code})") from None
+        if problem := auth_problem(exc):
+            raise ConfigError(problem) from None
         if exc.code == "NOPERM":
             raise ConfigError("Redis refused REDIS_URL's user: NOPERM") from None
-        raise RedisUnavailable(f"Redis: {exc.code or exc}") from None
+        raise RedisUnavailable(f"Redis: {exc}") from None
     except WireError as exc:
-        if (
-            target.sentinel
-            and "names a master" in str(exc)
-            and any(code in str(exc) for code in _REFUSED)
-        ):
+        if target.sentinel and "names a master" in str(exc) and _REFUSED_MARK in str(exc):
             raise ConfigError(
                 "the Sentinels refused the credentials in REDIS_URL (sentinel_password)"
             ) from None
@@ -289,8 +285,7 @@ def check_redis(settings: Settings) -> None:
         wire.close()
 
 
-# Error codes of a refused AUTH (or of a command sent without one).
-_REFUSED = ("WRONGPASS", "NOAUTH", "AUTH")
+_REFUSED_MARK = "credentials refused"
 
 
 def _info(reply: bytes) -> dict[str, str]:

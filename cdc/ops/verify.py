@@ -413,7 +413,7 @@ class Verifier:
 
     @staticmethod
     def _emit(conn: catalog.Conn, content: str) -> None:
-        conn.execute("SELECT pg_logical_emit_message(false, %s, %s)", (REPAIR_PREFIX, content))
+        catalog.emit_message(conn, REPAIR_PREFIX, content)
 
     def _rewrite(
         self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
