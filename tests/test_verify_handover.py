@@ -9,6 +9,7 @@ a row and would write its key (fail point ``repair_write``) and delete the row t
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -42,11 +43,37 @@ def test_a_repair_message_becomes_a_request_and_others_are_dropped() -> None:
     assert assembler.feed(LogicalMessage(False, 0, "app:audit", content)) is None
     for bad in (b"", b"not json", b"[1, 2]", b'{"table": 1, "ids": []}', b'{"table": "t"}'):
         assert repair_request(bad) is None
+    assert repair_request(b"[" * 100_000) is None  # nesting beyond the parser's depth
+    assert repair_request(repair_content("t", ["x" * 100] * 20_000).encode()) is None  # > 1 MB
+    # Ids PostgreSQL cannot hold as text are left out, the others kept.
+    kept = repair_request(b'{"table": "t", "ids": ["a\\u0000b", "\\ud800", 7, "ok"]}')
+    assert kept is not None
+    assert kept.ids == ("ok",)
+
+
+def test_hostile_repair_messages_never_stop_the_daemon(
+    daemon: Daemon, pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """Any role may write logical messages: ours malformed, with ids PostgreSQL refuses,
+    huge, or naming tables nobody mirrors, are dropped and streaming goes on."""
+    for content in (
+        '{"table": "public.tickets", "ids": ["a\\u0000b", "ok-id"]}',
+        '{"table": "public.tickets", "ids": ["\\ud800"]}',
+        "[" * 100_000,
+        repair_content("public.tickets", ["y" * 1000] * 2000),
+        repair_content("elsewhere.tickets", ["x"]),
+        "{not json",
+    ):
+        pg.execute("SELECT pg_logical_emit_message(false, %s, %s)", (REPAIR_PREFIX, content))
+    fence(database_url, redis_url)
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None, daemon.log()
+    assert_converged(database_url, redis_url)
 
 
 def _verify(daemon: Daemon, hold: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in daemon.environment().items() if k != "CDC_FAILPOINTS"}
-    env["CDC_FAILPOINTS"] = f"repair_write=pause:{hold}"
+    env["CDC_FAILPOINTS"] = f"repair_write=pause:{hold};repair_hand_over=pause:{hold}"
     return subprocess.Popen(
         [sys.executable, "-m", "cdc", "verify", "--repair"],
         cwd=daemon.cwd,
@@ -95,7 +122,47 @@ def test_a_row_deleted_while_verify_repairs_it_stays_deleted(
         pipe.exists(f"ticket:{{{row_id}}}")
     assert pipe.execute() == [0] * len(ids), "a deleted row came back"
     assert client.hget("ticket:{kept}", "title") == b"kept"
-    assert "repaired 6" in out, out
+    # The six rows, and the deleted rows' members of tickets:status:{open} (their keys
+    # were gone when the daemon applied the DELETEs, so it could not see their views).
+    found = re.search(r"repaired (\d+)", out)
+    assert found is not None, out
+    assert int(found.group(1)) >= 6, out
+    assert_converged(database_url, redis_url)
+
+
+def test_a_username_renamed_while_verify_repairs_its_lookup_is_not_written_back(
+    daemon: Daemon, pg: Conn, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The lookup ``agent:username:{alice}`` is missing; verify reads that alice is agent
+    la, and la is renamed bob before the repair lands: {alice} must stay absent (a login
+    as alice must not find la)."""
+    pg.execute(
+        "INSERT INTO agents (id, username, display_name, password_hash)"
+        " VALUES ('la', 'alice', 'A', 'h')"
+    )
+    fence(database_url, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    client.delete("agent:username:{alice}")
+    hold = tmp_path / "hold"
+    hold.touch()
+    verify = _verify(daemon, hold)
+    deadline = time.monotonic() + 120
+    renamed = False
+    while verify.poll() is None and time.monotonic() < deadline:
+        if Path(f"{hold}.hit").exists() and not renamed:
+            pg.execute("UPDATE agents SET username = 'bob' WHERE id = 'la'")
+            fence(database_url, redis_url)
+            renamed = True
+            hold.unlink()
+        time.sleep(0.01)
+    out, err = verify.communicate(timeout=120)
+    assert renamed, out + err
+    assert verify.returncode in (0, 1), out + err
+    fence(database_url, redis_url)
+    pipe = client.pipeline(transaction=True)
+    pipe.get("agent:username:{alice}")
+    pipe.get("agent:username:{bob}")
+    assert pipe.execute() == [None, b"la"]
     assert_converged(database_url, redis_url)
 
 

@@ -126,6 +126,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.tables = {t.name: t for t in tables}
+        self._qualified = {t.qualified_name: t for t in tables}
         self.source = source
         self.sink = sink
         self.pg = catalog_conn
@@ -341,7 +342,7 @@ class Pipeline:
         """``cdc verify --repair`` asks for rows to be re-read: through the backfill, whose
         windows never write a row older than what the stream applied (its module
         docstring), rather than by the verifier, which cannot know that."""
-        tracked = self.tables.get(event.table)
+        tracked = self._qualified.get(event.table)
         if tracked is None or not event.ids:
             return  # another daemon's table (several daemons on one Redis)
         self.log.info(

@@ -54,6 +54,8 @@ OP_NAMES: Final = ("", "insert", "update", "delete")
 # Prefix of the logical messages (``pg_logical_emit_message``) by which ``cdc verify
 # --repair`` asks the daemon streaming the table to re-read rows (see cdc.ops.verify).
 REPAIR_PREFIX: Final = "cdc:repair"
+# The largest request content taken (verify sends 1,000 ids at a time, far less).
+REPAIR_MAX_BYTES: Final = 1 << 20
 
 
 class AssemblyError(RecordError):
@@ -229,7 +231,8 @@ class RepairRequest(Record):
 
 
 def repair_content(table: str, ids: list[str]) -> str:
-    """The content of a :data:`REPAIR_PREFIX` message asking to re-read ``ids``."""
+    """The content of a :data:`REPAIR_PREFIX` message asking to re-read ``ids`` of
+    ``table`` (schema-qualified)."""
     return json.dumps({"table": table, "ids": ids}, separators=(",", ":"))
 
 
@@ -237,10 +240,14 @@ def repair_request(content: bytes) -> RepairRequest | None:
     """The request a :data:`REPAIR_PREFIX` message holds; None when it is not one.
 
     Anyone who may call ``pg_logical_emit_message`` can write such a message, so a
-    malformed one is dropped, never a reason to stop."""
+    malformed, oversized or odd one is dropped, never a reason to stop: at most
+    :data:`REPAIR_MAX_BYTES` of JSON, ids that are text PostgreSQL can hold (no NUL, valid
+    UTF-8)."""
+    if len(content) > REPAIR_MAX_BYTES:
+        return None
     try:
         data = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
@@ -248,7 +255,17 @@ def repair_request(content: bytes) -> RepairRequest | None:
     ids = data.get("ids")
     if not isinstance(table, str) or not isinstance(ids, list):
         return None
-    return RepairRequest(table, tuple(str(i) for i in ids if isinstance(i, str | int)))
+    return RepairRequest(table, tuple(i for i in ids if _storable(i)))
+
+
+def _storable(value: object) -> bool:
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeError:
+        return False
+    return True
 
 
 Event = Union[TxBegin, TxCommit, RowChange, TableTruncate, SchemaChange, RepairRequest]  # noqa: UP007
