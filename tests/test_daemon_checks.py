@@ -187,6 +187,29 @@ def test_a_password_for_a_redis_without_one_is_a_config_error(
         assert "s3cret-x" not in line
 
 
+def test_an_acl_user_lacking_a_key_the_daemon_writes_is_refused_at_start(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A command the batch script is refused half-way leaves the batch's earlier writes
+    visible: a user without the change feed's keys is told at start (exit 2), before
+    anything is written."""
+    server = RedisServer(tmp_path / "acl-feed")
+    with server.running():
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser(
+            "cdc",
+            enabled=True,
+            passwords=["+s3cret-acl"],
+            keys=["ticket:*", "agent:*", "tickets:*", "agents:*", "cdc:*"],  # no changes:*
+            channels=["cdc:*"],
+            commands=["+@all"],
+        )
+        url = f"redis://cdc:s3cret-acl@127.0.0.1:{server.port}/0"
+        line = refused(make_daemon(REDIS_URL=url, CDC_CHANGE_FEED="true"))
+        assert "may not run XADD on changes:" in line
+        assert admin.dbsize() == 0
+
+
 def test_refused_redis_is_retried_until_it_appears(
     make_daemon: Callable[..., Daemon], database_url: str, tmp_path: Path
 ) -> None:

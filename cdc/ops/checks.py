@@ -12,7 +12,7 @@ from cdc.errors import ConfigError, RedisUnavailable
 from cdc.postgres import catalog
 from cdc.settings import Settings
 from cdc.telemetry import logs
-from schema.keys import TrackedTable
+from schema.keys import STATE_KEY, TRACKED_TABLES, TrackedTable
 from schema.redis_url import RedisTarget, probe_tls, tls_problem
 
 log = logs.get("cdc.ops.checks")
@@ -231,7 +231,7 @@ def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
         conn.close()
 
 
-def check_redis(settings: Settings) -> None:
+def check_redis(settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_TABLES) -> None:
     """Redis answers, accepts the URL's credentials, does not evict and is one node.
 
     Spoken over the daemon's own wire (:mod:`cdc.cache.wire`), not redis-py: importing
@@ -265,6 +265,7 @@ def check_redis(settings: Settings) -> None:
             raise ConfigError(
                 "REDIS_URL points at a Redis Cluster node: point it at a single Redis node"
             )
+        _check_permissions(wire, settings, tables)
     except WireReplyError as exc:
         if problem := auth_problem(exc):
             raise ConfigError(problem) from None
@@ -296,3 +297,75 @@ def _info(reply: bytes) -> dict[str, str]:
         if sep and not name.startswith("#"):
             fields[name.strip()] = value.strip()
     return fields
+
+
+# Asks, inside Redis, whether this connection's user may run each (command, key) pair:
+# a command the batch script is refused half-way leaves the batch's earlier writes
+# visible, so refusals are found here instead (exit 2), before anything is written.
+_PERMISSIONS_SCRIPT = b"""#!lua flags=no-writes
+local refused = {}
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  if not redis.acl_check_cmd(unpack(ARGV, i + 1, i + n)) then
+    refused[#refused + 1] = ARGV[i + 1] .. ' ' .. ARGV[i + 2]
+  end
+  i = i + 1 + n
+end
+return refused
+"""
+
+# Arguments after the key that are not keys (DEL, UNLINK, EXISTS take only keys).
+_VALUE = ("f", "v")
+
+
+def _uses(settings: Settings, tables: tuple[TrackedTable, ...]) -> list[tuple[str, ...]]:
+    """The commands (with a key of each kind) the daemon sends: its batch script,
+    sweeps, state."""
+    state = STATE_KEY
+    uses: list[tuple[str, ...]] = [
+        *((c, state, *_VALUE) for c in ("HSET", "HMGET")),
+        ("HGETALL", state),
+        ("DEL", state),
+        ("SCAN", "0"),
+    ]
+    for table in tables:
+        row = table.key("x")
+        uses += [(c, row, *_VALUE) for c in ("HSET", "HMGET", "HDEL", "HEXISTS")]
+        uses += [(c, row) for c in ("TYPE", "EXISTS", "DEL", "UNLINK")]
+        uses.append(("RENAME", row, table.key("y")))
+        for lookup in table.lookups:
+            uses += [("SET", lookup.key("x"), "v"), ("GET", lookup.key("x"))]
+            uses += [(c, lookup.key("x")) for c in ("DEL", "UNLINK")]
+        for view in table.views:
+            kind = ("ZADD", "ZREM") if view.sorted else ("SADD", "SREM")
+            uses += [(c, view.key("x"), *_VALUE) for c in kind]
+            uses += [(c, view.key("x")) for c in ("DEL", "UNLINK")]
+        if settings.change_feed:
+            uses += [("XADD", table.feed_key, "*", *_VALUE), ("DEL", table.feed_key)]
+    return uses
+
+
+def _check_permissions(
+    wire: RedisWire, settings: Settings, tables: tuple[TrackedTable, ...]
+) -> None:
+    args = [part for use in _uses(settings, tables) for part in (str(len(use)), *use)]
+    try:
+        refused = wire.call(b"EVAL", _PERMISSIONS_SCRIPT, b"0", *(a.encode() for a in args))
+    except WireReplyError as exc:
+        if exc.code == "NOPERM":
+            raise ConfigError(
+                "the Redis user may not run EVAL: the daemon applies every batch as a script"
+                " (+@scripting)"
+            ) from None
+        if "acl_check_cmd" in str(exc) or "flags" in str(exc):
+            return  # a Redis before 7.0 cannot be asked; the script's replies still say
+        raise
+    if refused:
+        first = refused[0].decode()
+        command, _, key = first.partition(" ")
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise ConfigError(
+            f"the Redis user may not run {command} on {key.split('{', 1)[0]}*{more}: grant"
+            f' it the daemon\'s keys and commands (README "TLS and ACL")'
+        )

@@ -160,7 +160,7 @@ class Daemon:
         while not self.stop.is_set():
             try:
                 checks.check_postgres(self.settings, self.tables)
-                checks.check_redis(self.settings)
+                checks.check_redis(self.settings, self.tables)
                 return
             except Retryable as exc:
                 delay = backoff.next()
