@@ -262,7 +262,7 @@ def test_a_reader_whose_acl_forbids_the_channel_still_sees_the_checkpoint(tmp_pa
                 target=lambda: results.append(reader.wait("0/20", timeout=120))
             )
             thread.start()
-            wait_for(lambda: reader._feed is not None and reader._feed.failed(), 30, "refusal")
+            wait_for(lambda: (f := reader._feeds.get("cdc:state")) and f.failed(), 30, "refusal")
             admin.hset("cdc:state", "lsn", "0/20")  # applied; no message could reach it
             thread.join(60)  # well before the wait's own 120 s
             assert results == [True]
@@ -270,7 +270,7 @@ def test_a_reader_whose_acl_forbids_the_channel_still_sees_the_checkpoint(tmp_pa
         async def async_wait() -> bool:
             async with AsyncCacheReader.connect(url) as areader:
                 task = asyncio.create_task(areader.wait("0/30", timeout=120))
-                while areader._feed is None or not areader._feed.failed():
+                while (f := areader._feeds.get("cdc:state")) is None or not f.failed():
                     await asyncio.sleep(0.01)
                 admin.hset("cdc:state", "lsn", "0/30")
                 return await asyncio.wait_for(task, 60)

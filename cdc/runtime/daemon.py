@@ -36,7 +36,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from cdc.cache.checkpoint import CacheState, check_format
-from cdc.cache.sink import RedisSink
+from cdc.cache.sink import TABLES_FIELD, RedisSink
 from cdc.cache.views import state_fields
 from cdc.errors import (
     CdcError,
@@ -64,6 +64,7 @@ from cdc.telemetry.health import HealthServer, Readiness
 from cdc.telemetry.metrics import Metrics
 from cdc.transform.core import Position
 from cdc.transform.plan import Planner
+from schema import keys
 from schema.keys import TRACKED_TABLES, TrackedTable
 from schema.lsn import Lsn, format_lsn
 from schema.redis_url import redis_client
@@ -109,7 +110,12 @@ class Daemon:
         self, settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
     ) -> None:
         self.settings = settings
+        # The declared tables; after the startup checks, the ones the publication holds
+        # (several daemons may split them: README "Several daemons, one Redis").
         self.tables = tables
+        self.declared = tables
+        self.state_key = keys.state_key(settings.slot)
+        self._mirror_logged = False
         self.metrics = Metrics(tuple(t.name for t in tables))
         self.readiness = Readiness()
         self.stop = threading.Event()
@@ -159,13 +165,31 @@ class Daemon:
         backoff = Backoff(0.5, self.settings.retry_max)
         while not self.stop.is_set():
             try:
-                checks.check_postgres(self.settings, self.tables)
-                checks.check_redis(self.settings, self.tables)
+                mirrored = checks.check_postgres(self.settings, self.declared)
+                self._mirror(mirrored)
+                checks.check_redis(self.settings, self.tables, self.state_key)
                 return
             except Retryable as exc:
                 delay = backoff.next()
                 self.log.warning("waiting for a peer", reason=str(exc), retry_in=round(delay, 2))
                 self.stop.wait(delay)
+
+    def _mirror(self, mirrored: tuple[TrackedTable, ...]) -> None:
+        """Mirror the declared tables the publication holds, under the state key that
+        goes with them (:func:`schema.keys.state_key`), and say so."""
+        whole = len(mirrored) == len(self.declared)
+        state = keys.state_key(self.settings.slot, whole)
+        if (mirrored, state) == (self.tables, self.state_key) and self._mirror_logged:
+            return  # the checks are repeated while a peer is unreachable: say it once
+        self.tables, self.state_key, self._mirror_logged = mirrored, state, True
+        others = [t.name for t in self.declared if t not in mirrored]
+        self.log.info(
+            "mirroring",
+            tables=",".join(t.name for t in mirrored),
+            state=self.state_key,
+            publication=self.settings.publication,
+            **({"not_mirrored": ",".join(others)} if others else {}),
+        )
 
     def _sessions(self) -> int:
         backoff = Backoff(0.2, self.settings.retry_max)
@@ -227,7 +251,13 @@ class Daemon:
     def _session(self) -> None:
         settings = self.settings
         source = ReplicationSource(settings.replication_conninfo, settings.pg_timeout)
-        sink = RedisSink(settings.redis, settings.redis_timeout, settings.redis_min_replicas)
+        sink = RedisSink(
+            settings.redis,
+            settings.redis_timeout,
+            settings.redis_min_replicas,
+            state_key=self.state_key,
+            mirrors=tuple(t.name for t in self.tables),
+        )
         pg: catalog.Conn | None = None
         try:
             pg = catalog.connect(settings.catalog_conninfo, "PostgreSQL")
@@ -296,6 +326,7 @@ class Daemon:
         failover.require_primary(pg)
         state = sink.read_state()
         check_format(state)
+        self._check_overlap(sink)
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:
             raise SlotInUse(name, slot.active_pid)
@@ -353,14 +384,41 @@ class Daemon:
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
 
-    @staticmethod
+    def _check_overlap(self, sink: RedisSink) -> None:
+        """Refuse (exit 2) to mirror a table another daemon's state says it mirrors: two
+        daemons must never write the same keys (their publications must not overlap)."""
+        mine = {t.name for t in self.tables}
+        for table, other in sink.registry().items():
+            if table not in mine or other == self.state_key:
+                continue
+            state = sink.read_state(other)
+            held = set(state.extra.get(TABLES_FIELD, "").split(","))
+            if state.fence is not None and table in held:
+                raise ConfigError(
+                    f"table {table} is mirrored by the daemon of {other} (slot"
+                    f" {state.extra.get('slot', '?')}): publications of daemons sharing a"
+                    f" Redis must not overlap; remove {table} from one of them"
+                )
+
+    def _new_tables_reason(self, state: CacheState) -> str | None:
+        """The cache does not hold a table this daemon now mirrors (its publication grew)."""
+        recorded = state.extra.get(TABLES_FIELD)
+        if not recorded:
+            return None  # written before states recorded their tables
+        new = [t.name for t in self.tables if t.name not in recorded.split(",")]
+        if new:
+            return f"the daemon now mirrors {', '.join(new)}, which the cache does not hold"
+        return None
+
     def _rebuild_reason(
-        state: CacheState, confirmed: Lsn, source_id: str, system: SystemInfo, history: str
+        self, state: CacheState, confirmed: Lsn, source_id: str, system: SystemInfo, history: str
     ) -> tuple[str | None, str]:
         """Why the cache must be rebuilt (None: resume), and the reason's metric label."""
         reason = rebuild_reason(state, confirmed, source_id)
         if reason is not None:
             return reason, "cache_lost"
+        if reason := self._new_tables_reason(state):
+            return reason, "tables_added"
         return (
             failover.timeline_reason(state, system.system_id, system.timeline, history),
             "promotion",
