@@ -461,3 +461,34 @@ def test_publication_with_part_of_the_tables_and_overlaps(
     assert len(lines) == 1, second.log()
     assert lines[0].startswith("cdc: table tickets is mirrored by the daemon of cdc:state:")
     assert "must not overlap" in lines[0]
+
+
+def test_standby_of_one_daemon_takes_over_after_kill_9(
+    split: Split, make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """A hot standby for the agents daemon (same slot and publication) takes over after
+    its kill -9; the tickets daemon goes on untouched."""
+    insert_agents(pg, GROUP)
+    split.tickets.start()
+    split.agents.env["CDC_STANDBY"] = "true"
+    split.agents.start()
+    split.tickets.wait_ready()
+    split.agents.wait_ready()
+    standby = make_daemon(
+        CDC_SLOT=split.agents.slot, CDC_PUBLICATION="cdc_agents", CDC_STANDBY="true"
+    ).start()
+    wait_for(lambda: "standby: waiting for the slot" in standby.log(), 30, "the standby")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    tickets_fence = client.hget(split.tickets_state, "fence")
+    group = GroupWriter(database_url).start()
+    try:
+        wait_for(lambda: group.commits > 10, 60, "commits")
+        split.agents.kill()
+        standby.wait_ready()
+        target = group.commits + 10
+        wait_for(lambda: group.commits > target, 60, "commits after the takeover")
+    finally:
+        group.stop()
+    converged(database_url, redis_url, "standby")
+    assert str(client.hget(split.agents_state, "owner")).endswith(f":{standby.pid}")
+    assert client.hget(split.tickets_state, "fence") == tickets_fence

@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+import psycopg
+
 from cdc.cache.checkpoint import CacheState, check_format
 from cdc.cache.sink import TABLES_FIELD, RedisSink
 from cdc.cache.views import state_fields
@@ -240,11 +242,34 @@ class Daemon:
                 self.log.info("standby: waiting for the slot", reason=str(exc))
                 self._standby_logged = True
             self.readiness.set(False, f"standby: {exc}")
-            self.stop.wait(1.0)
+            self._wait_slot_free()
             return
         if now - self._busy_since >= self.settings.slot_busy_timeout:
             raise ConfigError(str(exc))
         self.stop.wait(0.5)
+
+    def _wait_slot_free(self, poll: float = 0.1, longest: float = 30.0) -> None:
+        """A hot standby waits for the slot on one catalog session, asking every ``poll``
+        seconds whether it is still held (a cheap query), rather than opening a whole
+        session (PostgreSQL, replication, Redis) each time: the active daemon's death is
+        seen within ``poll`` (a kill -9 closes its walsender's socket at once). After
+        ``longest``, or on any error, a session tries again (and re-reads everything)."""
+        deadline = time.monotonic() + longest
+        try:
+            conn = catalog.connect(self.settings.catalog_conninfo, "PostgreSQL")
+        except CdcError:
+            self.stop.wait(1.0)
+            return
+        try:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                info = catalog.slot_info(conn, self.settings.slot)
+                if info is None or not info.active:
+                    return
+                self.stop.wait(poll)
+        except psycopg.Error:
+            return
+        finally:
+            conn.close()
 
     # -- one session ---------------------------------------------------------------------------
 
