@@ -492,3 +492,52 @@ def test_standby_of_one_daemon_takes_over_after_kill_9(
     converged(database_url, redis_url, "standby")
     assert str(client.hget(split.agents_state, "owner")).endswith(f":{standby.pid}")
     assert client.hget(split.tickets_state, "fence") == tickets_fence
+
+
+def test_one_daemon_split_into_two(
+    make_daemon: Callable[..., Daemon], pg: Conn, slot_name: str, database_url: str, redis_url: str
+) -> None:
+    """A single daemon (every table, ``cdc:state``) whose publication then loses agents to
+    a second daemon: it rebuilds its tickets under ``cdc:state:<slot>`` and drops its
+    former state, so the agents daemon is not refused."""
+    insert_agents(pg, GROUP)
+    pg.execute("INSERT INTO tickets (id, title) VALUES ('t1', 'x')")
+    whole = make_daemon(CDC_SLOT=slot_name + "_t")
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: whole.stop() if whole.proc and whole.proc.poll() is None else 0)
+        whole.start().wait_ready()
+        converged(database_url, redis_url, "whole")
+        whole.stop()
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.hget("cdc:state", "tables") == "agents,tickets"
+    split_publications(pg)
+    tickets = make_daemon(CDC_SLOT=slot_name + "_t", CDC_PUBLICATION="cdc_cache").start()
+    tickets.wait_ready()
+    agents = make_daemon(CDC_SLOT=slot_name + "_a", CDC_PUBLICATION="cdc_agents").start()
+    agents.wait_ready()
+    keyed = state_key(slot_name + "_t", mirrors_all=False)
+    wait_for(lambda: not client.hget(keyed, "rebuild"), 60, "the tickets rebuild")
+    assert not client.exists("cdc:state")
+    pg.execute("UPDATE tickets SET title = 'y' WHERE id = 't1'")
+    converged(database_url, redis_url, "split")
+    assert client.hget(keyed, "tables") == "tickets"
+
+
+def test_truncate_touches_only_its_daemon(
+    split: Split, pg: Conn, database_url: str, redis_url: str
+) -> None:
+    insert_agents(pg, GROUP)
+    pg.execute("UPDATE agents SET status = 'online'")
+    pg.execute("INSERT INTO tickets (id, title) SELECT 't' || g, 'x' FROM generate_series(1, 20) g")
+    split.tickets.start()
+    split.agents.start()
+    split.tickets.wait_ready()
+    split.agents.wait_ready()
+    converged(database_url, redis_url, "t0")
+    client = redis.Redis.from_url(redis_url)
+    agents_before = keys_of(client, AGENTS.owned_prefixes)
+    assert len(agents_before) > 2 * len(GROUP)
+    pg.execute("TRUNCATE tickets CASCADE")
+    wait_for(lambda: not keys_of(client, TICKETS.owned_prefixes), 60, "the tickets keys to go")
+    assert keys_of(client, AGENTS.owned_prefixes) == agents_before
+    converged(database_url, redis_url, "t1")

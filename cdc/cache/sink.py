@@ -144,6 +144,11 @@ class RedisSink:
             return {}
         return {k.decode(): v.decode() for k, v in zip(reply[0::2], reply[1::2], strict=True)}
 
+    def drop_state(self, key: str) -> None:
+        """Delete another state hash (a former key of this daemon's slot)."""
+        if key != self.state_key:
+            self._call(b"DEL", key.encode())
+
     def claim(self, fields: dict[str, str]) -> CacheState:
         """Take the fence (after acquiring the slot) and write ``fields`` to the state.
 

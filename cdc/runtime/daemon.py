@@ -291,6 +291,7 @@ class Daemon:
             sink.connect()
             self.metrics.connected.labels(target="redis").set(1)
             position, rebuilding = self._prepare(pg, source, sink, system)
+            self._retire_former(sink)
             self._busy_since = None
             self._standby_logged = False
             decode, on_schema_change = self._decoder(pg)
@@ -418,12 +419,24 @@ class Daemon:
                 continue
             state = sink.read_state(other)
             held = set(state.extra.get(TABLES_FIELD, "").split(","))
+            if state.extra.get("slot") == self.settings.slot:
+                continue  # this slot's own state under its former key (_retire_former)
             if state.fence is not None and table in held:
                 raise ConfigError(
                     f"table {table} is mirrored by the daemon of {other} (slot"
                     f" {state.extra.get('slot', '?')}): publications of daemons sharing a"
                     f" Redis must not overlap; remove {table} from one of them"
                 )
+
+    def _retire_former(self, sink: RedisSink) -> None:
+        """Once the slot is ours: drop a state this slot kept under another key (its
+        publication changed, so did its key, :func:`schema.keys.state_key`). No daemon
+        can write under it any more (a paused one finds it gone and stops), and no
+        other daemon is refused the tables it names."""
+        for other in set(sink.registry().values()) - {self.state_key}:
+            if sink.read_state(other).extra.get("slot") == self.settings.slot:
+                self.log.info("dropping this slot's former state", state=other)
+                sink.drop_state(other)
 
     def _new_tables_reason(self, state: CacheState) -> str | None:
         """The cache does not hold a table this daemon now mirrors (its publication grew)."""
