@@ -461,6 +461,13 @@ def test_publication_with_part_of_the_tables_and_overlaps(
     assert len(lines) == 1, second.log()
     assert lines[0].startswith("cdc: table tickets is mirrored by the daemon of cdc:state:")
     assert "must not overlap" in lines[0]
+    # Once the first daemon is gone for good (its slot dropped), its state is no one's.
+    first.stop()
+    pg.execute("SELECT pg_drop_replication_slot(%s)", (first.slot,))
+    third = make_daemon(CDC_SLOT=slot_name + "_b", CDC_PUBLICATION="cdc_both").start()
+    third.wait_ready()
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.hget(REGISTRY_KEY, "tickets") == state_key(third.slot, mirrors_all=False)
 
 
 def test_standby_of_one_daemon_takes_over_after_kill_9(

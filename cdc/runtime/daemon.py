@@ -352,7 +352,7 @@ class Daemon:
         failover.require_primary(pg)
         state = sink.read_state()
         check_format(state)
-        self._check_overlap(sink)
+        self._check_overlap(sink, pg)
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:
             raise SlotInUse(name, slot.active_pid)
@@ -410,23 +410,35 @@ class Daemon:
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
 
-    def _check_overlap(self, sink: RedisSink) -> None:
+    def _check_overlap(self, sink: RedisSink, pg: catalog.Conn) -> None:
         """Refuse (exit 2) to mirror a table another daemon's state says it mirrors: two
-        daemons must never write the same keys (their publications must not overlap)."""
+        daemons must never write the same keys (their publications must not overlap).
+        A state whose slot no longer exists is no daemon's any more: not a conflict."""
         mine = {t.name for t in self.tables}
         for table, other in sink.registry().items():
             if table not in mine or other == self.state_key:
                 continue
             state = sink.read_state(other)
             held = set(state.extra.get(TABLES_FIELD, "").split(","))
-            if state.extra.get("slot") == self.settings.slot:
+            slot = state.extra.get("slot", "")
+            if slot == self.settings.slot:
                 continue  # this slot's own state under its former key (_retire_former)
-            if state.fence is not None and table in held:
-                raise ConfigError(
-                    f"table {table} is mirrored by the daemon of {other} (slot"
-                    f" {state.extra.get('slot', '?')}): publications of daemons sharing a"
-                    f" Redis must not overlap; remove {table} from one of them"
+            if state.fence is None or table not in held:
+                continue
+            if slot and catalog.slot_info(pg, slot) is None:
+                self.log.warning(
+                    "a former daemon's state names a table this one mirrors; its slot is"
+                    " gone, so it is ignored",
+                    state=other,
+                    table=table,
+                    slot=slot,
                 )
+                continue
+            raise ConfigError(
+                f"table {table} is mirrored by the daemon of {other} (slot {slot or '?'}):"
+                f" publications of daemons sharing a Redis must not overlap; remove {table}"
+                " from one of them"
+            )
 
     def _retire_former(self, sink: RedisSink) -> None:
         """Once the slot is ours: drop a state this slot kept under another key (its
