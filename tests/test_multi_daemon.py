@@ -25,12 +25,17 @@ import psycopg
 import pytest
 import redis
 
+from cdc.cache.sink import RedisSink
+from cdc.errors import Fenced
+from cdc.transform.plan import CommandBatch
 from schema.keys import (
     AGENTS,
     REGISTRY_KEY,
     TICKETS,
     agent_status_key,
+    applied_message,
     match_prefix,
+    parse_applied,
     state_key,
     ticket_status_key,
 )
@@ -548,3 +553,52 @@ def test_truncate_touches_only_its_daemon(
     wait_for(lambda: not keys_of(client, TICKETS.owned_prefixes), 60, "the tickets keys to go")
     assert keys_of(client, AGENTS.owned_prefixes) == agents_before
     converged(database_url, redis_url, "t1")
+
+
+# -- the layout and the sink, without daemons --------------------------------------------------
+
+
+def test_state_keys_and_messages() -> None:
+    assert state_key("cdc_cache") == "cdc:state"
+    assert state_key("other") == "cdc:state"  # mirrors every table: the single layout
+    assert state_key("cdc_cache", mirrors_all=False) == "cdc:state"  # the default slot
+    assert state_key("cdc_agents", mirrors_all=False) == "cdc:state:cdc_agents"
+    assert applied_message("cdc:state", "0/10") == "0/10"  # unchanged for old readers
+    assert applied_message("cdc:state:cdc_agents", "0/10") == "0/10 cdc:state:cdc_agents"
+    assert parse_applied("0/10") == ("cdc:state", "0/10")
+    assert parse_applied("0/10 cdc:state:cdc_agents") == ("cdc:state:cdc_agents", "0/10")
+
+
+def test_two_sinks_keep_their_own_state_and_fence(redis_url: str) -> None:
+    """Each state has its own fence and checkpoint: a successor on one slot fences that
+    slot's predecessor only; each batch publishes its own state's position."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+    pubsub.subscribe("cdc:applied")
+    sinks = {}
+    for slot, table in (("s_t", "tickets"), ("s_a", "agents")):
+        sink = RedisSink(redis_url, 5, state_key=state_key(slot, False), mirrors=(table,))
+        sink.connect()
+        sink.claim({"slot": slot})
+        sink.reset_state({"lsn": "0/1", "slot": slot})
+        sinks[table] = sink
+    assert client.hgetall(REGISTRY_KEY) == {"tickets": "cdc:state:s_t", "agents": "cdc:state:s_a"}
+    sinks["tickets"].apply(CommandBatch(), {"lsn": "0/5"})
+    sinks["agents"].apply(CommandBatch(), {"lsn": "0/3"})
+    assert client.hget("cdc:state:s_t", "lsn") == "0/5"
+    assert client.hget("cdc:state:s_a", "lsn") == "0/3"
+    assert client.hget("cdc:state:s_a", "tables") == "agents"
+    successor = RedisSink(redis_url, 5, state_key="cdc:state:s_a", mirrors=("agents",))
+    successor.connect()
+    successor.claim({"slot": "s_a"})
+    with pytest.raises(Fenced):
+        sinks["agents"].apply(CommandBatch(), {"lsn": "0/4"})
+    sinks["tickets"].apply(CommandBatch(), {"lsn": "0/6"})  # the other slot goes on
+    messages = []
+    while (message := pubsub.get_message(timeout=1)) is not None:
+        if message["type"] == "message":
+            messages.append(message["data"])
+    assert messages == ["0/5 cdc:state:s_t", "0/3 cdc:state:s_a", "0/6 cdc:state:s_t"]
+    for sink in (*sinks.values(), successor):
+        sink.close()
+    pubsub.close()

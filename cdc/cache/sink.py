@@ -2,8 +2,9 @@
 
 The state it keeps with every batch is described in :mod:`cdc.cache.checkpoint`.
 
-Every batch is one ``EVAL`` of :data:`cdc.transform.script.BATCH_SCRIPT`, whose arguments start with
-a head::
+Every batch is one ``EVAL`` of :data:`cdc.transform.script.BATCH_SCRIPT` on one key, the
+daemon's state hash (``cdc:state``, or ``cdc:state:<slot>`` for one of several daemons:
+:func:`schema.keys.state_key`), whose arguments start with a head::
 
     <fence> <expected lsn> <expected partial> <lsn to publish> <n> <state field value>…
 
