@@ -10,6 +10,7 @@ only that daemon's tables. Readers' token waits follow the daemon that mirrors t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -40,7 +41,7 @@ from schema.keys import (
     ticket_status_key,
 )
 from tests.helpers import ROOT, Daemon, Load, assert_converged, text, wait_for
-from writer import CacheReader, Writer
+from writer import AsyncCacheReader, CacheReader, Writer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 ROWS = [f"k{i}" for i in range(30)]
@@ -449,6 +450,23 @@ def test_read_your_writes_with_two_daemons(
         assert reader.wait(renamed.token, timeout=30, table="agents")
         assert client.hget(AGENTS.key(agent.value.id), "display_name") == "Ann C"
         assert text(client.hget(split.agents_state, "tables") or "") == "agents"
+
+    async def async_reads() -> tuple[bool, bool, Any, Any]:
+        retitled = writer.update_ticket(ticket.value.id, {"title": "third"})
+        renamed = writer.update_agent(agent.value.id, {"display_name": "Ann D"})
+        async with AsyncCacheReader.connect(redis_url) as areader:
+            return (
+                await areader.wait(retitled.token, timeout=30, table="tickets"),
+                await areader.wait(renamed.token, timeout=30, table="agents"),
+                await areader.ticket(ticket.value.id, after=retitled.token, timeout=30),
+                await areader.agent(agent.value.id, after=renamed.token, timeout=30),
+            )
+
+    ticket_ok, agent_ok, found_ticket, found_agent = asyncio.run(async_reads())
+    assert ticket_ok
+    assert agent_ok
+    assert found_ticket.title == "third"
+    assert found_agent.display_name == "Ann D"
 
 
 def test_publication_with_part_of_the_tables_and_overlaps(
