@@ -40,7 +40,7 @@ from schema.keys import (
     state_key,
     ticket_status_key,
 )
-from tests.helpers import ROOT, Daemon, Load, assert_converged, text, wait_for
+from tests.helpers import ROOT, Daemon, Load, assert_converged, fence, text, wait_for
 from writer import AsyncCacheReader, CacheReader, Writer
 
 Conn = psycopg.Connection[tuple[Any, ...]]
@@ -620,3 +620,49 @@ def test_two_sinks_keep_their_own_state_and_fence(redis_url: str) -> None:
     for sink in (*sinks.values(), successor):
         sink.close()
     pubsub.close()
+
+
+def test_a_table_added_to_the_publication_is_loaded(
+    make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """The default slot keeps ``cdc:state`` whatever it mirrors; when its publication
+    gains a table the cache does not hold, the daemon rebuilds online and loads it."""
+    split_publications(pg)
+    insert_agents(pg, GROUP)
+    pg.execute("INSERT INTO tickets (id, title) VALUES ('t1', 'x')")
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    daemon = make_daemon(CDC_SLOT="cdc_cache").start()
+    daemon.wait_ready()
+    fence(database_url, redis_url)
+    assert client.hget("cdc:state", "tables") == "tickets"
+    assert not client.exists(AGENTS.key(GROUP[0]))
+    daemon.stop()
+    pg.execute("DROP PUBLICATION cdc_agents")
+    columns = (
+        ""
+        if pg.info.server_version < 150000
+        else (
+            " ("
+            + ", ".join(
+                str(r[0])
+                for r in pg.execute(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = 'agents'::regclass"
+                    " AND attnum > 0 AND NOT attisdropped AND attname <> 'password_hash'"
+                    " ORDER BY attnum"
+                ).fetchall()
+            )
+            + ")"
+        )
+    )
+    pg.execute(f"ALTER PUBLICATION cdc_cache ADD TABLE agents{columns}")
+    again = make_daemon(CDC_SLOT="cdc_cache").start()
+    again.wait_ready()
+    wait_for(lambda: not client.hget("cdc:state", "rebuild"), 60, "the rebuild")
+    converged(database_url, redis_url, "added")
+    assert client.hget("cdc:state", "tables") == "agents,tickets"
+    reasons = [
+        str(e.get("reason"))
+        for e in again.events()
+        if e.get("event") == "the cache must be rebuilt"
+    ]
+    assert reasons == ["the daemon now mirrors agents, which the cache does not hold"]
