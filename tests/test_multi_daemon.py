@@ -370,7 +370,12 @@ def test_verify_and_reset_touch_only_their_slot(
     done = cdc(database_url, redis_url, split.agents, "verify", "--json")
     assert done.returncode == 1
     assert [d["key"] for d in json.loads(done.stdout)["different"]] == [AGENTS.key("a3")]
-    client.hset(AGENTS.key("a3"), "display_name", "0")
+    # --repair asks the daemons (a logical message both receive): the agents daemon
+    # re-reads the row, the tickets daemon leaves another daemon's table alone.
+    done = cdc(database_url, redis_url, split.agents, "verify", "--repair")
+    assert done.returncode in (0, 1), done.stderr
+    wait_for(lambda: client.hget(AGENTS.key("a3"), "display_name") == b"0", 60, "the repair")
+    assert "re-reading rows" not in split.tickets.log()
 
     # Reset of the tickets slot: its keys are reloaded; the agents daemon's keys and
     # state are untouched (same values, same fence), and it streams on.
