@@ -300,3 +300,31 @@ def test_readers_answer_from_postgres_when_redis_is_down(writer: Writer, databas
             assert [a.id for a in await areader.agents_with_status("offline")] == [agent.id]
 
     run(scenario())
+
+
+def test_a_reader_whose_acl_has_no_registry_waits_on_cdc_state(tmp_path: Path) -> None:
+    """A reader user with the ACL of an earlier README (``~cdc:state``, no ``~cdc:tables``):
+    the registry cannot be read, so waits follow ``cdc:state`` as before."""
+    server = RedisServer(tmp_path / "acl")
+    with server.running():
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser(
+            "reader",
+            enabled=True,
+            passwords=["+pw-reader"],
+            keys=["ticket:*", "cdc:state"],
+            channels=["cdc:*"],
+            commands=["+@read", "+@transaction", "+@pubsub", "+ping"],
+        )
+        admin.hset("cdc:tables", "tickets", "cdc:state")
+        admin.hset("cdc:state", "lsn", "0/20")
+        url = f"redis://reader:pw-reader@127.0.0.1:{server.port}/0"
+        with CacheReader.connect(url) as reader:
+            assert reader.wait("0/20", timeout=30, table="tickets")
+            assert reader.applied_position("tickets") == 0x20
+
+        async def async_wait() -> bool:
+            async with AsyncCacheReader.connect(url) as areader:
+                return await areader.wait("0/20", timeout=30, table="tickets")
+
+        assert run(async_wait()) is True

@@ -134,7 +134,12 @@ class CacheReader:
             return keys.STATE_KEY
         state = self._states.get(table)
         if state is None:
-            found = self._redis.hget(keys.REGISTRY_KEY, table)
+            try:
+                found = self._redis.hget(keys.REGISTRY_KEY, table)
+            except redis.ResponseError:
+                # An ACL without ~cdc:tables (README): the single-daemon state, for good.
+                self._states[table] = keys.STATE_KEY
+                return keys.STATE_KEY
             if not found:
                 return keys.STATE_KEY  # a single daemon that predates the registry
             state = found.decode() if isinstance(found, bytes) else str(found)
@@ -308,7 +313,11 @@ class AsyncCacheReader:
             return keys.STATE_KEY
         state = self._states.get(table)
         if state is None:
-            found = await self._redis.hget(keys.REGISTRY_KEY, table)
+            try:
+                found = await self._redis.hget(keys.REGISTRY_KEY, table)
+            except redis.ResponseError:
+                self._states[table] = keys.STATE_KEY
+                return keys.STATE_KEY
             if not found:
                 return keys.STATE_KEY
             state = found.decode() if isinstance(found, bytes) else str(found)
