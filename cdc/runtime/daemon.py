@@ -117,7 +117,6 @@ class Daemon:
         self.tables = tables
         self.declared = tables
         self.state_key = keys.state_key(settings.slot)
-        self._mirror_logged = False
         self.metrics = Metrics(tuple(t.name for t in tables))
         self.readiness = Readiness()
         self.stop = threading.Event()
@@ -167,9 +166,9 @@ class Daemon:
         backoff = Backoff(0.5, self.settings.retry_max)
         while not self.stop.is_set():
             try:
-                mirrored = checks.check_postgres(self.settings, self.declared)
-                self._mirror(mirrored)
+                self._mirror(checks.check_postgres(self.settings, self.declared))
                 checks.check_redis(self.settings, self.tables, self.state_key)
+                self._log_mirror()
                 return
             except Retryable as exc:
                 delay = backoff.next()
@@ -178,16 +177,17 @@ class Daemon:
 
     def _mirror(self, mirrored: tuple[TrackedTable, ...]) -> None:
         """Mirror the declared tables the publication holds, under the state key that
-        goes with them (:func:`schema.keys.state_key`), and say so."""
-        whole = len(mirrored) == len(self.declared)
-        state = keys.state_key(self.settings.slot, whole)
-        if (mirrored, state) == (self.tables, self.state_key) and self._mirror_logged:
-            return  # the checks are repeated while a peer is unreachable: say it once
-        self.tables, self.state_key, self._mirror_logged = mirrored, state, True
-        others = [t.name for t in self.declared if t not in mirrored]
+        goes with them (:func:`schema.keys.state_key`)."""
+        self.tables = mirrored
+        self.state_key = keys.state_key(self.settings.slot, len(mirrored) == len(self.declared))
+
+    def _log_mirror(self) -> None:
+        """Say which tables this daemon mirrors (once every check passed: a refusal at
+        start stays one line)."""
+        others = [t.name for t in self.declared if t not in self.tables]
         self.log.info(
             "mirroring",
-            tables=",".join(t.name for t in mirrored),
+            tables=",".join(t.name for t in self.tables),
             state=self.state_key,
             publication=self.settings.publication,
             **({"not_mirrored": ",".join(others)} if others else {}),
