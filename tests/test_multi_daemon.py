@@ -671,3 +671,30 @@ def test_a_table_added_to_the_publication_is_loaded(
         if e.get("event") == "the cache must be rebuilt"
     ]
     assert reasons == ["the daemon now mirrors agents, which the cache does not hold"]
+
+
+def test_a_table_no_longer_mirrored_leaves_the_registry(redis_url: str) -> None:
+    """A daemon whose publication lost a table drops the table's registry entry at its
+    claim, and a reader that remembered the entry does not take the daemon's checkpoint
+    for that table's any more (it answers from PostgreSQL: the wait says False)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    both = RedisSink(redis_url, 5, state_key="cdc:state", mirrors=("agents", "tickets"))
+    both.connect()
+    both.claim({"slot": "cdc_cache"})
+    both.reset_state({"lsn": "0/10", "slot": "cdc_cache"})
+    assert client.hgetall(REGISTRY_KEY) == {"agents": "cdc:state", "tickets": "cdc:state"}
+    with CacheReader.connect(redis_url) as reader:
+        assert reader.wait("0/10", timeout=5, table="agents")  # remembered: cdc:state
+        # Restarted with a publication that holds tickets only (same slot, same state).
+        both.close()
+        tickets = RedisSink(redis_url, 5, state_key="cdc:state", mirrors=("tickets",))
+        tickets.connect()
+        tickets.claim({"slot": "cdc_cache"})
+        assert client.hgetall(REGISTRY_KEY) == {"tickets": "cdc:state"}
+        tickets.apply(CommandBatch(), {"lsn": "0/20"})
+        assert reader.wait("0/20", timeout=5, table="tickets")
+        # cdc:state passed 0/20, but it no longer mirrors agents.
+        assert not reader.wait("0/20", timeout=0.2, table="agents")
+        assert not reader.wait("0/10", timeout=0.2, table="agents")
+        tickets.close()
+    client.close()

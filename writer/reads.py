@@ -107,6 +107,17 @@ ReadPlan = Generator[ReadStep, Any, T]
 _STATE_FIELDS = ("lsn", "loading", "rebuild", "views")
 
 
+def text_of(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def tables_hold(recorded: str | bytes | None, table: str) -> bool:
+    """Whether a state's ``tables`` field (:data:`schema.keys.TABLES_FIELD`) names
+    ``table``; a state without it (written before states recorded their tables) is a
+    single daemon's, which mirrors every table."""
+    return not recorded or table in text_of(recorded).split(",")
+
+
 def _ready(state: Sequence[str | None]) -> bool:
     """Whether the views can answer: a checkpoint, no snapshot loading, no rebuild, and the
     daemon says it keeps the views (``views`` set in ``cdc:state``: an empty view has no

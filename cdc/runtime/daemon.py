@@ -38,7 +38,7 @@ from types import FrameType
 import psycopg
 
 from cdc.cache.checkpoint import CacheState, check_format
-from cdc.cache.sink import TABLES_FIELD, RedisSink
+from cdc.cache.sink import RedisSink
 from cdc.cache.views import state_fields
 from cdc.errors import (
     CdcError,
@@ -67,7 +67,7 @@ from cdc.telemetry.metrics import Metrics
 from cdc.transform.core import Position
 from cdc.transform.plan import Planner
 from schema import keys
-from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.keys import TABLES_FIELD, TRACKED_TABLES, TrackedTable
 from schema.lsn import Lsn, format_lsn
 from schema.redis_url import redis_client
 
