@@ -42,6 +42,7 @@ from schema.keys import (
 )
 from tests.helpers import ROOT, Daemon, Load, assert_converged, fence, text, wait_for
 from writer import AsyncCacheReader, CacheReader, Writer
+from writer.db import Database
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 ROWS = [f"k{i}" for i in range(30)]
@@ -698,3 +699,55 @@ def test_a_table_no_longer_mirrored_leaves_the_registry(redis_url: str) -> None:
         assert not reader.wait("0/10", timeout=0.2, table="agents")
         tickets.close()
     client.close()
+
+
+def test_a_table_no_daemon_registers_is_read_from_postgresql(
+    redis_url: str, database_url: str, pg: Conn
+) -> None:
+    """With a registry (several daemons) that names no daemon for tickets, cdc:state is
+    another daemon's (here the agents daemon of the default slot): reads of tickets, rows
+    and views, with a token or without, are answered by PostgreSQL, not from Redis keys
+    no daemon keeps. Without any registry (a single daemon) cdc:state still counts."""
+    pg.execute("INSERT INTO tickets (id, title, status) VALUES ('t1', 'fresh', 'open')")
+    (token,) = pg.execute("SELECT pg_current_wal_lsn()::text").fetchone() or ("",)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    agents = RedisSink(redis_url, 5, state_key="cdc:state", mirrors=("agents",))
+    agents.connect()
+    agents.claim({"slot": "cdc_cache"})
+    agents.reset_state({"lsn": "F/0", "slot": "cdc_cache", "views": "1"})
+    pg.execute("SET TimeZone = 'UTC'")
+    columns = [
+        str(r[0])
+        for r in pg.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'tickets'::regclass"
+            " AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+        ).fetchall()
+    ]
+    values = pg.execute(
+        f"SELECT {', '.join(c + '::text' for c in columns)} FROM tickets WHERE id = 't1'"
+    ).fetchone()
+    assert values is not None
+    row: dict[Any, Any] = {c: str(v) for c, v in zip(columns, values, strict=True) if v is not None}
+    client.hset(TICKETS.key("t1"), mapping={**row, "title": "stale"})  # no daemon keeps it
+    db = Database(database_url, min_size=1, max_size=1)
+    db.open()
+    try:
+        with CacheReader.connect(redis_url, db) as reader:
+            for after in (None, str(token)):
+                found = reader.ticket("t1", after=after, timeout=0.2)
+                assert found is not None
+                assert found.title == "fresh"
+                assert [t.id for t in reader.tickets_with_status("open", after=after)] == ["t1"]
+            assert not reader.wait(str(token), timeout=0.2, table="tickets")
+            assert reader.wait(str(token), timeout=5, table="agents")
+        # A single daemon from before the registry and the state's tables field.
+        client.delete(REGISTRY_KEY)
+        client.hdel("cdc:state", "tables")
+        with CacheReader.connect(redis_url, db) as reader:
+            found = reader.ticket("t1", after=str(token), timeout=5)
+            assert found is not None
+            assert found.title == "stale"
+    finally:
+        db.close()
+        agents.close()
+        client.close()

@@ -149,7 +149,10 @@ class CacheReader:
                 self._states[table] = keys.STATE_KEY
                 return keys.STATE_KEY
             if not found:
-                return keys.STATE_KEY  # a single daemon that predates the registry
+                # No registry at all: a single daemon that predates it (cdc:state). A
+                # registry without the table: no daemon mirrors it (not cdc:state, which
+                # may be another daemon's), so PostgreSQL answers.
+                return None if registry else keys.STATE_KEY
             state = text_of(found)
             self._states[table] = state
         return state
@@ -348,7 +351,7 @@ class AsyncCacheReader:
                 self._states[table] = keys.STATE_KEY
                 return keys.STATE_KEY
             if not found:
-                return keys.STATE_KEY
+                return None if registry else keys.STATE_KEY
             state = text_of(found)
             self._states[table] = state
         return state
