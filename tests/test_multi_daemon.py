@@ -751,3 +751,30 @@ def test_a_table_no_daemon_registers_is_read_from_postgresql(
         db.close()
         agents.close()
         client.close()
+
+
+def test_two_daemons_of_every_table_on_one_redis_are_refused(
+    make_daemon: Callable[..., Daemon], pg: Conn, slot_name: str, redis_url: str
+) -> None:
+    """Two daemons whose publications hold every table both keep cdc:state: the second
+    (another slot, the first's still in PostgreSQL) is refused with one line naming both
+    slots, and the first keeps its fence. Once the first slot is dropped, a daemon on a
+    new slot may take the state over (here: CDC_ON_SLOT_LOSS=rebuild)."""
+    first = make_daemon(CDC_SLOT=slot_name + "_1").start()
+    first.wait_ready()
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    owned = client.hget("cdc:state", "fence")
+    # CDC_ON_SLOT_LOSS=rebuild: a cache without its slot would be rebuilt (taken over).
+    second = make_daemon(CDC_SLOT=slot_name + "_2", CDC_ON_SLOT_LOSS="rebuild").start()
+    assert second.wait_exit(60) == 2
+    lines = [line for line in second.log().splitlines() if line.startswith("cdc: ")]
+    assert len(lines) == 1, second.log()
+    assert f"slot {first.slot}, not of slot {second.slot}" in lines[0]
+    assert client.hget("cdc:state", "fence") == owned
+    assert first.proc is not None
+    assert first.proc.poll() is None
+    first.stop()
+    pg.execute("SELECT pg_drop_replication_slot(%s)", (first.slot,))
+    third = make_daemon(CDC_SLOT=slot_name + "_2", CDC_ON_SLOT_LOSS="rebuild").start()
+    third.wait_ready()
+    assert client.hget("cdc:state", "slot") == third.slot

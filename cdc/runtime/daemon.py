@@ -352,6 +352,7 @@ class Daemon:
         failover.require_primary(pg)
         state = sink.read_state()
         check_format(state)
+        self._check_shared_state(state, pg)
         self._check_overlap(sink, pg)
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:
@@ -409,6 +410,20 @@ class Daemon:
                     )
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
+
+    def _check_shared_state(self, state: CacheState, pg: catalog.Conn) -> None:
+        """Refuse (exit 2) a state kept by another slot's daemon: two daemons that both
+        mirror every table (or one on the default slot) share ``cdc:state``, so the
+        registry cannot tell them apart. A recorded slot that no longer exists is no
+        daemon's any more (its successor on a new slot takes the state over)."""
+        other = state.extra.get("slot")
+        if not other or other == self.settings.slot or catalog.slot_info(pg, other) is None:
+            return
+        raise ConfigError(
+            f"{self.state_key} is the state of the daemon of slot {other}, not of slot"
+            f" {self.settings.slot}: daemons sharing a Redis need publications that do not"
+            f" overlap (or drop slot {other} if no daemon uses it any more)"
+        )
 
     def _check_overlap(self, sink: RedisSink, pg: catalog.Conn) -> None:
         """Refuse (exit 2) to mirror a table another daemon's state says it mirrors: two
