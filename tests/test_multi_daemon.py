@@ -778,3 +778,78 @@ def test_two_daemons_of_every_table_on_one_redis_are_refused(
     third = make_daemon(CDC_SLOT=slot_name + "_2", CDC_ON_SLOT_LOSS="rebuild").start()
     third.wait_ready()
     assert client.hget("cdc:state", "slot") == third.slot
+
+
+# Runs the daemon with its rebuild's clearing of the tracked keys cut short: one key
+# unlinked, then kill -9 (what a crash mid-clear leaves behind).
+_KILLED_MID_CLEAR = """
+import os, signal, sys
+import redis
+from cdc.runtime import daemon
+from schema.keys import match_prefix
+
+def clear(self):
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    for table in self.tables:
+        for prefix in table.owned_prefixes:
+            for key in client.scan_iter(match=match_prefix(prefix)):
+                client.unlink(key)
+                os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+daemon.Daemon._clear_tracked_keys = clear
+sys.argv = ["cdc", "run"]
+from cdc.__main__ import main
+main()
+"""
+
+
+def agents_columns(pg: Conn) -> str:
+    """The column list agents is published with (not password_hash), where supported."""
+    if pg.info.server_version < 150000:
+        return ""
+    rows = pg.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'agents'::regclass"
+        " AND attnum > 0 AND NOT attisdropped AND attname <> 'password_hash' ORDER BY attnum"
+    ).fetchall()
+    return " (" + ", ".join(str(r[0]) for r in rows) + ")"
+
+
+@pytest.mark.parametrize("why", ["tables_added", "source"])
+def test_kill_9_while_a_rebuild_clears_keys_rebuilds_again(
+    why: str, make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """A rebuild (the publication gained a table; the cache was built from another
+    source) killed while it clears the tracked keys: the restart rebuilds again and
+    converges, instead of resuming from a cache that lost keys for good."""
+    if why == "tables_added":
+        split_publications(pg)
+    insert_agents(pg, GROUP)
+    pg.execute("INSERT INTO tickets (id, title) SELECT unnest(%s::text[]), 'x'", (ROWS,))
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    daemon = make_daemon(CDC_SLOT="cdc_cache").start()
+    daemon.wait_ready()
+    fence(database_url, redis_url)
+    daemon.stop()
+    if why == "tables_added":
+        assert client.hget("cdc:state", "tables") == "tickets"
+        pg.execute("DROP PUBLICATION cdc_agents")
+        pg.execute(f"ALTER PUBLICATION cdc_cache ADD TABLE agents{agents_columns(pg)}")
+    else:
+        client.hset("cdc:state", "source", "1/other/cdc_cache")
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_CLEAR],
+        cwd=ROOT,
+        env=daemon.environment(),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert b"the cache must be rebuilt" in killed.stdout + killed.stderr
+    again = make_daemon(CDC_SLOT="cdc_cache").start()
+    again.wait_ready()
+    wait_for(lambda: not client.hget("cdc:state", "rebuild"), 60, "the rebuild")
+    converged(database_url, redis_url, "after the kill")
+    assert client.hget("cdc:state", "tables") == "agents,tickets"
+    assert client.hget("cdc:state", "source") != "1/other/cdc_cache"

@@ -200,10 +200,11 @@ class RedisSink:
         self._write_state({"fence": self.fence, **fields}, replace=True, record=True)
         self._follow(fields)
 
-    def mark(self, fields: dict[str, str]) -> None:
-        """Set ``fields`` in the state (ours: after the claim), nothing else."""
+    def mark(self, fields: dict[str, str], *, record: bool = False) -> None:
+        """Set ``fields`` in the state (ours: after the claim); ``record``: and record
+        the mirrored tables (state and registry, as :meth:`claim`)."""
         assert self.fence is not None
-        self._call(*self._hset_args(fields))
+        self._write_state(fields, replace=False, record=record)
 
     def _write_state(self, fields: dict[str, str], *, replace: bool, record: bool) -> None:
         """One script run: (``replace``: delete the state hash,) set our own fields and
@@ -219,12 +220,6 @@ class RedisSink:
             args += [key.encode(), value.encode()]
         args += [table.encode() for table in self.mirrors]
         self._call(*args)
-
-    def _hset_args(self, values: dict[str, str]) -> list[bytes]:
-        args = [b"HSET", self._state]
-        for key, value in values.items():
-            args += [key.encode(), value.encode()]
-        return args
 
     def _follow(self, state: dict[str, str]) -> None:
         self._lsn = state.get("lsn", "")

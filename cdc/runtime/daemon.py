@@ -376,7 +376,7 @@ class Daemon:
                 source.start(
                     name, Lsn(0), stream_options(settings, self.tables, source.server_version)
                 )
-                sink.claim({"slot": name, "source": source_id})
+                sink.claim({"slot": name}, record=False)  # source, tables: once rebuilt
                 confirmed = Lsn(created.consistent_point)
                 return self._rebuild(sink, state, confirmed, lost, "slot_lost", source_id, identity)
             return self._first_start(source, sink, source_id, identity), False
@@ -387,16 +387,18 @@ class Daemon:
         start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
         source.start(name, start, stream_options(settings, self.tables, source.server_version))
         # The state read after the claim is the one to resume from: no predecessor can
-        # write once the fence is ours.
-        claimed = sink.claim({"slot": name, "source": source_id})
+        # write once the fence is ours. The claim records neither the source nor the
+        # tables: until the cache holds them (or a rebuild that loads them is recorded)
+        # a restart must still find the reason to rebuild.
+        claimed = sink.claim({"slot": name}, record=False)
         if not reason:
             reason, kind = self._rebuild_reason(claimed, confirmed, source_id, system, history)
             state = claimed
         if reason:
             return self._rebuild(sink, state, confirmed, reason, kind, source_id, identity)
-        if any(state.extra.get(k) != v for k, v in identity.items()):
-            # First session on this server or timeline: record it beside the checkpoint.
-            sink.claim({"slot": name, "source": source_id, **identity})
+        # The cache holds every table this daemon mirrors, built from this source (and, on
+        # a first session on this server or timeline, record it beside the checkpoint).
+        sink.mark({"source": source_id, **identity}, record=True)
         assert state.lsn is not None
         rebuilding = False
         if state.rebuild:
@@ -504,6 +506,9 @@ class Daemon:
         name = self.settings.slot
         self.log.warning("the cache must be rebuilt", reason=reason)
         self.metrics.rebuilds.labels(reason=kind).inc()
+        # Before any key goes: a restart after a kill mid-clear must rebuild again (the
+        # state says a load was interrupted), not resume from a cache missing keys.
+        sink.mark({"loading": "1", "source": source_id}, record=True)
         self._clear_tracked_keys()
         self.backfill.queue.clear()
         for table in self.tables:
