@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -853,3 +854,60 @@ def test_kill_9_while_a_rebuild_clears_keys_rebuilds_again(
     converged(database_url, redis_url, "after the kill")
     assert client.hget("cdc:state", "tables") == "agents,tickets"
     assert client.hget("cdc:state", "source") != "1/other/cdc_cache"
+
+
+def _tickets_daemon_user(admin: redis.Redis, state: str, hdel: bool) -> str:
+    """An ACL user with only what the tickets daemon of a split needs (README's commands,
+    no INFO), its own state and the registry; ``hdel``: may clean the registry."""
+    user = f"t_{uuid.uuid4().hex[:8]}"
+    commands = (
+        "+ping +select +role +multi +exec +watch +unwatch +wait +eval +evalsha +script|load"
+        " +scan +type +exists +get +mget +set +del +unlink +rename +hget +hmget +hgetall"
+        " +hexists +hset +sadd +srem +zadd +zrem +sscan +zscan +zscore +xadd +publish"
+    ) + (" +hdel" if hdel else "")
+    admin.execute_command(  # type: ignore[no-untyped-call]
+        "ACL",
+        "SETUSER",
+        user,
+        "on",
+        ">pw-" + user,
+        "resetkeys",
+        "~ticket:*",
+        "~tickets:*",
+        f"~{state}",
+        "~cdc:tables",
+        "resetchannels",
+        "&cdc:*",
+        "-@all",
+        *commands.split(),
+    )
+    return user
+
+
+def test_least_privilege_users_of_one_daemon(
+    split: Split, redis_url: str, database_url: str
+) -> None:
+    """The startup permission check covers what the daemon of part of the tables sends
+    (its own state, the registry with HDEL), also for a user that may not run INFO: a
+    user with exactly that starts and converges, one without HDEL is refused (exit 2)."""
+    split.agents.start().wait_ready()
+    admin = redis.Redis.from_url(redis_url)
+    host, db = redis_url.split("://", 1)[1].split("/", 1)
+    users = [_tickets_daemon_user(admin, split.tickets_state, hdel) for hdel in (False, True)]
+    try:
+        lacking, enough = (f"redis://{u}:pw-{u}@{host}/{db}" for u in users)
+        split.tickets.env["REDIS_URL"] = lacking
+        split.tickets.start()
+        assert split.tickets.wait_exit(60) == 2
+        lines = [line for line in split.tickets.log().splitlines() if line.startswith("cdc: ")]
+        assert len(lines) == 1, split.tickets.log()
+        assert "may not run HDEL on cdc:tables" in lines[0]
+        split.tickets.env["REDIS_URL"] = enough
+        split.tickets.start().wait_ready()
+        converged(database_url, redis_url, "least privilege")
+        assert admin.hget(REGISTRY_KEY, "tickets") == split.tickets_state.encode()
+    finally:
+        split.tickets.stop()
+        for user in users:
+            admin.acl_deluser(user)
+        admin.close()

@@ -46,6 +46,7 @@ from cdc.errors import (
     Fenced,
     PoisonRecord,
     RedisLost,
+    RedisRejected,
     Retryable,
     SlotInUse,
     SlotInvalidated,
@@ -458,12 +459,20 @@ class Daemon:
             )
 
     def _retire_former(self, sink: RedisSink) -> None:
-        """Once the slot is ours: drop a state this slot kept under another key (its
+        """Once the slot is ours: drop a state this slot kept under its other key (its
         publication changed, so did its key, :func:`schema.keys.state_key`). No daemon
         can write under it any more (a paused one finds it gone and stops), and no
-        other daemon is refused the tables it names."""
-        for other in set(sink.registry().values()) - {self.state_key}:
-            if sink.read_state(other).extra.get("slot") == self.settings.slot:
+        other daemon is refused the tables it names. Only that key is read: a user of
+        one daemon need not read the others' states."""
+        slot = self.settings.slot
+        for other in {keys.state_key(slot, True), keys.state_key(slot, False)} - {self.state_key}:
+            try:
+                former = sink.read_state(other)
+            except RedisRejected as exc:
+                if not str(exc).startswith("NOPERM"):
+                    raise
+                continue  # not a key this daemon's user wrote: not this slot's state
+            if former.extra.get("slot") == slot:
                 self.log.info("dropping this slot's former state", state=other)
                 sink.drop_state(other)
 
