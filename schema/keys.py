@@ -52,6 +52,9 @@ DEFAULT_SLOT = "cdc_cache"
 # Several daemons on one Redis (README "Several daemons, one Redis"): hash of table name ->
 # the state key of the daemon that mirrors it, so readers find whose checkpoint to wait on.
 REGISTRY_KEY = CDC_PREFIX + "tables"
+# The state hash's field naming the tables its daemon mirrors (comma-separated); readers
+# check it with the checkpoint, since a registry entry may outlive a daemon's publication.
+TABLES_FIELD = "tables"
 
 
 def state_key(slot: str, mirrors_all: bool = True) -> str:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ from schema.keys import (
 )
 from tests.helpers import ROOT, Daemon, Load, assert_converged, fence, text, wait_for
 from writer import AsyncCacheReader, CacheReader, Writer
+from writer.db import Database
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 ROWS = [f"k{i}" for i in range(30)]
@@ -671,3 +673,241 @@ def test_a_table_added_to_the_publication_is_loaded(
         if e.get("event") == "the cache must be rebuilt"
     ]
     assert reasons == ["the daemon now mirrors agents, which the cache does not hold"]
+
+
+def test_a_table_no_longer_mirrored_leaves_the_registry(redis_url: str) -> None:
+    """A daemon whose publication lost a table drops the table's registry entry at its
+    claim, and a reader that remembered the entry does not take the daemon's checkpoint
+    for that table's any more (it answers from PostgreSQL: the wait says False)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    both = RedisSink(redis_url, 5, state_key="cdc:state", mirrors=("agents", "tickets"))
+    both.connect()
+    both.claim({"slot": "cdc_cache"})
+    both.reset_state({"lsn": "0/10", "slot": "cdc_cache"})
+    assert client.hgetall(REGISTRY_KEY) == {"agents": "cdc:state", "tickets": "cdc:state"}
+    with CacheReader.connect(redis_url) as reader:
+        assert reader.wait("0/10", timeout=5, table="agents")  # remembered: cdc:state
+        # Restarted with a publication that holds tickets only (same slot, same state).
+        both.close()
+        tickets = RedisSink(redis_url, 5, state_key="cdc:state", mirrors=("tickets",))
+        tickets.connect()
+        tickets.claim({"slot": "cdc_cache"})
+        assert client.hgetall(REGISTRY_KEY) == {"tickets": "cdc:state"}
+        tickets.apply(CommandBatch(), {"lsn": "0/20"})
+        assert reader.wait("0/20", timeout=5, table="tickets")
+        # cdc:state passed 0/20, but it no longer mirrors agents.
+        assert not reader.wait("0/20", timeout=0.2, table="agents")
+        assert not reader.wait("0/10", timeout=0.2, table="agents")
+        tickets.close()
+    client.close()
+
+
+def test_a_table_no_daemon_registers_is_read_from_postgresql(
+    redis_url: str, database_url: str, pg: Conn
+) -> None:
+    """With a registry (several daemons) that names no daemon for tickets, cdc:state is
+    another daemon's (here the agents daemon of the default slot): reads of tickets, rows
+    and views, with a token or without, are answered by PostgreSQL, not from Redis keys
+    no daemon keeps. Without any registry (a single daemon) cdc:state still counts."""
+    pg.execute("INSERT INTO tickets (id, title, status) VALUES ('t1', 'fresh', 'open')")
+    (token,) = pg.execute("SELECT pg_current_wal_lsn()::text").fetchone() or ("",)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    agents = RedisSink(redis_url, 5, state_key="cdc:state", mirrors=("agents",))
+    agents.connect()
+    agents.claim({"slot": "cdc_cache"})
+    agents.reset_state({"lsn": "F/0", "slot": "cdc_cache", "views": "1"})
+    pg.execute("SET TimeZone = 'UTC'")
+    columns = [
+        str(r[0])
+        for r in pg.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'tickets'::regclass"
+            " AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+        ).fetchall()
+    ]
+    values = pg.execute(
+        f"SELECT {', '.join(c + '::text' for c in columns)} FROM tickets WHERE id = 't1'"
+    ).fetchone()
+    assert values is not None
+    row: dict[Any, Any] = {c: str(v) for c, v in zip(columns, values, strict=True) if v is not None}
+    client.hset(TICKETS.key("t1"), mapping={**row, "title": "stale"})  # no daemon keeps it
+    db = Database(database_url, min_size=1, max_size=1)
+    db.open()
+    try:
+        with CacheReader.connect(redis_url, db) as reader:
+            for after in (None, str(token)):
+                found = reader.ticket("t1", after=after, timeout=0.2)
+                assert found is not None
+                assert found.title == "fresh"
+                assert [t.id for t in reader.tickets_with_status("open", after=after)] == ["t1"]
+            assert not reader.wait(str(token), timeout=0.2, table="tickets")
+            assert reader.wait(str(token), timeout=5, table="agents")
+        # A single daemon from before the registry and the state's tables field.
+        client.delete(REGISTRY_KEY)
+        client.hdel("cdc:state", "tables")
+        with CacheReader.connect(redis_url, db) as reader:
+            found = reader.ticket("t1", after=str(token), timeout=5)
+            assert found is not None
+            assert found.title == "stale"
+    finally:
+        db.close()
+        agents.close()
+        client.close()
+
+
+def test_two_daemons_of_every_table_on_one_redis_are_refused(
+    make_daemon: Callable[..., Daemon], pg: Conn, slot_name: str, redis_url: str
+) -> None:
+    """Two daemons whose publications hold every table both keep cdc:state: the second
+    (another slot, the first's still in PostgreSQL) is refused with one line naming both
+    slots, and the first keeps its fence. Once the first slot is dropped, a daemon on a
+    new slot may take the state over (here: CDC_ON_SLOT_LOSS=rebuild)."""
+    first = make_daemon(CDC_SLOT=slot_name + "_1").start()
+    first.wait_ready()
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    owned = client.hget("cdc:state", "fence")
+    # CDC_ON_SLOT_LOSS=rebuild: a cache without its slot would be rebuilt (taken over).
+    second = make_daemon(CDC_SLOT=slot_name + "_2", CDC_ON_SLOT_LOSS="rebuild").start()
+    assert second.wait_exit(60) == 2
+    lines = [line for line in second.log().splitlines() if line.startswith("cdc: ")]
+    assert len(lines) == 1, second.log()
+    assert f"slot {first.slot}, not of slot {second.slot}" in lines[0]
+    assert client.hget("cdc:state", "fence") == owned
+    assert first.proc is not None
+    assert first.proc.poll() is None
+    first.stop()
+    pg.execute("SELECT pg_drop_replication_slot(%s)", (first.slot,))
+    third = make_daemon(CDC_SLOT=slot_name + "_2", CDC_ON_SLOT_LOSS="rebuild").start()
+    third.wait_ready()
+    assert client.hget("cdc:state", "slot") == third.slot
+
+
+# Runs the daemon with its rebuild's clearing of the tracked keys cut short: one key
+# unlinked, then kill -9 (what a crash mid-clear leaves behind).
+_KILLED_MID_CLEAR = """
+import os, signal, sys
+import redis
+from cdc.runtime import daemon
+from schema.keys import match_prefix
+
+def clear(self):
+    client = redis.Redis.from_url(os.environ["REDIS_URL"])
+    for table in self.tables:
+        for prefix in table.owned_prefixes:
+            for key in client.scan_iter(match=match_prefix(prefix)):
+                client.unlink(key)
+                os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+daemon.Daemon._clear_tracked_keys = clear
+sys.argv = ["cdc", "run"]
+from cdc.__main__ import main
+main()
+"""
+
+
+def agents_columns(pg: Conn) -> str:
+    """The column list agents is published with (not password_hash), where supported."""
+    if pg.info.server_version < 150000:
+        return ""
+    rows = pg.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'agents'::regclass"
+        " AND attnum > 0 AND NOT attisdropped AND attname <> 'password_hash' ORDER BY attnum"
+    ).fetchall()
+    return " (" + ", ".join(str(r[0]) for r in rows) + ")"
+
+
+@pytest.mark.parametrize("why", ["tables_added", "source"])
+def test_kill_9_while_a_rebuild_clears_keys_rebuilds_again(
+    why: str, make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """A rebuild (the publication gained a table; the cache was built from another
+    source) killed while it clears the tracked keys: the restart rebuilds again and
+    converges, instead of resuming from a cache that lost keys for good."""
+    if why == "tables_added":
+        split_publications(pg)
+    insert_agents(pg, GROUP)
+    pg.execute("INSERT INTO tickets (id, title) SELECT unnest(%s::text[]), 'x'", (ROWS,))
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    daemon = make_daemon(CDC_SLOT="cdc_cache").start()
+    daemon.wait_ready()
+    fence(database_url, redis_url)
+    daemon.stop()
+    if why == "tables_added":
+        assert client.hget("cdc:state", "tables") == "tickets"
+        pg.execute("DROP PUBLICATION cdc_agents")
+        pg.execute(f"ALTER PUBLICATION cdc_cache ADD TABLE agents{agents_columns(pg)}")
+    else:
+        client.hset("cdc:state", "source", "1/other/cdc_cache")
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_CLEAR],
+        cwd=ROOT,
+        env=daemon.environment(),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert b"the cache must be rebuilt" in killed.stdout + killed.stderr
+    again = make_daemon(CDC_SLOT="cdc_cache").start()
+    again.wait_ready()
+    wait_for(lambda: not client.hget("cdc:state", "rebuild"), 60, "the rebuild")
+    converged(database_url, redis_url, "after the kill")
+    assert client.hget("cdc:state", "tables") == "agents,tickets"
+    assert client.hget("cdc:state", "source") != "1/other/cdc_cache"
+
+
+def _tickets_daemon_user(admin: redis.Redis, state: str, hdel: bool) -> str:
+    """An ACL user with only what the tickets daemon of a split needs (README's commands,
+    no INFO), its own state and the registry; ``hdel``: may clean the registry."""
+    user = f"t_{uuid.uuid4().hex[:8]}"
+    commands = (
+        "+ping +select +role +multi +exec +watch +unwatch +wait +eval +evalsha +script|load"
+        " +scan +type +exists +get +mget +set +del +unlink +rename +hget +hmget +hgetall"
+        " +hexists +hset +sadd +srem +zadd +zrem +sscan +zscan +zscore +xadd +publish"
+    ) + (" +hdel" if hdel else "")
+    admin.execute_command(  # type: ignore[no-untyped-call]
+        "ACL",
+        "SETUSER",
+        user,
+        "on",
+        ">pw-" + user,
+        "resetkeys",
+        "~ticket:*",
+        "~tickets:*",
+        f"~{state}",
+        "~cdc:tables",
+        "resetchannels",
+        "&cdc:*",
+        "-@all",
+        *commands.split(),
+    )
+    return user
+
+
+def test_least_privilege_users_of_one_daemon(
+    split: Split, redis_url: str, database_url: str
+) -> None:
+    """The startup permission check covers what the daemon of part of the tables sends
+    (its own state, the registry with HDEL), also for a user that may not run INFO: a
+    user with exactly that starts and converges, one without HDEL is refused (exit 2)."""
+    split.agents.start().wait_ready()
+    admin = redis.Redis.from_url(redis_url)
+    host, db = redis_url.split("://", 1)[1].split("/", 1)
+    users = [_tickets_daemon_user(admin, split.tickets_state, hdel) for hdel in (False, True)]
+    try:
+        lacking, enough = (f"redis://{u}:pw-{u}@{host}/{db}" for u in users)
+        split.tickets.env["REDIS_URL"] = lacking
+        split.tickets.start()
+        assert split.tickets.wait_exit(60) == 2
+        lines = [line for line in split.tickets.log().splitlines() if line.startswith("cdc: ")]
+        assert len(lines) == 1, split.tickets.log()
+        assert "may not run HDEL on cdc:tables" in lines[0]
+        split.tickets.env["REDIS_URL"] = enough
+        split.tickets.start().wait_ready()
+        converged(database_url, redis_url, "least privilege")
+        assert admin.hget(REGISTRY_KEY, "tickets") == split.tickets_state.encode()
+    finally:
+        split.tickets.stop()
+        for user in users:
+            admin.acl_deluser(user)
+        admin.close()

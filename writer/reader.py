@@ -43,6 +43,7 @@ import redis
 import redis.asyncio as aioredis
 
 from schema import keys
+from schema.keys import TABLES_FIELD
 from schema.models import Agent, Ticket
 from schema.redis_url import async_redis_client, redis_client
 from writer.db import AsyncDatabase, Database
@@ -57,6 +58,8 @@ from writer.reads import (
     agent_plan,
     agents_with_status_plan,
     parse_lsn,
+    tables_hold,
+    text_of,
     ticket_plan,
     tickets_of_plan,
     tickets_with_status_plan,
@@ -124,35 +127,60 @@ class CacheReader:
 
     def applied_position(self, table: str | None = None) -> int | None:
         """The checkpoint of the daemon (that mirrors ``table``): every transaction
-        before it is in Redis."""
-        value = self._redis.hget(self._locate(table), "lsn")
+        before it is in Redis (None: no checkpoint, or no daemon mirrors ``table``)."""
+        state = self._locate(table)
+        value = self._redis.hget(state, "lsn") if state is not None else None
         return parse_lsn(str(value)) if value else None
 
-    def _locate(self, table: str | None) -> str:
-        """The state hash of the daemon that mirrors ``table`` (registry, remembered)."""
+    def _locate(self, table: str | None) -> str | None:
+        """The state hash of the daemon that mirrors ``table`` (registry, remembered);
+        None: the registry exists and names no daemon for it (PostgreSQL answers)."""
         if table is None:
             return keys.STATE_KEY
         state = self._states.get(table)
         if state is None:
             try:
-                found = self._redis.hget(keys.REGISTRY_KEY, table)
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.hget(keys.REGISTRY_KEY, table)
+                pipe.exists(keys.REGISTRY_KEY)
+                found, registry = pipe.execute()
             except redis.ResponseError:
                 # An ACL without ~cdc:tables (README): the single-daemon state, for good.
                 self._states[table] = keys.STATE_KEY
                 return keys.STATE_KEY
             if not found:
-                return keys.STATE_KEY  # a single daemon that predates the registry
-            state = found.decode() if isinstance(found, bytes) else str(found)
+                # No registry at all: a single daemon that predates it (cdc:state). A
+                # registry without the table: no daemon mirrors it (not cdc:state, which
+                # may be another daemon's), so PostgreSQL answers.
+                return None if registry else keys.STATE_KEY
+            state = text_of(found)
             self._states[table] = state
         return state
 
+    def _mirrors(self, state: str, table: str, feed: Feed) -> bool:
+        """Whether ``state`` still mirrors ``table`` (its ``tables`` field, read with its
+        checkpoint): a daemon may have stopped mirroring it since the registry said so."""
+        lsn, tables = self._redis.hmget(state, "lsn", TABLES_FIELD)
+        feed.advance(lsn)
+        return tables_hold(tables, table)
+
     def wait(self, token: str, timeout: float = 1.0, table: str | None = None) -> bool:
         """Wait until Redis reflects the write that returned ``token`` (or a later one);
-        ``table``: the table read, whose daemon's checkpoint counts."""
-        ok = self._wait(token, timeout, self._locate(table))
-        if not ok and table is not None:
+        ``table``: the table read, whose daemon's checkpoint counts (False when no
+        daemon mirrors it: PostgreSQL answers)."""
+        deadline = time.monotonic() + timeout
+        tried: set[str] = set()
+        while (state := self._locate(table)) is not None and state not in tried:
+            tried.add(state)
+            left = max(0.0, deadline - time.monotonic())
+            if not self._wait(token, left, state):
+                break
+            if table is None or self._mirrors(state, table, self._feed_started(state)):
+                return True
+            self._states.pop(table, None)  # stale: ask the registry again
+        if table is not None:
             self._states.pop(table, None)  # the tables may have moved to another daemon
-        return ok
+        return False
 
     def _wait(self, token: str, timeout: float, state: str) -> bool:
         target = parse_lsn(token)
@@ -304,33 +332,49 @@ class AsyncCacheReader:
         await self.close()
 
     async def applied_position(self, table: str | None = None) -> int | None:
-        value = await self._redis.hget(await self._locate(table), "lsn")
+        state = await self._locate(table)
+        value = await self._redis.hget(state, "lsn") if state is not None else None
         return parse_lsn(str(value)) if value else None
 
-    async def _locate(self, table: str | None) -> str:
+    async def _locate(self, table: str | None) -> str | None:
         """:meth:`CacheReader._locate`."""
         if table is None:
             return keys.STATE_KEY
         state = self._states.get(table)
         if state is None:
             try:
-                found = await self._redis.hget(keys.REGISTRY_KEY, table)
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.hget(keys.REGISTRY_KEY, table)
+                pipe.exists(keys.REGISTRY_KEY)
+                found, registry = await pipe.execute()
             except redis.ResponseError:
                 self._states[table] = keys.STATE_KEY
                 return keys.STATE_KEY
             if not found:
-                return keys.STATE_KEY
-            state = found.decode() if isinstance(found, bytes) else str(found)
+                return None if registry else keys.STATE_KEY
+            state = text_of(found)
             self._states[table] = state
         return state
 
     async def wait(self, token: str, timeout: float = 1.0, table: str | None = None) -> bool:
-        """Wait until Redis reflects the write that returned ``token`` (or a later one);
-        ``table``: the table read, whose daemon's checkpoint counts."""
-        ok = await self._wait(token, timeout, await self._locate(table))
-        if not ok and table is not None:
+        """:meth:`CacheReader.wait`."""
+        deadline = time.monotonic() + timeout
+        tried: set[str] = set()
+        while (state := await self._locate(table)) is not None and state not in tried:
+            tried.add(state)
+            left = max(0.0, deadline - time.monotonic())
+            if not await self._wait(token, left, state):
+                break
+            if table is None:
+                return True
+            lsn, tables = await self._redis.hmget(state, "lsn", TABLES_FIELD)
+            self._feeds[state].advance(lsn)
+            if tables_hold(tables, table):
+                return True
             self._states.pop(table, None)
-        return ok
+        if table is not None:
+            self._states.pop(table, None)
+        return False
 
     async def _wait(self, token: str, timeout: float, state: str) -> bool:
         target = parse_lsn(token)

@@ -79,7 +79,8 @@ class Wait:
 @dataclass(frozen=True, slots=True)
 class Locate:
     """Answers the name of the state hash of the daemon that mirrors ``table``
-    (:data:`schema.keys.REGISTRY_KEY`; ``cdc:state`` when none is registered)."""
+    (:data:`schema.keys.REGISTRY_KEY`; ``cdc:state`` when there is no registry), or None
+    when the registry exists and names no daemon for it (PostgreSQL must answer)."""
 
     table: str
 
@@ -107,6 +108,17 @@ ReadPlan = Generator[ReadStep, Any, T]
 _STATE_FIELDS = ("lsn", "loading", "rebuild", "views")
 
 
+def text_of(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def tables_hold(recorded: str | bytes | None, table: str) -> bool:
+    """Whether a state's ``tables`` field (:data:`schema.keys.TABLES_FIELD`) names
+    ``table``; a state without it (written before states recorded their tables) is a
+    single daemon's, which mirrors every table."""
+    return not recorded or table in text_of(recorded).split(",")
+
+
 def _ready(state: Sequence[str | None]) -> bool:
     """Whether the views can answer: a checkpoint, no snapshot loading, no rebuild, and the
     daemon says it keeps the views (``views`` set in ``cdc:state``: an empty view has no
@@ -128,10 +140,20 @@ def _select(table: Table, where: str, order: str = "", limit: bool = False) -> s
     return sql
 
 
+def _fresh(tracked: TrackedTable, after: str | None, timeout: float) -> ReadPlan[bool]:
+    """Whether Redis may answer a read of ``tracked``: it reflects ``after`` (a wait on
+    the checkpoint of the daemon that mirrors the table) or, without a token, some
+    daemon mirrors the table (a registry of several daemons that does not name it: no
+    daemon keeps its keys up to date, PostgreSQL answers)."""
+    if after is not None:
+        return bool((yield Wait(after, timeout, tracked.name)))
+    return (yield Locate(tracked.name)) is not None
+
+
 def _row_plan(
     tracked: TrackedTable, table: Table, model: type[M], row_id: str, after: str | None, t: float
 ) -> ReadPlan[M | None]:
-    fresh = after is None or (yield Wait(after, t, tracked.name))
+    fresh = yield from _fresh(tracked, after, t)
     if fresh:
         replies = yield Redis((("HGETALL", tracked.key(row_id)),))
         if replies and replies[0]:
@@ -154,7 +176,7 @@ def agent_by_username_plan(
     username: str, after: str | None, timeout: float
 ) -> ReadPlan[Agent | None]:
     username = identifier(username, "username")  # what a username may be, or more
-    fresh = after is None or (yield Wait(after, timeout, AGENTS.name))
+    fresh = yield from _fresh(AGENTS, after, timeout)
     if fresh:
         replies = yield Redis((("GET", keys.agent_username_key(username)),))
         agent_id = replies[0] if replies else None
@@ -194,10 +216,10 @@ def _view_plan(
 ) -> ReadPlan[list[M] | None]:
     """The view's rows from Redis, or None when PostgreSQL must answer (the caller's)."""
     fresh = after is None or (yield Wait(after, timeout, tracked.name))
-    if fresh:
-        # The state of the daemon that keeps this view (the table's: a view is derived
-        # from its own table's rows only).
-        state = yield Locate(tracked.name)
+    # The state of the daemon that keeps this view (the table's: a view is derived from
+    # its own table's rows only); None: no daemon mirrors the table.
+    state = (yield Locate(tracked.name)) if fresh else None
+    if state is not None:
         replies = yield Redis((("HMGET", state, *_STATE_FIELDS), view), True)
         if replies is not None and _ready(replies[0]):
             members = replies[1]

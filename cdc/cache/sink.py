@@ -41,15 +41,37 @@ from cdc.errors import (
     RedisRejected,
     RedisUnavailable,
 )
-from cdc.protocol.resp import append_bulk, append_command, array_header, command
+from cdc.protocol.resp import append_bulk, array_header, command
 from cdc.transform.plan import CommandBatch
 from cdc.transform.script import BATCH_SCRIPT
-from schema.keys import REGISTRY_KEY, STATE_KEY, applied_message
+from schema.keys import REGISTRY_KEY, STATE_KEY, TABLES_FIELD, applied_message
 
 _EVAL_SCRIPT = b"$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(BATCH_SCRIPT), BATCH_SCRIPT)
 _HEAD_ARGS = 5
-# The state field naming the tables a daemon mirrors (comma-separated).
-TABLES_FIELD = "tables"
+# Writes the state and keeps the registry (KEYS: state, registry; ARGV: replace, record,
+# n, n field/value pairs, the mirrored tables): a claim or reset and the registry's
+# cleanup in one atomic run. No tables (a tool that only reads): the registry stays.
+_STATE_SCRIPT = b"""
+local state, registry = KEYS[1], KEYS[2]
+if ARGV[1] == '1' then redis.call('DEL', state) end
+local n = tonumber(ARGV[3])
+redis.call('HSET', state, unpack(ARGV, 4, 3 + 2 * n))
+local first = 4 + 2 * n
+if first <= #ARGV then
+  local mine = {}
+  for i = first, #ARGV do mine[ARGV[i]] = true end
+  local entries = redis.call('HGETALL', registry)
+  for i = 1, #entries, 2 do
+    if entries[i + 1] == state and not mine[entries[i]] then
+      redis.call('HDEL', registry, entries[i])
+    end
+  end
+  if ARGV[2] == '1' then
+    for i = first, #ARGV do redis.call('HSET', registry, ARGV[i], state) end
+  end
+end
+return 1
+"""
 # Errors Redis may clear by itself: retried (never confirmed meanwhile).
 _TRANSIENT = ("OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "READONLY")
 
@@ -150,15 +172,20 @@ class RedisSink:
         if key != self.state_key:
             self._call(b"DEL", key.encode())
 
-    def claim(self, fields: dict[str, str]) -> CacheState:
+    def claim(self, fields: dict[str, str], *, record: bool = True) -> CacheState:
         """Take the fence (after acquiring the slot) and write ``fields`` to the state.
+
+        ``record``: also record the mirrored tables (the state's ``tables`` field and the
+        registry). A session that has not decided yet whether the cache must be rebuilt
+        claims with ``record=False``: the tables are recorded once the cache holds them
+        (or a rebuild that loads them is recorded, :meth:`reset_state`). Either way the
+        registry entries naming this state for a table it no longer mirrors are dropped,
+        in the same script run as the claim.
 
         Returns the state as it is *after* the claim: from then on no predecessor can
         write, so this is the position to resume from."""
         token = uuid.uuid4().hex
-        values = {"fence": token, **self._own_fields()}
-        self._call(*self._hset_args({**values, **fields}))
-        self._register()
+        self._write_state({"fence": token, **fields}, replace=False, record=record)
         self.fence = token
         # Everything this session resumes from (and will confirm) must be on the replicas,
         # including batches a previous session applied but could not confirm.
@@ -170,33 +197,29 @@ class RedisSink:
     def reset_state(self, fields: dict[str, str]) -> None:
         """Replace the whole state hash (snapshot load, reset): keeps our fence."""
         assert self.fence is not None
-        buf = bytearray()
-        append_command(buf, [b"DEL", self._state])
-        values = {"fence": self.fence, **self._own_fields()}
-        append_command(buf, self._hset_args({**values, **fields}))
-        self._roundtrip(bytes(buf), 2)
-        self._register()
+        self._write_state({"fence": self.fence, **fields}, replace=True, record=True)
         self._follow(fields)
 
-    def _own_fields(self) -> dict[str, str]:
-        out = {"owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
-        if self.mirrors:
-            out[TABLES_FIELD] = ",".join(self.mirrors)
-        return out
+    def mark(self, fields: dict[str, str], *, record: bool = False) -> None:
+        """Set ``fields`` in the state (ours: after the claim); ``record``: and record
+        the mirrored tables (state and registry, as :meth:`claim`)."""
+        assert self.fence is not None
+        self._write_state(fields, replace=False, record=record)
 
-    def _register(self) -> None:
-        """Name this state as the one that mirrors our tables (readers' token waits)."""
-        if self.mirrors:
-            args = [b"HSET", REGISTRY_KEY.encode()]
-            for table in self.mirrors:
-                args += [table.encode(), self._state]
-            self._call(*args)
-
-    def _hset_args(self, values: dict[str, str]) -> list[bytes]:
-        args = [b"HSET", self._state]
+    def _write_state(self, fields: dict[str, str], *, replace: bool, record: bool) -> None:
+        """One script run: (``replace``: delete the state hash,) set our own fields and
+        ``fields``, drop the registry entries naming this state for a table it does not
+        mirror and (``record``) record the tables it mirrors."""
+        values = {"owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
+        if record and self.mirrors:
+            values[TABLES_FIELD] = ",".join(self.mirrors)
+        values.update(fields)
+        args = [b"EVAL", _STATE_SCRIPT, b"2", self._state, REGISTRY_KEY.encode()]
+        args += [b"1" if replace else b"0", b"1" if record else b"0", b"%d" % len(values)]
         for key, value in values.items():
             args += [key.encode(), value.encode()]
-        return args
+        args += [table.encode() for table in self.mirrors]
+        self._call(*args)
 
     def _follow(self, state: dict[str, str]) -> None:
         self._lsn = state.get("lsn", "")

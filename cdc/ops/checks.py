@@ -269,29 +269,7 @@ def check_redis(
     try:
         wire.connect()
         wire.call(b"PING")
-        try:
-            memory = _info(wire.call(b"INFO", b"memory"))
-            cluster = _info(wire.call(b"INFO", b"cluster"))
-        except WireReplyError as exc:
-            if exc.code != "NOPERM":
-                raise
-            # A least-privilege ACL user (README "TLS and ACL") may not run INFO: say what
-            # is not checked and go on; the daemon needs nothing else from INFO.
-            log.warning(
-                "the Redis user may not run INFO: maxmemory-policy (must not evict) and"
-                " cluster mode are not checked"
-            )
-            return
-        policy = memory.get("maxmemory_policy", "noeviction")
-        if policy not in SAFE_EVICTION:
-            raise ConfigError(
-                f"Redis maxmemory-policy is {policy}: set it to noeviction"
-                " so cached rows are never evicted"
-            )
-        if cluster.get("cluster_enabled", "0") != "0":
-            raise ConfigError(
-                "REDIS_URL points at a Redis Cluster node: point it at a single Redis node"
-            )
+        _check_info(wire)
         _check_permissions(wire, settings, tables, state)
     except WireReplyError as exc:
         if problem := auth_problem(exc):
@@ -314,6 +292,33 @@ def check_redis(
 
 
 _REFUSED_MARK = "credentials refused"
+
+
+def _check_info(wire: RedisWire) -> None:
+    """The eviction policy and cluster mode, when the user may run INFO."""
+    try:
+        memory = _info(wire.call(b"INFO", b"memory"))
+        cluster = _info(wire.call(b"INFO", b"cluster"))
+    except WireReplyError as exc:
+        if exc.code != "NOPERM":
+            raise
+        # A least-privilege ACL user (README "TLS and ACL") may not run INFO: say what
+        # is not checked and go on (its permissions are still checked).
+        log.warning(
+            "the Redis user may not run INFO: maxmemory-policy (must not evict) and"
+            " cluster mode are not checked"
+        )
+        return
+    policy = memory.get("maxmemory_policy", "noeviction")
+    if policy not in SAFE_EVICTION:
+        raise ConfigError(
+            f"Redis maxmemory-policy is {policy}: set it to noeviction"
+            " so cached rows are never evicted"
+        )
+    if cluster.get("cluster_enabled", "0") != "0":
+        raise ConfigError(
+            "REDIS_URL points at a Redis Cluster node: point it at a single Redis node"
+        )
 
 
 def _info(reply: bytes) -> dict[str, str]:
@@ -347,16 +352,23 @@ _VALUE = ("f", "v")
 
 
 def _uses(
-    settings: Settings, tables: tuple[TrackedTable, ...], state: str = STATE_KEY
+    settings: Settings,
+    tables: tuple[TrackedTable, ...],
+    state: str = STATE_KEY,
+    others: tuple[str, ...] = (),
 ) -> list[tuple[str, ...]]:
-    """The commands (with a key of each kind) the daemon sends: its batch script,
-    sweeps, state (``state``: its state hash) and the registry of several daemons."""
+    """The commands (with a key of each kind) the daemon sends on the tables it mirrors
+    (``tables``): its batch script, sweeps, its state (``state``: its state hash), the
+    registry of several daemons (set, read, cleaned at each claim) and the states of
+    ``others`` (the other daemons the registry names for these tables: read by the
+    overlap check)."""
     uses: list[tuple[str, ...]] = [
         *((c, state, *_VALUE) for c in ("HSET", "HMGET")),
         ("HGETALL", state),
         ("DEL", state),
-        ("HSET", REGISTRY_KEY, *_VALUE),
+        *((c, REGISTRY_KEY, *_VALUE) for c in ("HSET", "HDEL")),
         ("HGETALL", REGISTRY_KEY),
+        *(("HGETALL", other) for other in others),
         ("SCAN", "0"),
     ]
     for table in tables:
@@ -376,10 +388,29 @@ def _uses(
     return uses
 
 
+def _registered_others(
+    wire: RedisWire, tables: tuple[TrackedTable, ...], state: str
+) -> tuple[str, ...]:
+    """The other states the registry names for ``tables`` (none when it may not be read:
+    the permission check says so)."""
+    try:
+        reply = wire.call(b"HGETALL", REGISTRY_KEY.encode())
+    except WireReplyError as exc:
+        if exc.code == "NOPERM":
+            return ()
+        raise
+    if not isinstance(reply, list):
+        return ()
+    mine = {t.name.encode() for t in tables}
+    pairs = zip(reply[0::2], reply[1::2], strict=True)
+    return tuple(sorted({v.decode() for k, v in pairs if k in mine and v.decode() != state}))
+
+
 def _check_permissions(
     wire: RedisWire, settings: Settings, tables: tuple[TrackedTable, ...], state: str
 ) -> None:
-    args = [part for use in _uses(settings, tables, state) for part in (str(len(use)), *use)]
+    uses = _uses(settings, tables, state, _registered_others(wire, tables, state))
+    args = [part for use in uses for part in (str(len(use)), *use)]
     try:
         refused = wire.call(b"EVAL", _PERMISSIONS_SCRIPT, b"0", *(a.encode() for a in args))
     except WireReplyError as exc:

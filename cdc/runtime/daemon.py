@@ -38,7 +38,7 @@ from types import FrameType
 import psycopg
 
 from cdc.cache.checkpoint import CacheState, check_format
-from cdc.cache.sink import TABLES_FIELD, RedisSink
+from cdc.cache.sink import RedisSink
 from cdc.cache.views import state_fields
 from cdc.errors import (
     CdcError,
@@ -46,6 +46,7 @@ from cdc.errors import (
     Fenced,
     PoisonRecord,
     RedisLost,
+    RedisRejected,
     Retryable,
     SlotInUse,
     SlotInvalidated,
@@ -67,7 +68,7 @@ from cdc.telemetry.metrics import Metrics
 from cdc.transform.core import Position
 from cdc.transform.plan import Planner
 from schema import keys
-from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.keys import TABLES_FIELD, TRACKED_TABLES, TrackedTable
 from schema.lsn import Lsn, format_lsn
 from schema.redis_url import redis_client
 
@@ -352,6 +353,7 @@ class Daemon:
         failover.require_primary(pg)
         state = sink.read_state()
         check_format(state)
+        self._check_shared_state(state, pg)
         self._check_overlap(sink, pg)
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:
@@ -375,7 +377,7 @@ class Daemon:
                 source.start(
                     name, Lsn(0), stream_options(settings, self.tables, source.server_version)
                 )
-                sink.claim({"slot": name, "source": source_id})
+                sink.claim({"slot": name}, record=False)  # source, tables: once rebuilt
                 confirmed = Lsn(created.consistent_point)
                 return self._rebuild(sink, state, confirmed, lost, "slot_lost", source_id, identity)
             return self._first_start(source, sink, source_id, identity), False
@@ -386,16 +388,18 @@ class Daemon:
         start = Lsn(0) if reason else max(state.lsn or Lsn(0), confirmed)
         source.start(name, start, stream_options(settings, self.tables, source.server_version))
         # The state read after the claim is the one to resume from: no predecessor can
-        # write once the fence is ours.
-        claimed = sink.claim({"slot": name, "source": source_id})
+        # write once the fence is ours. The claim records neither the source nor the
+        # tables: until the cache holds them (or a rebuild that loads them is recorded)
+        # a restart must still find the reason to rebuild.
+        claimed = sink.claim({"slot": name}, record=False)
         if not reason:
             reason, kind = self._rebuild_reason(claimed, confirmed, source_id, system, history)
             state = claimed
         if reason:
             return self._rebuild(sink, state, confirmed, reason, kind, source_id, identity)
-        if any(state.extra.get(k) != v for k, v in identity.items()):
-            # First session on this server or timeline: record it beside the checkpoint.
-            sink.claim({"slot": name, "source": source_id, **identity})
+        # The cache holds every table this daemon mirrors, built from this source (and, on
+        # a first session on this server or timeline, record it beside the checkpoint).
+        sink.mark({"source": source_id, **identity}, record=True)
         assert state.lsn is not None
         rebuilding = False
         if state.rebuild:
@@ -409,6 +413,20 @@ class Daemon:
                     )
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
+
+    def _check_shared_state(self, state: CacheState, pg: catalog.Conn) -> None:
+        """Refuse (exit 2) a state kept by another slot's daemon: two daemons that both
+        mirror every table (or one on the default slot) share ``cdc:state``, so the
+        registry cannot tell them apart. A recorded slot that no longer exists is no
+        daemon's any more (its successor on a new slot takes the state over)."""
+        other = state.extra.get("slot")
+        if not other or other == self.settings.slot or catalog.slot_info(pg, other) is None:
+            return
+        raise ConfigError(
+            f"{self.state_key} is the state of the daemon of slot {other}, not of slot"
+            f" {self.settings.slot}: daemons sharing a Redis need publications that do not"
+            f" overlap (or drop slot {other} if no daemon uses it any more)"
+        )
 
     def _check_overlap(self, sink: RedisSink, pg: catalog.Conn) -> None:
         """Refuse (exit 2) to mirror a table another daemon's state says it mirrors: two
@@ -441,12 +459,20 @@ class Daemon:
             )
 
     def _retire_former(self, sink: RedisSink) -> None:
-        """Once the slot is ours: drop a state this slot kept under another key (its
+        """Once the slot is ours: drop a state this slot kept under its other key (its
         publication changed, so did its key, :func:`schema.keys.state_key`). No daemon
         can write under it any more (a paused one finds it gone and stops), and no
-        other daemon is refused the tables it names."""
-        for other in set(sink.registry().values()) - {self.state_key}:
-            if sink.read_state(other).extra.get("slot") == self.settings.slot:
+        other daemon is refused the tables it names. Only that key is read: a user of
+        one daemon need not read the others' states."""
+        slot = self.settings.slot
+        for other in {keys.state_key(slot, True), keys.state_key(slot, False)} - {self.state_key}:
+            try:
+                former = sink.read_state(other)
+            except RedisRejected as exc:
+                if not str(exc).startswith("NOPERM"):
+                    raise
+                continue  # not a key this daemon's user wrote: not this slot's state
+            if former.extra.get("slot") == slot:
                 self.log.info("dropping this slot's former state", state=other)
                 sink.drop_state(other)
 
@@ -489,6 +515,9 @@ class Daemon:
         name = self.settings.slot
         self.log.warning("the cache must be rebuilt", reason=reason)
         self.metrics.rebuilds.labels(reason=kind).inc()
+        # Before any key goes: a restart after a kill mid-clear must rebuild again (the
+        # state says a load was interrupted), not resume from a cache missing keys.
+        sink.mark({"loading": "1", "source": source_id}, record=True)
         self._clear_tracked_keys()
         self.backfill.queue.clear()
         for table in self.tables:

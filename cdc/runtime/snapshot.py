@@ -67,7 +67,7 @@ def create_slot_and_load(
 
     The slot is not streamed here; start it at ``report.consistent_point``."""
     created = source.create_slot(slot, plugin, export_snapshot=True)
-    sink.claim({"slot": slot, "source": source_id})
+    sink.claim({"slot": slot}, record=False)
     sink.reset_state({"loading": "1", "slot": slot, "source": source_id})
     client = redis_client(redis_url, socket_timeout=redis_timeout)
     try:
