@@ -15,7 +15,14 @@ from cdc.postgres import catalog
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from schema.keys import TrackedTable
-from schema.redis_url import probe_tls, redis_client, tls_problem
+from schema.redis_url import (
+    RedisTarget,
+    cluster_client,
+    cluster_url,
+    probe_tls,
+    redis_client,
+    tls_problem,
+)
 
 log = logs.get("cdc.ops.checks")
 
@@ -233,7 +240,45 @@ def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
         conn.close()
 
 
+def check_cluster(settings: Settings) -> None:
+    """Cluster mode (README "Redis Cluster"): every primary must not evict, and what the
+    cluster mode cannot keep is refused (one line, exit 2)."""
+    if settings.change_feed:
+        raise ConfigError(
+            "CDC_CHANGE_FEED is not supported on a Redis Cluster yet: unset it or point"
+            " REDIS_URL at a single node"
+        )
+    if settings.redis_min_replicas:
+        raise ConfigError("CDC_REDIS_MIN_REPLICAS is not supported on a Redis Cluster: unset it")
+    client = cluster_client(
+        cluster_url(settings.redis, settings.redis_timeout),
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+    )
+    try:
+        for node in client.get_primaries():  # type: ignore[no-untyped-call]
+            info = client.info("memory", target_nodes=node)
+            policy = str(info.get("maxmemory_policy", "noeviction"))
+            if policy not in SAFE_EVICTION:
+                raise ConfigError(
+                    f"Redis maxmemory-policy is {policy} on cluster node {node.host}:{node.port}:"
+                    " set it to noeviction so cached rows are never evicted"
+                )
+    finally:
+        client.close()
+
+
 def check_redis(settings: Settings) -> None:
+    if RedisTarget.parse(settings.redis).cluster:
+        try:
+            check_cluster(settings)
+        except redis.AuthenticationError:
+            raise ConfigError("Redis refused the credentials in REDIS_URL") from None
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise RedisUnavailable(
+                f"cannot reach the Redis Cluster: {type(exc).__name__}"
+            ) from None
+        return
     client = redis_client(
         settings.redis,
         socket_timeout=settings.redis_timeout,
@@ -259,9 +304,7 @@ def check_redis(settings: Settings) -> None:
                 " so cached rows are never evicted"
             )
         if int(cluster.get("cluster_enabled", 0)):
-            raise ConfigError(
-                "REDIS_URL points at a Redis Cluster node: point it at a single Redis node"
-            )
+            check_cluster(settings)
     except redis.AuthenticationError:
         raise ConfigError("Redis refused the credentials in REDIS_URL") from None
     except redis.ResponseError as exc:

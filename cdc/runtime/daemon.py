@@ -38,6 +38,7 @@ from types import FrameType
 import redis
 
 from cdc.cache.checkpoint import CacheState, check_format
+from cdc.cache.cluster_sink import make_sink
 from cdc.cache.sink import RedisSink
 from cdc.cache.views import state_fields
 from cdc.errors import (
@@ -68,7 +69,7 @@ from cdc.transform.core import Position
 from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
 from schema.lsn import Lsn, format_lsn
-from schema.redis_url import redis_client
+from schema.redis_url import cluster_url, redis_client
 
 
 class Backoff:
@@ -123,6 +124,8 @@ class Daemon:
         self._standby_logged = False
         self._recreate_slot = False
         self._failover_checked = False
+        # REDIS_URL, or the redis+cluster:// form of it when it names a cluster node.
+        self.redis_url = settings.redis
         self.metrics.info.info(
             {"slot": settings.slot, "publication": settings.publication, "plugin": settings.plugin}
         )
@@ -161,6 +164,7 @@ class Daemon:
             try:
                 checks.check_postgres(self.settings, self.tables)
                 checks.check_redis(self.settings)
+                self.redis_url = cluster_url(self.settings.redis, self.settings.redis_timeout)
                 return
             except Retryable as exc:
                 delay = backoff.next()
@@ -227,7 +231,7 @@ class Daemon:
     def _session(self) -> None:
         settings = self.settings
         source = ReplicationSource(settings.replication_conninfo, settings.pg_timeout)
-        sink = RedisSink(settings.redis, settings.redis_timeout, settings.redis_min_replicas)
+        sink = make_sink(self.redis_url, settings.redis_timeout, settings.redis_min_replicas)
         pg: catalog.Conn | None = None
         try:
             pg = catalog.connect(settings.catalog_conninfo, "PostgreSQL")
@@ -413,7 +417,7 @@ class Daemon:
             self.planner,
             self.tables,
             conninfo=settings.catalog_conninfo,
-            redis_url=settings.redis,
+            redis_url=self.redis_url,
             redis_timeout=settings.redis_timeout,
             slot=settings.slot,
             plugin=settings.plugin,
@@ -438,7 +442,7 @@ class Daemon:
         return Position(Lsn(report.consistent_point))
 
     def _clear_tracked_keys(self) -> None:
-        client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
+        client = redis_client(self.redis_url, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:
                 for prefix in table.owned_prefixes:

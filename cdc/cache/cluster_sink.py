@@ -1,0 +1,482 @@
+"""The Redis Cluster sink: a batch applied slot by slot, versioned, checkpoint last.
+
+Redis Cluster cannot run one script (or ``MULTI``) over keys of several hash slots, so the
+single-node guarantee (a batch and its checkpoint in one atomic script) cannot hold. What
+holds instead (contract 7.8), and how:
+
+Phase 1, rows
+    The batch's operations (the planner's, :mod:`cdc.transform.plan`) are split by the
+    hash slot of the key each one writes; each slot's share runs as one
+    :data:`~cdc.transform.cluster_script.ROW_SCRIPT`, with every key it touches declared,
+    so redis-py routes it to the slot's primary and follows ``MOVED``/``ASK`` while slots
+    move. All slots' scripts go out in one pipeline per primary, the primaries working in
+    parallel. Each script checks the slot's fence (``cdc:fence:{<tag>}``, written for all
+    16384 slots by the claim) and applies a change only if its version (commit LSN, place
+    in the transaction) is newer than the slot's: replays never move a key back and never
+    resurrect a deleted row (see :mod:`cdc.transform.cluster_script`).
+Phase 2, views
+    The row scripts return the view deltas of the rows they changed (also left in their
+    slot's outbox); they are applied to the view keys' slots
+    (:data:`~cdc.transform.cluster_script.VIEW_SCRIPT`), then the outboxes are deleted. A
+    claim delivers outboxes a crash left behind.
+Phase 3, checkpoint
+    Only when every slot of the batch succeeded, ``cdc:state`` moves (the single-node
+    batch script with no operations: fence and position checked, ``PUBLISH cdc:applied``).
+    The pipeline confirms the LSN to PostgreSQL only after that, so an LSN is confirmed
+    only once every primary applied everything before it.
+
+``TRUNCATE`` is a barrier: what precedes it is applied first, then every primary is
+scanned for the table's keys, removed per slot (versioned too).
+
+A batch is applied whole in :meth:`ClusterSink.send` (the answer is then ready at once);
+any failure raises, the session restarts from the checkpoint, and the versions make the
+replay idempotent.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
+from cdc.cache.sink import ApplyResult, InFlight, RedisSink, _refused, owner_label
+from cdc.errors import Fenced, RedisLost, RedisUnavailable
+from cdc.transform.cluster_script import (
+    OUTBOX_PREFIX,
+    ROW_SCRIPT,
+    SLOTS,
+    TRUNCATE_SCRIPT,
+    VIEW_SCRIPT,
+    fence_key,
+    outbox_key,
+    version,
+)
+from cdc.transform.plan import CommandBatch
+from cdc.transform.script import BATCH_SCRIPT
+from schema.keys import STATE_KEY
+from schema.lsn import parse_lsn
+from schema.redis_url import RedisTarget, cluster_client
+
+# Errors a retry clears (slot moving, failover in progress, script cache empty...).
+_RETRY = (
+    "TRYAGAIN",
+    "ASK",
+    "MOVED",
+    "CLUSTERDOWN",
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "READONLY",
+    "NOSCRIPT",
+    "OOM",
+)
+_ATTEMPTS = 80
+
+
+class _Group:
+    """One slot's share of a batch: its script's arguments and keys."""
+
+    __slots__ = ("args", "index", "keys")
+
+    def __init__(self) -> None:
+        self.args: list[bytes] = []
+        self.keys: dict[bytes, None] = {}
+        # Batch operation index of each slot operation (for incomplete/failed reports).
+        self.index: list[int] = []
+
+    def add(
+        self, code: bytes, ver: bytes, args: Sequence[bytes], keys: Iterable[bytes], at: int
+    ) -> None:
+        self.args += (code, ver, b"%d" % len(args), *args)
+        for key in keys:
+            self.keys[key] = None
+        self.index.append(at)
+
+
+def parse_ops(buf: bytes | bytearray) -> list[tuple[bytes, list[bytes]]]:
+    """The planner's operations back from their wire form (``<code> <n> <n args>``)."""
+    data = bytes(buf)
+    ops: list[tuple[bytes, list[bytes]]] = []
+    i = 0
+    end = len(data)
+
+    def bulk(at: int) -> tuple[bytes, int]:
+        j = data.index(b"\r\n", at)
+        start = j + 2
+        stop = start + int(data[at + 1 : j])
+        return data[start:stop], stop + 2
+
+    while i < end:
+        code, i = bulk(i)
+        count, i = bulk(i)
+        args: list[bytes] = []
+        for _ in range(int(count)):
+            arg, i = bulk(i)
+            args.append(arg)
+        ops.append((code, args))
+    return ops
+
+
+class ClusterSink(RedisSink):
+    """:class:`RedisSink`'s interface over a Redis Cluster (see the module's docstring)."""
+
+    def __init__(self, url: str, timeout: float, min_replicas: int = 0) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.client: RedisCluster | None = None
+        self.fence: str | None = None
+        self.min_replicas = 0
+        self._lsn = ""
+        self._partial = ""
+        self.publish_refused = False
+        self._shas: dict[bytes, str] = {}
+        self._results: dict[int, ApplyResult] = {}
+        self.lost_slots = 0
+
+    # -- connection and state ----------------------------------------------------------------
+
+    def connect(self) -> None:
+        try:
+            self.client = cluster_client(
+                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
+            self.client.ping()
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise RedisUnavailable(f"cannot reach the Redis Cluster: {type(exc).__name__}") from exc
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None
+
+    def fileno(self) -> int:
+        return -1
+
+    def _redis(self) -> RedisCluster:
+        if self.client is None:
+            self.connect()
+        assert self.client is not None
+        return self.client
+
+    def read_state(self) -> CacheState:
+        reply = self._one("HGETALL", STATE_KEY)
+        if isinstance(reply, dict) and reply:
+            return CacheState.from_hash(reply)
+        if isinstance(reply, list) and reply:
+            return CacheState.from_hash(dict(zip(reply[0::2], reply[1::2], strict=True)))
+        return CacheState()
+
+    def claim(self, fields: dict[str, str]) -> CacheState:
+        """Take the fence of ``cdc:state`` and of every slot, deliver outboxes a crash
+        left, and return the state. A slot whose fence key was gone lost its data: the
+        state returned is then empty, so the daemon rebuilds."""
+        token = uuid.uuid4().hex
+        values = {"fence": token, "owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
+        self._one("HSET", STATE_KEY, *_pairs({**values, **fields}))
+        added = self._run([("HSET", fence_key(s), "f", token) for s in range(SLOTS)])
+        self.fence = token
+        missing = sum(1 for r in added if r == 1)
+        self.deliver_outboxes()
+        state = self.read_state()
+        self._follow(state.extra)
+        self.lost_slots = missing
+        if missing and state.lsn is not None and not state.loading:
+            return CacheState()
+        return state
+
+    def reset_state(self, fields: dict[str, str]) -> None:
+        """Replace the state hash, and start every slot's position afresh (a load or
+        rebuild rewrites the keys); pending outboxes are dropped with the views."""
+        assert self.fence is not None
+        values = {"fence": self.fence, "owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
+        self._one("DEL", STATE_KEY)
+        self._one("HSET", STATE_KEY, *_pairs({**values, **fields}))
+        commands: list[tuple[Any, ...]] = []
+        for s in range(SLOTS):
+            commands.append(("HDEL", fence_key(s), "v"))
+            commands.append(("HSET", fence_key(s), "f", self.fence))
+        self._run(commands)
+        outboxes = list(self._redis().scan_iter(match=OUTBOX_PREFIX + "*", count=1000))
+        self._run([("DEL", key) for key in outboxes])
+        self._follow(fields)
+
+    # -- applying ----------------------------------------------------------------------------
+
+    def send(self, batch: CommandBatch, state: dict[str, str]) -> InFlight:
+        """Apply ``batch`` slot by slot, then ``state``: done when this returns."""
+        assert self.fence is not None
+        incomplete: list[int] = []
+        repaired = 0
+        groups: dict[int, _Group] = {}
+        marks = batch.marks
+        mark_at = 0
+        ver = b""
+        last_row_slot = -1
+        watching: dict[int, None] = {}
+        for index, (code, args) in enumerate(parse_ops(batch.buf)):
+            while mark_at < len(marks) and marks[mark_at][0] <= index:
+                _, commit, seq = marks[mark_at]
+                ver = version(parse_lsn(commit), seq) if commit else b""
+                mark_at += 1
+            if code == b"t":
+                r, i = self._apply_rows(batch, groups)
+                repaired += r
+                incomplete += i
+                groups = {}
+                self._truncate(args, ver)
+                continue
+            if code in (b"h", b"r", b"s"):
+                slot = key_slot(args[0])
+                groups.setdefault(slot, _Group()).add(code, ver, args, args[:1], index)
+                if code != b"s":
+                    last_row_slot = slot
+            elif code == b"d":
+                for key in args:
+                    slot = key_slot(key)
+                    groups.setdefault(slot, _Group()).add(code, ver, [key], [key], index)
+            elif code == b"p":
+                key, moved_from = args[0], args[1]
+                if moved_from:
+                    # The old key is in another slot: it goes; the patch then finds its
+                    # kept fields missing and the row is fetched again.
+                    old = key_slot(moved_from)
+                    groups.setdefault(old, _Group()).add(
+                        b"d", ver, [moved_from], [moved_from], index
+                    )
+                patch = [key, b"", *args[2:]] if moved_from else args
+                slot = key_slot(key)
+                groups.setdefault(slot, _Group()).add(code, ver, patch, [key], index)
+                last_row_slot = slot
+            elif code == b"w":
+                slot = key_slot(args[1])
+                groups.setdefault(slot, _Group()).add(code, ver, args, args[1:2], index)
+                watching[slot] = None
+            elif code == b"u":
+                for slot in watching:
+                    groups.setdefault(slot, _Group()).add(code, ver, [], [], index)
+                watching = {}
+            elif code == b"a":
+                if last_row_slot >= 0:
+                    groups.setdefault(last_row_slot, _Group()).add(code, ver, args, [], index)
+            else:
+                raise RedisUnavailable(f"cluster mode cannot apply operation {code!r}")
+        r, i = self._apply_rows(batch, groups)
+        repaired += r
+        incomplete += i
+        lsn = state.get("lsn")
+        self._checkpoint(state, lsn)
+        if lsn is not None:
+            self._lsn = lsn
+        if "partial" in state:
+            self._partial = state["partial"]
+        handle = InFlight(batch, lsn or self._lsn)
+        wanted = set(incomplete)
+        handle_result = ApplyResult(
+            [(t, row_id) for at, t, row_id in batch.patches if at in wanted], repaired
+        )
+        self._results[id(handle)] = handle_result
+        return handle
+
+    def ready(self, sent: InFlight) -> bool:
+        return True
+
+    def buffered(self, sent: InFlight) -> bool:
+        return True
+
+    def receive(self, sent: InFlight) -> ApplyResult:
+        return self._results.pop(id(sent), ApplyResult([]))
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _apply_rows(self, batch: CommandBatch, groups: dict[int, _Group]) -> tuple[int, list[int]]:
+        """Phase 1 and 2 for ``groups``: (keys repaired, batch indexes found incomplete)."""
+        if not groups:
+            return 0, []
+        assert self.fence is not None
+        slots = list(groups)
+        commands: list[tuple[Any, ...]] = []
+        for slot in slots:
+            g = groups[slot]
+            keys = [fence_key(slot).encode(), outbox_key(slot).encode(), *g.keys]
+            commands.append((ROW_SCRIPT, len(keys), *keys, self.fence, *g.args))
+        replies = self._scripts(commands)
+        repaired = 0
+        incomplete: list[int] = []
+        deltas: list[bytes] = []
+        outboxes: list[int] = []
+        for slot, reply in zip(slots, replies, strict=True):
+            g = groups[slot]
+            _status(reply)
+            if reply[2]:
+                at = g.index[int(reply[2][0])]
+                raise _refused(reply[2][1].decode(errors="replace"), batch.table_of(at), self._lsn)
+            incomplete += [g.index[int(k)] for k in reply[1]]
+            repaired += int(reply[3])
+            if reply[4]:
+                deltas += reply[4]
+                outboxes.append(slot)
+        if deltas:
+            self.apply_deltas(deltas)
+            self._run([("DEL", outbox_key(slot)) for slot in outboxes])
+        return repaired, incomplete
+
+    def apply_deltas(self, deltas: list[bytes]) -> None:
+        """Phase 2: view deltas (op key member score ...) applied in order per key."""
+        assert self.fence is not None
+        groups: dict[int, tuple[dict[bytes, None], list[bytes]]] = {}
+        for k in range(0, len(deltas), 4):
+            key = deltas[k + 1]
+            keys, args = groups.setdefault(key_slot(key), ({}, []))
+            keys[key] = None
+            args += deltas[k : k + 4]
+        commands: list[tuple[Any, ...]] = []
+        for slot, (keys, args) in groups.items():
+            commands.append((VIEW_SCRIPT, 1 + len(keys), fence_key(slot), *keys, self.fence, *args))
+        for reply in self._scripts(commands):
+            _status(reply)
+            if reply[0] == b"failed":
+                raise _refused(reply[1].decode(errors="replace"), "", self._lsn)
+
+    def deliver_outboxes(self) -> int:
+        """Apply the view deltas a crash left in outboxes, then drop them."""
+        client = self._redis()
+        keys = list(client.scan_iter(match=OUTBOX_PREFIX + "*", count=1000))
+        deltas: list[bytes] = []
+        for key in keys:
+            deltas += self._run([("LRANGE", key, 0, -1)])[0]
+        if deltas:
+            self.apply_deltas(deltas)
+        if keys:
+            self._run([("DEL", key) for key in keys])
+        return len(keys)
+
+    def _truncate(self, patterns: list[bytes], ver: bytes) -> None:
+        """Remove every key matching ``patterns`` on every primary, per slot."""
+        assert self.fence is not None
+        client = self._redis()
+        by_slot: dict[int, list[bytes]] = {}
+        try:
+            for pattern in patterns:
+                for key in client.scan_iter(match=pattern, count=1000):
+                    by_slot.setdefault(key_slot(key), []).append(key)
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise RedisUnavailable(f"Redis Cluster scan failed: {type(exc).__name__}") from exc
+        commands: list[tuple[Any, ...]] = []
+        for slot, keys in by_slot.items():
+            commands.append(
+                (TRUNCATE_SCRIPT, 1 + len(keys), fence_key(slot), *keys, self.fence, ver)
+            )
+        for reply in self._scripts(commands):
+            _status(reply)
+
+    def _checkpoint(self, state: dict[str, str], lsn: str | None) -> None:
+        """Phase 3: the state hash, fenced and positioned (BATCH_SCRIPT without operations)."""
+        assert self.fence is not None
+        args: list[Any] = [self.fence, self._lsn, self._partial, lsn or "", len(state)]
+        for key, value in state.items():
+            args += [key, value]
+        (reply,) = self._scripts([(BATCH_SCRIPT, 1, STATE_KEY, *args)])
+        status = reply[0]
+        if status == b"lost":
+            raise RedisLost("cdc:state is gone: Redis lost its data")
+        if status == b"fenced":
+            raise Fenced("another daemon took over the cache (fence changed)")
+        if status == b"moved":
+            raise RedisLost(
+                "cdc:state is not at the position this daemon left it (an earlier batch "
+                "was not applied, or something else wrote the state)"
+            )
+        if not reply[4]:
+            self.publish_refused = True
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _sha(self, script: bytes) -> str:
+        sha = self._shas.get(script)
+        if sha is None:
+            import hashlib
+
+            sha = hashlib.sha1(script).hexdigest()  # noqa: S324 - Redis' script id
+            self._shas[script] = sha
+        return sha
+
+    def _scripts(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run scripts (``(script, numkeys, keys..., args...)``) by ``EVALSHA``, loading
+        them where a node does not have them."""
+        shaped = [("EVALSHA", self._sha(c[0]), *c[1:]) for c in commands]
+        return self._run(shaped, scripts=[c[0] for c in commands])
+
+    def _run(
+        self, commands: list[tuple[Any, ...]], scripts: list[bytes] | None = None
+    ) -> list[Any]:
+        """One pipeline per primary (redis-py's cluster pipeline writes to every node,
+        then reads); what fails for a retryable reason is retried, one by one."""
+        if not commands:
+            return []
+        client = self._redis()
+        results: list[Any] = []
+        try:
+            for start in range(0, len(commands), 20000):
+                pipe = client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
+                for command in commands[start : start + 20000]:
+                    pipe.execute_command(*command)
+                results += pipe.execute(raise_on_error=False)
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            # The pipeline itself failed (topology moving): everything one by one.
+            results = [exc] * len(commands)
+        for k, result in enumerate(results):
+            if isinstance(result, Exception):
+                results[k] = self._retry(commands[k], scripts[k] if scripts else None, result)
+        return results
+
+    def _retry(self, command: tuple[Any, ...], script: bytes | None, error: Exception) -> Any:
+        client = self._redis()
+        for attempt in range(_ATTEMPTS):
+            text = str(error)
+            if isinstance(error, redis.exceptions.NoScriptError) or text.startswith("NOSCRIPT"):
+                if script is not None:
+                    command = ("EVAL", script, *command[2:])
+            elif isinstance(error, redis.ResponseError) and not text.startswith(_RETRY):
+                raise _refused(text, "", self._lsn)
+            if attempt:
+                time.sleep(min(0.5, 0.02 * attempt))
+            try:
+                return client.execute_command(*command)  # type: ignore[no-untyped-call]
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+                error = exc
+        raise RedisUnavailable(f"Redis Cluster kept failing: {type(error).__name__}: {error}")
+
+    def _one(self, *command: Any) -> Any:
+        return self._run([command])[0]
+
+
+def _pairs(values: dict[str, str]) -> list[str]:
+    out: list[str] = []
+    for key, value in values.items():
+        out += [key, value]
+    return out
+
+
+def _status(reply: Any) -> None:
+    status = reply[0]
+    if status == b"lost":
+        raise RedisLost("a slot's fence key is gone: that shard lost its data")
+    if status == b"fenced":
+        raise Fenced("another daemon took over the cache (a slot's fence changed)")
+
+
+def make_sink(url: str, timeout: float, min_replicas: int = 0) -> RedisSink:
+    """The sink for ``url``: :class:`ClusterSink` for a ``redis+cluster://`` URL."""
+    if RedisTarget.parse(url).cluster:
+        return ClusterSink(url, timeout, min_replicas)
+    return RedisSink(url, timeout, min_replicas)

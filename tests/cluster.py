@@ -1,0 +1,145 @@
+"""A Redis Cluster on loopback for the cluster-mode tests (contract 7.8).
+
+``redis-server --cluster-enabled yes`` per node, on ports whose cluster bus port (+10000)
+fits (<= 55535), joined by ``redis-cli --cluster create``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from tests.helpers import wait_for
+
+
+def _free(port: int) -> bool:
+    for p in (port, port + 10000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                return False
+    return True
+
+
+def cluster_ports(n: int) -> list[int]:
+    rng = random.Random()
+    while True:
+        base = rng.randrange(20000, 45000)
+        ports = list(range(base, base + n))
+        if all(_free(p) for p in ports):
+            return ports
+
+
+@dataclass
+class RedisCluster:
+    """``primaries`` primaries, each with ``replicas`` replicas."""
+
+    root: Path
+    primaries: int = 3
+    replicas: int = 0
+    ports: list[int] = field(default_factory=list)
+    procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:1])
+
+    def node(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+    def start_node(self, port: int) -> None:
+        d = self.root / str(port)
+        d.mkdir(parents=True, exist_ok=True)
+        log = (d / "redis.log").open("ab")
+        self.procs[port] = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000",
+                "--dir", str(d),
+                "--save", "",
+                "--appendonly", "no",
+                "--protected-mode", "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_for(lambda: _pings(port), 20, f"redis node {port}")
+
+    def start(self) -> RedisCluster:
+        self.ports = cluster_ports(self.primaries * (1 + self.replicas))
+        for port in self.ports:
+            self.start_node(port)
+        subprocess.run(
+            [
+                "redis-cli", "--cluster", "create",
+                *[f"127.0.0.1:{p}" for p in self.ports],
+                "--cluster-replicas", str(self.replicas),
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_for(self.healthy, 60, "the cluster to be ok")
+        return self
+
+    def healthy(self) -> bool:
+        for port in self.procs:
+            try:
+                info = self.node(port).execute_command("CLUSTER", "INFO")
+            except redis.RedisError:
+                return False
+            raw = info if isinstance(info, (bytes, str)) else str(info)
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            if "cluster_state:ok" not in text:
+                return False
+        return True
+
+    def primary_ports(self) -> list[int]:
+        found = []
+        for port in self.procs:
+            with contextlib.suppress(redis.RedisError):
+                if self.node(port).info("replication").get("role") == "master":
+                    found.append(port)
+        return found
+
+    def kill(self, port: int) -> None:
+        proc = self.procs.pop(port)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+
+def _pings(port: int) -> bool:
+    try:
+        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def wait_settled(seconds: float) -> None:
+    time.sleep(seconds)
