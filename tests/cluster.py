@@ -113,7 +113,7 @@ class RedisCluster:
     def healthy(self) -> bool:
         for port in self.procs:
             try:
-                info = self.node(port).execute_command("CLUSTER", "INFO")
+                info = self.node(port).execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
             except redis.RedisError:
                 return False
             raw = info if isinstance(info, (bytes, str)) else str(info)

@@ -302,12 +302,12 @@ def assert_converged(database_url: str, redis_url: str, fence_first: bool = True
                 for lookup in table.lookups:
                     wanted = lookups[lookup.prefix]
                     for found in scan(client, lookup.key_prefix):
-                        values = (
+                        got: list[Any] = (
                             client.mget_nonatomic(found)  # type: ignore[attr-defined]
                             if cluster
                             else client.mget(found)
                         )
-                        for raw, value in zip(found, values, strict=True):
+                        for raw, value in zip(found, got, strict=True):
                             name = raw.decode()
                             owner = wanted.pop(name, None)
                             if owner is None:
