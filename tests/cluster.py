@@ -155,3 +155,32 @@ def _pings(port: int) -> bool:
 
 def wait_settled(seconds: float) -> None:
     time.sleep(seconds)
+
+
+def node_id(port: int) -> str:
+    reply = redis.Redis(host="127.0.0.1", port=port).execute_command("CLUSTER", "MYID")  # type: ignore[no-untyped-call]
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
+def reshard(source_port: int, target_port: int, slots: int) -> None:
+    """Move ``slots`` hash slots from one primary to another (keys migrate meanwhile)."""
+    subprocess.run(
+        [
+            "redis-cli",
+            "--cluster",
+            "reshard",
+            f"127.0.0.1:{source_port}",
+            "--cluster-from",
+            node_id(source_port),
+            "--cluster-to",
+            node_id(target_port),
+            "--cluster-slots",
+            str(slots),
+            "--cluster-pipeline",
+            "10",
+            "--cluster-yes",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )

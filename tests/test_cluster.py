@@ -21,7 +21,7 @@ import redis
 
 from schema.lsn import parse_lsn
 from schema.redis_url import redis_client
-from tests.cluster import RedisCluster
+from tests.cluster import RedisCluster, reshard
 from tests.helpers import Daemon, assert_converged, running, text, wait_for
 
 TICKETS = [f"t{i}" for i in range(60)]
@@ -211,3 +211,29 @@ def test_cluster_stream_kill_truncate(
     assert sampler.samples > 0
     assert load.renames > 0
     assert counts["agents"] > 0
+
+
+def test_cluster_reshard_while_streaming(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster
+) -> None:
+    """Slots (with their keys, fences and outboxes) move between primaries while writes
+    stream: the daemon follows MOVED/ASK (and retries TRYAGAIN) and converges."""
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url)
+    sampler = Sampler(cluster.url)
+    load = Workload(database_url, seed=5)
+    with running(daemon):
+        sampler.start()
+        load.start()
+        load.wait(50)
+        first, second, third = cluster.ports
+        reshard(first, second, 3000)
+        load.wait(20)
+        reshard(third, first, 2000)
+        load.wait(50)
+        load.stop()
+        assert_converged(database_url, cluster.url)
+        sampler.stop()
+        assert daemon.proc is not None
+        assert daemon.proc.poll() is None
+    assert not sampler.regressions, sampler.regressions[:10]

@@ -21,7 +21,8 @@ slot's keys during a reshard. A slot whose fence key is missing lost its data.
 Views cannot be written in the row's slot. The row script computes each view change of a
 row it applies (remove the id from the old value's key, add it to the new one's, with its
 score) and appends it to the slot's outbox ``cdc:outbox:{<tag>}`` in the same atomic run;
-the sink then applies those deltas to the view keys' slots (:data:`VIEW_SCRIPT`) and
+the script answers with the slot's whole outbox (so a run retried after it applied still
+delivers), the sink applies those deltas to the view keys' slots (:data:`VIEW_SCRIPT`) and
 deletes the outboxes. A crash in between leaves them in the outbox, delivered at the next
 claim. Redelivery is safe without versions: all of a row's deltas come from its one slot,
 in order, and re-applying the whole sequence of a member's deltas in order leaves each
@@ -236,7 +237,11 @@ if #failed == 0 then
     redis.call('RPUSH', OUTBOX, unpack(deltas, k, math.min(k + 3999, #deltas)))
   end
 end
-return {'ok', incomplete, failed, repaired, deltas}
+-- The whole outbox, not only this run's deltas: a run retried after it applied (the
+-- connection broke before its answer) skips its changes but must still deliver them.
+local pending = {}
+if redis.call('EXISTS', OUTBOX) == 1 then pending = redis.call('LRANGE', OUTBOX, 0, -1) end
+return {'ok', incomplete, failed, repaired, pending}
 """
 )
 """One slot's operations (the planner's codes, :data:`cdc.transform.script.BATCH_SCRIPT`,
