@@ -32,6 +32,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 import redis.asyncio
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.cluster import ClusterNode, RedisCluster
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
@@ -383,6 +385,14 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
 def async_redis_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
     """:func:`redis_client` for asyncio (``AsyncCacheReader``): the same forms and options."""
     target = RedisTarget.parse(url)
+    if target.cluster:
+        node_kwargs = {**target.node_kwargs(), **kwargs}
+        node_kwargs.pop("db", None)
+        node_kwargs.pop("max_connections", None)
+        cluster = AsyncRedisCluster(
+            startup_nodes=[AsyncClusterNode(h, p) for h, p in target.hosts], **node_kwargs
+        )
+        return cast("redis.asyncio.Redis", cluster)
     if not target.sentinel:
         return redis.asyncio.Redis(
             host=target.host, port=target.port, **{**target.node_kwargs(), **kwargs}

@@ -8,6 +8,7 @@ outside the allowed prefixes) and a sampler asserting each key's ``_v`` never go
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ from schema.lsn import parse_lsn
 from schema.redis_url import redis_client
 from tests.cluster import RedisCluster, reshard
 from tests.helpers import Daemon, assert_converged, running, text, wait_for
+from writer import Writer
+from writer.reader import AsyncCacheReader, CacheReader
 
 TICKETS = [f"t{i}" for i in range(60)]
 AGENTS = [f"a{i}" for i in range(12)]
@@ -237,3 +240,42 @@ def test_cluster_reshard_while_streaming(
         assert daemon.proc is not None
         assert daemon.proc.poll() is None
     assert not sampler.regressions, sampler.regressions[:10]
+
+
+def test_cluster_readers_wait_for_tokens(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster, writer: Writer
+) -> None:
+    """CacheReader and AsyncCacheReader on a cluster URL: a write's token is waited for
+    (``cdc:applied`` is published cluster-wide), rows, lookups and views answer from Redis
+    (no database to fall back to)."""
+    seed(database_url)
+    with running(make_daemon(REDIS_URL=cluster.url)):
+        reader = CacheReader.connect(cluster.url)
+        try:
+            for n in range(5):
+                written = writer.create_ticket({"title": f"cluster {n}"})
+                ticket = reader.ticket(written.value.id, after=written.token, timeout=30)
+                assert ticket is not None
+                assert ticket.title == f"cluster {n}"
+                listed = reader.tickets_with_status("open", after=written.token, timeout=30)
+                assert written.value.id in {t.id for t in listed}
+            agent = reader.agent_by_username("user-a1", timeout=30)
+            assert agent is not None
+            assert agent.id == "a1"
+        finally:
+            reader.close()
+
+        async def read_async() -> None:
+            areader = AsyncCacheReader.connect(cluster.url)
+            try:
+                written = writer.create_ticket({"title": "async"})
+                assert await areader.wait(written.token, timeout=30)
+                ticket = await areader.ticket(written.value.id, after=written.token)
+                assert ticket is not None
+                assert ticket.title == "async"
+                members = await areader.agents_with_status("offline")
+                assert "a1" in {a.id for a in members}
+            finally:
+                await areader.close()
+
+        asyncio.run(read_async())

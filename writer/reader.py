@@ -36,6 +36,9 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from schema import keys
 from schema.models import Agent, Ticket
@@ -73,6 +76,9 @@ class CacheReader:
         self._feed: Feed | None = None
         self._feed_lock = threading.Lock()
         self._owns_pool = False
+        # On a Redis Cluster no MULTI spans slots: a view and the state are read apart
+        # (the members are checked against their rows anyway, contract 7.8).
+        self._cluster = isinstance(client, RedisCluster)
 
     @classmethod
     def connect(
@@ -102,7 +108,7 @@ class CacheReader:
         if self._feed is not None:
             self._feed.close()
         self._redis.close()
-        if self._owns_pool:
+        if self._owns_pool and not self._cluster:
             self._redis.connection_pool.disconnect()
 
     def __enter__(self) -> CacheReader:
@@ -205,12 +211,12 @@ class CacheReader:
                 except (redis.RedisError, OSError):
                     answer = False  # Redis down: PostgreSQL answers
             elif isinstance(step, Redis):
-                pipe = self._redis.pipeline(transaction=step.atomic)
+                pipe = self._redis.pipeline(transaction=step.atomic and not self._cluster)
                 for command in step.commands:
                     pipe.execute_command(*command)  # type: ignore[no-untyped-call]
                 try:
                     answer = pipe.execute()
-                except (redis.RedisError, OSError):
+                except (redis.RedisError, OSError, RedisClusterException):
                     answer = None
             else:
                 if self._db is None:
@@ -226,6 +232,7 @@ class AsyncCacheReader:
         self._db = database
         self._feed: AsyncFeed | None = None
         self._owns_pool = False
+        self._cluster = isinstance(client, AsyncRedisCluster)
 
     @classmethod
     def connect(
@@ -252,7 +259,10 @@ class AsyncCacheReader:
     async def close(self) -> None:
         if self._feed is not None:
             await self._feed.close()
-        await self._redis.aclose(close_connection_pool=self._owns_pool)
+        if self._cluster:
+            await self._redis.aclose()
+        else:
+            await self._redis.aclose(close_connection_pool=self._owns_pool)
 
     async def __aenter__(self) -> AsyncCacheReader:
         return self
@@ -341,12 +351,12 @@ class AsyncCacheReader:
                 except (redis.RedisError, OSError):
                     answer = False  # Redis down: PostgreSQL answers
             elif isinstance(step, Redis):
-                pipe = self._redis.pipeline(transaction=step.atomic)
+                pipe = self._redis.pipeline(transaction=step.atomic and not self._cluster)
                 for command in step.commands:
                     pipe.execute_command(*command)
                 try:
                     answer = await pipe.execute()
-                except (redis.RedisError, OSError):
+                except (redis.RedisError, OSError, RedisClusterException):
                     answer = None
             else:
                 if self._db is None:
