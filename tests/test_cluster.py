@@ -9,7 +9,11 @@ outside the allowed prefixes) and a sampler asserting each key's ``_v`` never go
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +27,7 @@ import redis
 from schema.lsn import parse_lsn
 from schema.redis_url import redis_client
 from tests.cluster import RedisCluster, reshard
-from tests.helpers import Daemon, assert_converged, running, text, wait_for
+from tests.helpers import ROOT, Daemon, assert_converged, running, text, wait_for
 from writer import Writer
 from writer.reader import AsyncCacheReader, CacheReader
 
@@ -279,3 +283,56 @@ def test_cluster_readers_wait_for_tokens(
                 await areader.close()
 
         asyncio.run(read_async())
+
+
+def test_cluster_verify_repair_and_reset(
+    database_url: str,
+    make_daemon: Callable[..., Daemon],
+    cluster: RedisCluster,
+    slot_name: str,
+) -> None:
+    """``cdc verify`` (and ``--repair``) and ``cdc slot reset`` on a cluster URL: scans
+    go over every primary, repairs and the reload write per slot."""
+
+    def cdc(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+        env.update({"DATABASE_URL": database_url, "REDIS_URL": cluster.url, "CDC_SLOT": slot_name})
+        return subprocess.run(
+            [sys.executable, "-m", "cdc", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url)
+    with running(daemon):
+        assert_converged(database_url, cluster.url)
+        clean = cdc("verify")
+        assert clean.returncode == 0, clean.stdout + clean.stderr
+        client = redis_client(cluster.url)
+        client.delete("ticket:{t1}")
+        client.hset("ticket:{t2}", "title", "tampered")
+        client.hset("ticket:{ghost}", mapping={"id": "ghost", "title": "no row"})
+        client.set("agent:username:{user-a1}", "someone-else")
+        client.zrem("tickets:status:{open}", "t3")
+        client.close()
+        found = cdc("verify", "--json")
+        report = json.loads(found.stdout)
+        assert set(report["missing"]) == {"ticket:{t1}", "tickets:status:{open}"}
+        assert report["extra"] == ["ticket:{ghost}"]
+        repaired = cdc("verify", "--repair")
+        assert repaired.returncode == 1, repaired.stdout + repaired.stderr
+        again = cdc("verify")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert_converged(database_url, cluster.url)
+    # A reset reloads the cache from a new slot; the daemon then resumes from it.
+    done = cdc("slot", "reset", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE tickets SET title = 'after reset' WHERE id = 't5'")
+    with running(make_daemon(REDIS_URL=cluster.url)):
+        assert_converged(database_url, cluster.url)
