@@ -79,6 +79,29 @@ _RETRY = (
 _ATTEMPTS = 80
 
 
+class SlotLedger:
+    """How many of this daemon's scripts each slot has seen (its ``n``), across sessions:
+    a slot whose ``n`` is found lower lost writes (a failover to a lagging replica)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, int] = {}
+
+    def note(self, slot: int, found: int) -> bool:
+        """Record a script run that found ``found``; False if the slot lost writes."""
+        expected = self.runs.get(slot, 0)
+        self.runs[slot] = max(expected, found + 1)
+        return found >= expected
+
+    def lost(self, found: dict[int, int]) -> list[int]:
+        """The slots whose count is below what this daemon caused."""
+        return sorted(s for s, n in self.runs.items() if found.get(s, 0) < n)
+
+    def accept(self, found: dict[int, int]) -> None:
+        """After a repair: what the slots hold now is what to expect."""
+        for slot in list(self.runs):
+            self.runs[slot] = found.get(slot, 0)
+
+
 class _Group:
     """One slot's share of a batch: its script's arguments and keys."""
 
@@ -126,8 +149,18 @@ def parse_ops(buf: bytes | bytearray) -> list[tuple[bytes, list[bytes]]]:
 class ClusterSink(RedisSink):
     """:class:`RedisSink`'s interface over a Redis Cluster (see the module's docstring)."""
 
-    def __init__(self, url: str, timeout: float, min_replicas: int = 0) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        min_replicas: int = 0,
+        ledger: SlotLedger | None = None,
+    ) -> None:
         self.url = url
+        self.ledger = ledger if ledger is not None else SlotLedger()
+        # Slots found to have lost writes at the claim (the daemon repairs them).
+        self.lost: list[int] = []
+        self._primaries: frozenset[str] = frozenset()
         self.timeout = timeout
         self.client: RedisCluster | None = None
         self.fence: str | None = None
@@ -186,6 +219,14 @@ class ClusterSink(RedisSink):
         added = self._run([("HSET", fence_key(s), "f", token) for s in range(SLOTS)])
         self.fence = token
         missing = sum(1 for r in added if r == 1)
+        self.lost = []
+        if self.ledger.runs:
+            slots = sorted(self.ledger.runs)
+            counts = self._run([("HGET", fence_key(s), "n") for s in slots])
+            found = {s: int(c or 0) for s, c in zip(slots, counts, strict=True)}
+            self.lost = self.ledger.lost(found)
+            self.ledger.accept(found)
+        self._primaries = self._primary_names()
         self.deliver_outboxes()
         state = self.read_state()
         self._follow(state.extra)
@@ -273,6 +314,10 @@ class ClusterSink(RedisSink):
         r, i = self._apply_rows(batch, groups)
         repaired += r
         incomplete += i
+        if self._primary_names() != self._primaries:
+            # A failover: the promoted replica may lack writes. A new session's claim
+            # finds which slots (their counts) and repairs them before going on.
+            raise RedisLost("the Redis Cluster's primaries changed (a failover)")
         lsn = state.get("lsn")
         self._checkpoint(state, lsn)
         if lsn is not None:
@@ -320,6 +365,8 @@ class ClusterSink(RedisSink):
             if reply[2]:
                 at = g.index[int(reply[2][0])]
                 raise _refused(reply[2][1].decode(errors="replace"), batch.table_of(at), self._lsn)
+            if not self.ledger.note(slot, int(reply[5])):
+                raise RedisLost(f"hash slot {slot} lost writes (a primary failed over)")
             incomplete += [g.index[int(k)] for k in reply[1]]
             repaired += int(reply[3])
             if reply[4]:
@@ -342,8 +389,10 @@ class ClusterSink(RedisSink):
         commands: list[tuple[Any, ...]] = []
         for slot, (keys, args) in groups.items():
             commands.append((VIEW_SCRIPT, 1 + len(keys), fence_key(slot), *keys, self.fence, *args))
-        for reply in self._scripts(commands):
+        for slot, reply in zip(groups, self._scripts(commands), strict=True):
             _status(reply)
+            if not self.ledger.note(slot, int(reply[2])):
+                raise RedisLost(f"hash slot {slot} lost writes (a primary failed over)")
             if reply[0] == b"failed":
                 raise _refused(reply[1].decode(errors="replace"), "", self._lsn)
 
@@ -376,8 +425,10 @@ class ClusterSink(RedisSink):
             commands.append(
                 (TRUNCATE_SCRIPT, 1 + len(keys), fence_key(slot), *keys, self.fence, ver)
             )
-        for reply in self._scripts(commands):
+        for slot, reply in zip(by_slot, self._scripts(commands), strict=True):
             _status(reply)
+            if not self.ledger.note(slot, int(reply[2])):
+                raise RedisLost(f"hash slot {slot} lost writes (a primary failed over)")
 
     def _checkpoint(self, state: dict[str, str], lsn: str | None) -> None:
         """Phase 3: the state hash, fenced and positioned (BATCH_SCRIPT without operations)."""
@@ -400,6 +451,10 @@ class ClusterSink(RedisSink):
             self.publish_refused = True
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    def _primary_names(self) -> frozenset[str]:
+        client = self._redis()
+        return frozenset(node.name for node in client.get_primaries())  # type: ignore[no-untyped-call]
 
     def _sha(self, script: bytes) -> str:
         sha = self._shas.get(script)
@@ -475,8 +530,10 @@ def _status(reply: Any) -> None:
         raise Fenced("another daemon took over the cache (a slot's fence changed)")
 
 
-def make_sink(url: str, timeout: float, min_replicas: int = 0) -> RedisSink:
+def make_sink(
+    url: str, timeout: float, min_replicas: int = 0, ledger: SlotLedger | None = None
+) -> RedisSink:
     """The sink for ``url``: :class:`ClusterSink` for a ``redis+cluster://`` URL."""
     if RedisTarget.parse(url).cluster:
-        return ClusterSink(url, timeout, min_replicas)
+        return ClusterSink(url, timeout, min_replicas, ledger)
     return RedisSink(url, timeout, min_replicas)

@@ -38,7 +38,7 @@ from types import FrameType
 import redis
 
 from cdc.cache.checkpoint import CacheState, check_format
-from cdc.cache.cluster_sink import make_sink
+from cdc.cache.cluster_sink import ClusterSink, SlotLedger, make_sink
 from cdc.cache.sink import RedisSink
 from cdc.cache.views import state_fields
 from cdc.errors import (
@@ -47,6 +47,7 @@ from cdc.errors import (
     Fenced,
     PoisonRecord,
     RedisLost,
+    RedisUnavailable,
     Retryable,
     SlotInUse,
     SlotInvalidated,
@@ -60,6 +61,7 @@ from cdc.runtime import failover
 from cdc.runtime.backfill import Backfill
 from cdc.runtime.observer import Observer
 from cdc.runtime.pipeline import Decode, Pipeline
+from cdc.runtime.shard_repair import repair_slots
 from cdc.runtime.snapshot import create_slot_and_load, scan_keys
 from cdc.settings import Settings
 from cdc.telemetry import logs
@@ -126,6 +128,8 @@ class Daemon:
         self._failover_checked = False
         # REDIS_URL, or the redis+cluster:// form of it when it names a cluster node.
         self.redis_url = settings.redis
+        # Cluster mode: what each hash slot has seen from this daemon, across sessions.
+        self.ledger = SlotLedger()
         self.metrics.info.info(
             {"slot": settings.slot, "publication": settings.publication, "plugin": settings.plugin}
         )
@@ -231,7 +235,9 @@ class Daemon:
     def _session(self) -> None:
         settings = self.settings
         source = ReplicationSource(settings.replication_conninfo, settings.pg_timeout)
-        sink = make_sink(self.redis_url, settings.redis_timeout, settings.redis_min_replicas)
+        sink = make_sink(
+            self.redis_url, settings.redis_timeout, settings.redis_min_replicas, self.ledger
+        )
         pg: catalog.Conn | None = None
         try:
             pg = catalog.connect(settings.catalog_conninfo, "PostgreSQL")
@@ -354,8 +360,28 @@ class Daemon:
                     self.backfill.request_table(
                         by_name[item["table"]], "rebuild (resumed)", after=item.get("after")
                     )
+        if isinstance(sink, ClusterSink) and sink.lost:
+            self._repair_lost_slots(pg, sink)
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
+
+    def _repair_lost_slots(self, pg: catalog.Conn, sink: ClusterSink) -> None:
+        """A failover lost writes in some hash slots: repair exactly those."""
+        assert sink.client is not None
+        self.log.warning("hash slots lost writes in a Redis Cluster failover", slots=len(sink.lost))
+        self.metrics.rebuilds.labels(reason="slots_lost").inc()
+        try:
+            report = repair_slots(sink.client, pg, self.tables, self.backfill, sink.lost)
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise RedisUnavailable(f"repairing lost slots failed: {type(exc).__name__}") from None
+        self.log.warning(
+            "repairing the lost slots",
+            slots=report.slots,
+            rows=report.rows,
+            lookup_or_view_keys_dropped=report.lookups_dropped,
+            view_keys_rebuilt=report.views_rebuilt,
+        )
+        sink.lost = []
 
     @staticmethod
     def _rebuild_reason(

@@ -8,7 +8,12 @@ hash tag that hashes to ``s``), a hash with
 - ``f``: the fence token of the daemon that owns the cache (a claim writes all 16384);
 - ``v``: the version of the last change applied to a key of this slot: the change's
   commit LSN and its place in the transaction, ``%016X%08X`` (fixed width, so Lua
-  compares them as strings).
+  compares them as strings);
+- ``n``: how many of the daemon's scripts ran in this slot. Every script answers the
+  count it found and adds one; the daemon remembers the highest it caused
+  (:class:`~cdc.cache.cluster_sink.SlotLedger`), so a slot found below it lost writes:
+  its primary failed over to a replica that had not received them. Those slots, and
+  only those, are repaired (:mod:`cdc.runtime.shard_repair`).
 
 A change is applied to a slot only if its version is newer than the slot's ``v``. Changes
 reach a slot in commit order, so ``v`` only grows, and a replay (after a crash between
@@ -83,11 +88,13 @@ ROW_SCRIPT: Final = (
 -- One slot's part of a batch. KEYS: fence, outbox, the data keys (declared for routing).
 -- ARGV[1]: the fence token; then operations <code> <version> <n> <n arguments>.
 local FENCE, OUTBOX = KEYS[1], KEYS[2]
-local head = redis.call('HMGET', FENCE, 'f', 'v')
+local head = redis.call('HMGET', FENCE, 'f', 'v', 'n')
 if not head[1] then return {'lost'} end
 if head[1] ~= ARGV[1] then return {'fenced'} end
 local pos = head[2] or ''
 local top = pos
+local runs = tonumber(head[3] or '0')
+redis.call('HINCRBY', FENCE, 'n', 1)
 """
     + LUA_EPOCH
     + b"""
@@ -241,7 +248,7 @@ end
 -- connection broke before its answer) skips its changes but must still deliver them.
 local pending = {}
 if redis.call('EXISTS', OUTBOX) == 1 then pending = redis.call('LRANGE', OUTBOX, 0, -1) end
-return {'ok', incomplete, failed, repaired, pending}
+return {'ok', incomplete, failed, repaired, pending, runs}
 """
 )
 """One slot's operations (the planner's codes, :data:`cdc.transform.script.BATCH_SCRIPT`,
@@ -254,9 +261,11 @@ VIEW_SCRIPT: Final = (
     b"""#!lua
 -- View deltas for one slot. KEYS: fence, the view keys. ARGV[1]: the fence token, then
 -- (op key member score) quadruples.
-local f = redis.call('HGET', KEYS[1], 'f')
-if not f then return {'lost'} end
-if f ~= ARGV[1] then return {'fenced'} end
+local head = redis.call('HMGET', KEYS[1], 'f', 'n')
+if not head[1] then return {'lost'} end
+if head[1] ~= ARGV[1] then return {'fenced'} end
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+local runs = tonumber(head[2] or '0')
 """
     + LUA_VIEW_WRITE
     + b"""
@@ -269,24 +278,26 @@ for p = 2, #ARGV, 4 do
   elseif op == 's-' then r = redis.pcall('SREM', key, member)
   end
   if type(r) == 'table' and r.err and string.sub(r.err, 1, 9) ~= 'WRONGTYPE' then
-    return {'failed', r.err}
+    return {'failed', r.err, runs}
   end
 end
-return {'ok'}
+return {'ok', '', runs}
 """
 )
 
 TRUNCATE_SCRIPT: Final = b"""#!lua
 -- TRUNCATE in one slot. KEYS: fence, the keys to remove. ARGV: fence token, version.
-local head = redis.call('HMGET', KEYS[1], 'f', 'v')
+local head = redis.call('HMGET', KEYS[1], 'f', 'v', 'n')
 if not head[1] then return {'lost'} end
 if head[1] ~= ARGV[1] then return {'fenced'} end
+local runs = tonumber(head[3] or '0')
+redis.call('HINCRBY', KEYS[1], 'n', 1)
 -- Past it: the slot got later changes, so this TRUNCATE was applied here already.
-if ARGV[2] ~= '' and (head[2] or '') > ARGV[2] then return {'ok', 0} end
+if ARGV[2] ~= '' and (head[2] or '') > ARGV[2] then return {'ok', 0, runs} end
 local n = 0
 for k = 2, #KEYS, 500 do
   n = n + redis.call('UNLINK', unpack(KEYS, k, math.min(k + 499, #KEYS)))
 end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'v', ARGV[2]) end
-return {'ok', n}
+return {'ok', n, runs}
 """
