@@ -52,7 +52,7 @@ class RedisCluster:
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:1])
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
@@ -130,6 +130,24 @@ class RedisCluster:
                     found.append(port)
         return found
 
+    def pause(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGCONT)
+
+    def synced(self) -> bool:
+        """Every primary has its replicas connected and caught up."""
+        for port in self.primary_ports():
+            info = self.node(port).info("replication")
+            if int(info.get("connected_slaves", 0)) < self.replicas:
+                return False
+            offset = int(info.get("master_repl_offset", 0))
+            for k in range(self.replicas):
+                if int(info[f"slave{k}"]["offset"]) < offset:
+                    return False
+        return True
+
     def kill(self, port: int) -> None:
         proc = self.procs.pop(port)
         proc.send_signal(signal.SIGKILL)
@@ -184,3 +202,34 @@ def reshard(source_port: int, target_port: int, slots: int) -> None:
         capture_output=True,
         timeout=300,
     )
+
+
+def cluster_nodes(port: int) -> list[dict[str, str]]:
+    """``CLUSTER NODES`` as seen from one node: id, port, role, master id."""
+    raw = redis.Redis(host="127.0.0.1", port=port).execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    nodes = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        address = parts[1].split("@")[0]
+        nodes.append(
+            {
+                "id": parts[0],
+                "port": address.rsplit(":", 1)[1],
+                "role": "replica" if "slave" in parts[2] else "primary",
+                "master": parts[3],
+                "flags": parts[2],
+            }
+        )
+    return nodes
+
+
+def replica_of(port: int) -> int:
+    """The port of a replica of the primary on ``port``."""
+    me = node_id(port)
+    for node in cluster_nodes(port):
+        if node["role"] == "replica" and node["master"] == me:
+            return int(node["port"])
+    raise AssertionError(f"no replica of {port}")

@@ -77,6 +77,18 @@ _RETRY = (
     "OOM",
 )
 _ATTEMPTS = 80
+# redis-py's own types for them (their text has lost the code: "The cluster is down").
+_TRANSIENT_TYPES = (
+    redis.exceptions.ClusterError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.MovedError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.OutOfMemoryError,
+)
 
 
 class SlotLedger:
@@ -501,7 +513,11 @@ class ClusterSink(RedisSink):
             if isinstance(error, redis.exceptions.NoScriptError) or text.startswith("NOSCRIPT"):
                 if script is not None:
                     command = ("EVAL", script, *command[2:])
-            elif isinstance(error, redis.ResponseError) and not text.startswith(_RETRY):
+            elif (
+                isinstance(error, redis.ResponseError)
+                and not isinstance(error, _TRANSIENT_TYPES)
+                and not text.startswith(_RETRY)
+            ):
                 raise _refused(text, "", self._lsn)
             if attempt:
                 time.sleep(min(0.5, 0.02 * attempt))
