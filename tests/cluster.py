@@ -144,7 +144,8 @@ class RedisCluster:
                 return False
             offset = int(info.get("master_repl_offset", 0))
             for k in range(self.replicas):
-                if int(info[f"slave{k}"]["offset"]) < offset:
+                replica = info[f"slave{k}"]
+                if replica.get("state") != "online" or int(replica["offset"]) < offset:
                     return False
         return True
 
