@@ -15,6 +15,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,3 +407,47 @@ def test_cluster_failover_repairs_only_the_lost_slots(
     total = counts["tickets"] + counts["agents"]
     assert 0 < repairs[0]["slots"] <= 16384 // 3 + 1
     assert 0 < repairs[0]["rows"] < total * 0.6
+
+
+def test_cluster_drain_rate_next_to_single_node(
+    database_url: str,
+    make_daemon: Callable[..., Daemon],
+    cluster: RedisCluster,
+    redis_url: str,
+    slot_name: str,
+) -> None:
+    """The same backlog drained into one Redis node and into the 3-primary cluster, in
+    one run (rows/s printed for the report; no threshold: the machine is shared)."""
+    seed(database_url)
+    single = make_daemon()
+    clustered = make_daemon(REDIS_URL=cluster.url, CDC_SLOT=slot_name + "_c")
+    for daemon in (single, clustered):
+        with running(daemon):
+            pass
+    rows = 20000
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for start in range(0, rows, 1000):
+            conn.execute(
+                "INSERT INTO tickets (id, title, status)"
+                " SELECT 'drain' || i, 'backlog', 'open' FROM generate_series(%s::int, %s::int) i",
+                (start, start + 999),
+            )
+    rates: dict[str, float] = {}
+    for name, daemon, url in (
+        ("single node", single, redis_url),
+        ("3-primary cluster", clustered, cluster.url),
+    ):
+        with running(daemon):
+            # Ready: the claim and start are done, the stream begins (the drain).
+            started = time.monotonic()
+            client = redis_client(url)
+            last = f"ticket:{{drain{rows - 1}}}"
+            wait_for(
+                lambda c=client, k=last: c.exists(k),  # type: ignore[misc]
+                300,
+                f"the backlog drained into the {name}",
+            )
+            rates[name] = rows / (time.monotonic() - started)
+            client.close()
+            assert_converged(database_url, url)
+    print(f"drain rates (rows/s, from the daemon's readiness): {rates}")

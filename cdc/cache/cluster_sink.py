@@ -35,12 +35,14 @@ replay idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
+from hiredis import pack_command
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -192,6 +194,7 @@ class ClusterSink(RedisSink):
                 self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
             )
             self.client.ping()
+            self.load_scripts()
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
             raise RedisUnavailable(f"cannot reach the Redis Cluster: {type(exc).__name__}") from exc
 
@@ -484,27 +487,77 @@ class ClusterSink(RedisSink):
         return self._run(shaped, scripts=[c[0] for c in commands])
 
     def _run(
-        self, commands: list[tuple[Any, ...]], scripts: list[bytes] | None = None
+        self,
+        commands: list[tuple[Any, ...]],
+        scripts: list[bytes] | None = None,
+        reload: bool = True,
     ) -> list[Any]:
-        """One pipeline per primary (redis-py's cluster pipeline writes to every node,
-        then reads); what fails for a retryable reason is retried, one by one."""
+        """Each command to its slot's primary: one pipeline per primary, written to all of
+        them before any answer is read, so they work in parallel. A command that fails for
+        a retryable reason (slot moved, node down, script not loaded) is retried alone
+        through redis-py's cluster client, which follows MOVED/ASK and refreshes the map."""
         if not commands:
             return []
         client = self._redis()
-        results: list[Any] = []
+        results: list[Any] = [_PENDING] * len(commands)
+        by_node: dict[str, tuple[Any, list[int]]] = {}
         try:
-            for start in range(0, len(commands), 20000):
-                pipe = client.pipeline(transaction=False)  # type: ignore[no-untyped-call]
-                for command in commands[start : start + 20000]:
-                    pipe.execute_command(*command)
-                results += pipe.execute(raise_on_error=False)
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            # The pipeline itself failed (topology moving): everything one by one.
+            manager = client.nodes_manager
+            for k, command in enumerate(commands):
+                node = manager.get_node_from_slot(_slot_of(command))
+                by_node.setdefault(node.name, (node, []))[1].append(k)
+        except (redis.RedisError, redis.exceptions.RedisClusterException, KeyError) as exc:
+            by_node = {}
             results = [exc] * len(commands)
+        sent: list[tuple[Any, Any, list[int]]] = []
+        for node, ks in by_node.values():
+            pool = node.redis_connection.connection_pool
+            conn = None
+            try:
+                conn = pool.get_connection()
+                conn.send_packed_command([_pack([commands[k] for k in ks])], False)
+                sent.append((pool, conn, ks))
+            except (redis.RedisError, OSError) as exc:
+                if conn is not None:
+                    conn.disconnect()
+                    pool.release(conn)
+                for k in ks:
+                    results[k] = exc
+        for pool, conn, ks in sent:
+            try:
+                for k in ks:
+                    try:
+                        results[k] = conn.read_response()
+                    except redis.ResponseError as exc:
+                        results[k] = exc
+            except (redis.RedisError, OSError) as exc:
+                conn.disconnect()
+                for k in ks:
+                    if results[k] is _PENDING:
+                        results[k] = exc
+            finally:
+                pool.release(conn)
+        if scripts and reload:
+            missing = [k for k, r in enumerate(results) if _no_script(r)]
+            if missing:
+                self.load_scripts()
+                again = self._run(
+                    [commands[k] for k in missing], [scripts[k] for k in missing], False
+                )
+                for k, result in zip(missing, again, strict=True):
+                    results[k] = result
         for k, result in enumerate(results):
             if isinstance(result, Exception):
                 results[k] = self._retry(commands[k], scripts[k] if scripts else None, result)
         return results
+
+    def load_scripts(self) -> None:
+        """Load the scripts on every primary (``EVALSHA`` then finds them)."""
+        client = self._redis()
+        for node in client.get_primaries():  # type: ignore[no-untyped-call]
+            for script in (ROW_SCRIPT, VIEW_SCRIPT, TRUNCATE_SCRIPT, BATCH_SCRIPT):
+                with contextlib.suppress(redis.RedisError, OSError):
+                    node.redis_connection.script_load(script)
 
     def _retry(self, command: tuple[Any, ...], script: bytes | None, error: Exception) -> Any:
         client = self._redis()
@@ -529,6 +582,26 @@ class ClusterSink(RedisSink):
 
     def _one(self, *command: Any) -> Any:
         return self._run([command])[0]
+
+
+_PENDING: Any = object()
+
+
+def _pack(commands: list[tuple[Any, ...]]) -> bytes:
+    """The commands in wire form (hiredis' packer: redis-py's was the hot spot)."""
+    return b"".join([pack_command(command) for command in commands])
+
+
+def _slot_of(command: tuple[Any, ...]) -> int:
+    """The slot of a command's (first) key: all of a command's keys share it."""
+    key = command[3] if command[0] in ("EVALSHA", "EVAL") else command[1]
+    return key_slot(key if isinstance(key, bytes) else str(key).encode())
+
+
+def _no_script(result: Any) -> bool:
+    return isinstance(result, redis.exceptions.NoScriptError) or (
+        isinstance(result, redis.ResponseError) and str(result).startswith("NOSCRIPT")
+    )
 
 
 def _pairs(values: dict[str, str]) -> list[str]:
