@@ -160,8 +160,11 @@ def parse_ops(buf: bytes | bytearray) -> list[tuple[bytes, list[bytes]]]:
     return ops
 
 
-class ClusterSink(RedisSink):
-    """:class:`RedisSink`'s interface over a Redis Cluster (see the module's docstring)."""
+class ClusterSink:
+    """:class:`RedisSink`'s interface over a Redis Cluster (see the module's docstring).
+
+    Not a subclass: ``RedisSink`` is compiled by mypyc, and an interpreted class cannot
+    derive from a compiled one."""
 
     def __init__(
         self,
@@ -266,7 +269,15 @@ class ClusterSink(RedisSink):
         self._run([("DEL", key) for key in outboxes])
         self._follow(fields)
 
+    def _follow(self, state: dict[str, str]) -> None:
+        self._lsn = state.get("lsn", "")
+        self._partial = state.get("partial", "")
+
     # -- applying ----------------------------------------------------------------------------
+
+    def apply(self, batch: CommandBatch, state: dict[str, str]) -> ApplyResult:
+        """Apply ``batch`` and set ``state`` (done when this returns)."""
+        return self.receive(self.send(batch, state))
 
     def send(self, batch: CommandBatch, state: dict[str, str]) -> InFlight:
         """Apply ``batch`` slot by slot, then ``state``: done when this returns."""
@@ -619,9 +630,13 @@ def _status(reply: Any) -> None:
         raise Fenced("another daemon took over the cache (a slot's fence changed)")
 
 
+# Either sink: the daemon, the snapshot load and ``cdc slot reset`` take both.
+AnySink = RedisSink | ClusterSink
+
+
 def make_sink(
     url: str, timeout: float, min_replicas: int = 0, ledger: SlotLedger | None = None
-) -> RedisSink:
+) -> AnySink:
     """The sink for ``url``: :class:`ClusterSink` for a ``redis+cluster://`` URL."""
     if RedisTarget.parse(url).cluster:
         return ClusterSink(url, timeout, min_replicas, ledger)

@@ -38,8 +38,7 @@ from types import FrameType
 import redis
 
 from cdc.cache.checkpoint import CacheState, check_format
-from cdc.cache.cluster_sink import ClusterSink, SlotLedger, make_sink
-from cdc.cache.sink import RedisSink
+from cdc.cache.cluster_sink import AnySink, ClusterSink, SlotLedger, make_sink
 from cdc.cache.views import state_fields
 from cdc.errors import (
     CdcError,
@@ -296,7 +295,7 @@ class Daemon:
         return decoder.decode, refresh
 
     def _prepare(
-        self, pg: catalog.Conn, source: ReplicationSource, sink: RedisSink, system: SystemInfo
+        self, pg: catalog.Conn, source: ReplicationSource, sink: AnySink, system: SystemInfo
     ) -> tuple[Position, bool]:
         """Acquire the slot and decide where to start; returns (position, rebuilding)."""
         settings = self.settings
@@ -398,7 +397,7 @@ class Daemon:
 
     def _rebuild(
         self,
-        sink: RedisSink,
+        sink: AnySink,
         state: CacheState,
         confirmed: Lsn,
         reason: str,
@@ -429,7 +428,7 @@ class Daemon:
         return Position(confirmed), True
 
     def _first_start(
-        self, source: ReplicationSource, sink: RedisSink, source_id: str, identity: dict[str, str]
+        self, source: ReplicationSource, sink: AnySink, source_id: str, identity: dict[str, str]
     ) -> Position:
         settings = self.settings
         self.log.info("first start: creating the slot and loading a snapshot", slot=settings.slot)

@@ -22,7 +22,7 @@ import redis
 from psycopg import errors as pgerrors
 from redis.cluster import RedisCluster
 
-from cdc.cache.sink import RedisSink
+from cdc.cache.cluster_sink import AnySink
 from cdc.cache.views import clear_views, state_fields
 from cdc.errors import PostgresUnavailable
 from cdc.postgres import catalog
@@ -47,7 +47,7 @@ class LoadReport:
 
 def create_slot_and_load(
     source: ReplicationSource,
-    sink: RedisSink,
+    sink: AnySink,
     planner: Planner,
     tables: tuple[TrackedTable, ...],
     *,
@@ -107,7 +107,7 @@ def load_snapshot(
     snapshot: str | None,
     version: Lsn,
     tables: tuple[TrackedTable, ...],
-    sink: RedisSink,
+    sink: AnySink,
     planner: Planner,
     batch_rows: int,
     progress: Progress | None = None,
