@@ -26,7 +26,7 @@ import pytest
 import redis
 
 from schema.lsn import parse_lsn
-from schema.redis_url import redis_client
+from schema.redis_url import cluster_url, redis_client
 from tests.cluster import RedisCluster, replica_of, reshard
 from tests.helpers import ROOT, Daemon, assert_converged, running, text, wait_for
 from writer import Writer
@@ -267,6 +267,17 @@ def test_cluster_readers_wait_for_tokens(
             agent = reader.agent_by_username("user-a1", timeout=30)
             assert agent is not None
             assert agent.id == "a1"
+        finally:
+            reader.close()
+        # A plain redis:// URL of any node means the cluster too.
+        node_url = f"redis://127.0.0.1:{cluster.ports[1]}/0"
+        assert cluster_url(node_url).startswith("redis+cluster://127.0.0.1:")
+        reader = CacheReader.connect(node_url)
+        try:
+            written = writer.create_ticket({"title": "via a node URL"})
+            ticket = reader.ticket(written.value.id, after=written.token, timeout=30)
+            assert ticket is not None
+            assert ticket.title == "via a node URL"
         finally:
             reader.close()
 

@@ -42,7 +42,7 @@ from redis.exceptions import RedisClusterException
 
 from schema import keys
 from schema.models import Agent, Ticket
-from schema.redis_url import async_redis_client, redis_client
+from schema.redis_url import async_redis_client, cluster_url, redis_client
 from writer.db import AsyncDatabase, Database
 from writer.errors import Unavailable
 from writer.feed import AsyncFeed, Feed
@@ -93,8 +93,9 @@ class CacheReader:
         certificates, ``redis+sentinel://``): one parser for both, in :mod:`schema`.
         ``socket_timeout`` bounds connecting and every reply: a Redis that does not answer
         times out (and the read falls back to PostgreSQL) instead of hanging the caller."""
+        # A redis:// URL of a Redis Cluster node means the cluster (as for the daemon).
         client = redis_client(
-            redis_url,
+            cluster_url(redis_url, socket_timeout),
             decode_responses=True,
             max_connections=max_connections,
             socket_timeout=socket_timeout,
@@ -246,7 +247,7 @@ class AsyncCacheReader:
         """:meth:`CacheReader.connect` for asyncio: the same URL forms (one parser), the
         same bounded socket waits."""
         client = async_redis_client(
-            redis_url,
+            cluster_url(redis_url, socket_timeout),
             decode_responses=True,
             max_connections=max_connections,
             socket_timeout=socket_timeout,
