@@ -462,3 +462,26 @@ def test_cluster_drain_rate_next_to_single_node(
             client.close()
             assert_converged(database_url, url)
     print(f"drain rates (rows/s, from the daemon's readiness): {rates}")
+
+
+def test_cluster_rebuild_after_data_loss(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster
+) -> None:
+    """One primary loses everything (FLUSHALL, as a restart without persistence would):
+    its slots' fence keys are gone, the daemon notices and rebuilds online."""
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url)
+    load = Workload(database_url, seed=9)
+    with running(daemon):
+        assert_converged(database_url, cluster.url)
+        load.start()
+        load.wait(30)
+        cluster.node(cluster.primary_ports()[1]).flushall()
+        load.wait(60)
+        load.stop()
+
+        def rebuilt() -> bool:
+            return any(e.get("event") == "rebuild complete" for e in daemon.events())
+
+        wait_for(rebuilt, 120, "the rebuild to complete")
+        assert_converged(database_url, cluster.url)
