@@ -485,3 +485,51 @@ def test_cluster_rebuild_after_data_loss(
 
         wait_for(rebuilt, 120, "the rebuild to complete")
         assert_converged(database_url, cluster.url)
+
+
+def test_cluster_change_feed(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster
+) -> None:
+    """Contract 6c on a cluster: ``changes:<table>`` gets an entry per change, in commit
+    order (lsn, seq), an update naming the columns it changed; the last entry of each
+    row agrees with PostgreSQL."""
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url, CDC_CHANGE_FEED="1")
+    load = Workload(database_url, seed=21)
+    with running(daemon):
+        load.start()
+        load.wait(120)
+        load.stop()
+        assert_converged(database_url, cluster.url)
+    client = redis_client(cluster.url, decode_responses=True)
+    with psycopg.connect(database_url) as conn:
+        for table in ("tickets", "agents"):
+            entries = [fields for _, fields in client.xrange(f"changes:{table}")]
+            assert entries, table
+            order = [(parse_lsn(e["lsn"]), int(e["seq"])) for e in entries]
+            assert order == sorted(order), f"{table}: entries out of commit order"
+            # A primary key change is a delete and an insert with the same lsn and seq.
+            assert len({(e["lsn"], e["seq"], e["op"]) for e in entries}) == len(entries)
+            known = {
+                str(r[0])
+                for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s",
+                    (table,),
+                ).fetchall()
+            }
+            last: dict[str, str] = {}
+            for e in entries:
+                if e["op"] == "truncate":
+                    last = {k: "truncate" for k in last}
+                else:
+                    last[e["id"]] = e["op"]
+                if e["op"] == "update":
+                    assert set(filter(None, e["columns"].split(","))) <= known, e
+            present = {str(r[0]) for r in conn.execute(f"SELECT id FROM {table}").fetchall()}
+            for row_id, op in last.items():
+                if row_id in present:
+                    assert op in ("insert", "update"), (table, row_id, op)
+                else:
+                    assert op in ("delete", "truncate"), (table, row_id, op)
+            updates = [e for e in entries if e["op"] == "update"]
+            assert any(e["columns"] for e in updates)

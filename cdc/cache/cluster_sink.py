@@ -187,6 +187,8 @@ class ClusterSink:
         self.publish_refused = False
         self._shas: dict[bytes, str] = {}
         self._results: dict[int, ApplyResult] = {}
+        # Changed columns of updates, per slot, from the row scripts (for the feed).
+        self._changed: dict[int, list[bytes]] = {}
         self.lost_slots = 0
 
     # -- connection and state ----------------------------------------------------------------
@@ -290,6 +292,11 @@ class ClusterSink:
         ver = b""
         last_row_slot = -1
         watching: dict[int, None] = {}
+        # Change feed entries (XADD arguments), in the batch's order, and for each update
+        # entry the slot whose script reports its changed columns.
+        feed: list[tuple[list[bytes], int]] = []
+        diff_slot = -1
+        diff_columns = b""
         for index, (code, args) in enumerate(parse_ops(batch.buf)):
             while mark_at < len(marks) and marks[mark_at][0] <= index:
                 _, commit, seq = marks[mark_at]
@@ -328,10 +335,28 @@ class ClusterSink:
                 slot = key_slot(args[1])
                 groups.setdefault(slot, _Group()).add(code, ver, args, args[1:2], index)
                 watching[slot] = None
+                ncols = int(args[2])
+                if ncols:
+                    diff_slot = slot
+                    diff_columns = b",".join(args[3 : 3 + ncols])
             elif code == b"u":
                 for slot in watching:
                     groups.setdefault(slot, _Group()).add(code, ver, [], [], index)
                 watching = {}
+                for f in range(0, len(args), 7):
+                    stream, maxlen, op, row_id, commit_lsn, place, cols = args[f : f + 7]
+                    update = op == b"update"
+                    entry = [stream, b"MAXLEN", b"~", maxlen, b"*", b"op", op, b"id", row_id]
+                    entry += [
+                        b"lsn",
+                        commit_lsn,
+                        b"seq",
+                        place,
+                        b"columns",
+                        diff_columns if update else cols,
+                    ]
+                    feed.append((entry, diff_slot if update else -1))
+                diff_slot = -1
             elif code == b"a":
                 if last_row_slot >= 0:
                     groups.setdefault(last_row_slot, _Group()).add(code, ver, args, [], index)
@@ -340,6 +365,8 @@ class ClusterSink:
         r, i = self._apply_rows(batch, groups)
         repaired += r
         incomplete += i
+        if feed:
+            self._append_feed(feed)
         if self._primary_names() != self._primaries:
             # A failover: the promoted replica may lack writes. A new session's claim
             # finds which slots (their counts) and repairs them before going on.
@@ -393,6 +420,8 @@ class ClusterSink:
                 raise _refused(reply[2][1].decode(errors="replace"), batch.table_of(at), self._lsn)
             if not self.ledger.note(slot, int(reply[5])):
                 raise RedisLost(f"hash slot {slot} lost writes (a primary failed over)")
+            if reply[6]:
+                self._changed.setdefault(slot, []).extend(reply[6])
             incomplete += [g.index[int(k)] for k in reply[1]]
             repaired += int(reply[3])
             if reply[4]:
@@ -402,6 +431,27 @@ class ClusterSink:
             self.apply_deltas(deltas)
             self._run([("DEL", outbox_key(slot)) for slot in outboxes])
         return repaired, incomplete
+
+    def _append_feed(self, feed: list[tuple[list[bytes], int]]) -> None:
+        """Phase 2b: the change feed entries (contract 6c), in the batch's order per stream.
+
+        At least once: a batch applied again after a crash (its rows skipped by their
+        versions) appends its entries again, with the same ``lsn`` and ``seq``. An
+        update's ``columns`` are the ones its slot's script found changed; for an update
+        that script skipped (already applied), every cached column."""
+        changed: dict[tuple[int, bytes], list[bytes]] = {}
+        for slot, pairs in self._changed.items():
+            for k in range(0, len(pairs), 2):
+                changed.setdefault((slot, pairs[k]), []).append(pairs[k + 1])
+        self._changed = {}
+        commands: list[tuple[Any, ...]] = []
+        for entry, slot in feed:
+            if slot >= 0:
+                found = changed.get((slot, entry[8]))
+                if found:
+                    entry[-1] = found.pop(0)
+            commands.append(("XADD", *entry))
+        self._run(commands)
 
     def apply_deltas(self, deltas: list[bytes]) -> None:
         """Phase 2: view deltas (op key member score ...) applied in order per key."""

@@ -243,11 +243,6 @@ def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
 def check_cluster(settings: Settings) -> None:
     """Cluster mode (README "Redis Cluster"): every primary must not evict, and what the
     cluster mode cannot keep is refused (one line, exit 2)."""
-    if settings.change_feed:
-        raise ConfigError(
-            "CDC_CHANGE_FEED is not supported on a Redis Cluster yet: unset it or point"
-            " REDIS_URL at a single node"
-        )
     if settings.redis_min_replicas:
         raise ConfigError("CDC_REDIS_MIN_REPLICAS is not supported on a Redis Cluster: unset it")
     client = cluster_client(

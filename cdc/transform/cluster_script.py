@@ -152,18 +152,43 @@ local function view_fields(e)
   return r
 end
 
+local function column_values(e)
+  if e.ncols == 0 then return false end
+  local r = redis.pcall('HMGET', e.key, unpack(ARGV, e.cols, e.cols + e.ncols - 1))
+  if type(r) == 'table' and r.err then return false end
+  return r
+end
+
 local function watch(a)
   local ncols = tonumber(ARGV[a + 2])
-  local e = {id = ARGV[a], key = ARGV[a + 1]}
+  local e = {id = ARGV[a], key = ARGV[a + 1], ncols = ncols, cols = a + 3}
   e.nv = tonumber(ARGV[a + 3 + ncols])
   e.first = a + 4 + ncols
   e.old = view_fields(e)
+  e.before = column_values(e)
   watched[#watched + 1] = e
+end
+
+-- An update's changed columns, for its change feed entry: id, names (comma separated).
+local changed = {}
+
+local function note_changed(e)
+  local after = column_values(e)
+  local before = e.before
+  local names = {}
+  for c = 1, e.ncols do
+    local was = before and before[c]
+    local is = after and after[c]
+    if was ~= is then names[#names + 1] = ARGV[e.cols + c - 1] end
+  end
+  changed[#changed + 1] = e.id
+  changed[#changed + 1] = table.concat(names, ',')
 end
 
 local function moves()
   for w = 1, #watched do
     local e = watched[w]
+    if e.ncols > 0 then note_changed(e) end
     local new = view_fields(e)
     local old = e.old
     for v = 0, e.nv - 1 do
@@ -248,7 +273,7 @@ end
 -- connection broke before its answer) skips its changes but must still deliver them.
 local pending = {}
 if redis.call('EXISTS', OUTBOX) == 1 then pending = redis.call('LRANGE', OUTBOX, 0, -1) end
-return {'ok', incomplete, failed, repaired, pending, runs}
+return {'ok', incomplete, failed, repaired, pending, runs, changed}
 """
 )
 """One slot's operations (the planner's codes, :data:`cdc.transform.script.BATCH_SCRIPT`,
