@@ -504,7 +504,8 @@ def test_cluster_change_feed(
     client = redis_client(cluster.url, decode_responses=True)
     with psycopg.connect(database_url) as conn:
         for table in ("tickets", "agents"):
-            entries = [fields for _, fields in client.xrange(f"changes:{table}")]
+            raw: Any = client.xrange(f"changes:{table}")
+            entries: list[dict[str, str]] = [fields for _, fields in raw]
             assert entries, table
             order = [(parse_lsn(e["lsn"]), int(e["seq"])) for e in entries]
             assert order == sorted(order), f"{table}: entries out of commit order"
