@@ -19,6 +19,9 @@ Phase 2, views
     slot's outbox); they are applied to the view keys' slots
     (:data:`~cdc.transform.cluster_script.VIEW_SCRIPT`), then the outboxes are deleted. A
     claim delivers outboxes a crash left behind.
+Change feed
+    With ``CDC_CHANGE_FEED``, the batch's entries are appended (``XADD``) after phase 2,
+    in the batch's order: at least once, with ``lsn`` and ``seq`` (contract 6c).
 Phase 3, checkpoint
     Only when every slot of the batch succeeded, ``cdc:state`` moves (the single-node
     batch script with no operations: fence and position checked, ``PUBLISH cdc:applied``).

@@ -279,8 +279,9 @@ return {'ok', incomplete, failed, repaired, pending, runs, changed}
 """One slot's operations (the planner's codes, :data:`cdc.transform.script.BATCH_SCRIPT`,
 each with its change's version; ``''``: a load or backfill write, always applied).
 ``p`` never carries a ``moved_from`` here (the sink deletes the old key in its own slot;
-the patch then finds its kept fields missing and the row is fetched again); ``u`` has no
-feed entries; view changes become outbox deltas ``<kind><+|-> key member score``."""
+the patch then finds its kept fields missing and the row is fetched again); ``u``'s feed
+entries are appended by the sink, this script answers an update's changed columns (``id
+names`` pairs); view changes become outbox deltas ``<kind><+|-> key member score``."""
 
 VIEW_SCRIPT: Final = (
     b"""#!lua
