@@ -45,7 +45,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
-from hiredis import pack_command
+from hiredis import Reader, pack_command
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -139,27 +139,22 @@ class _Group:
         self.index.append(at)
 
 
-def parse_ops(buf: bytes | bytearray) -> list[tuple[bytes, list[bytes]]]:
-    """The planner's operations back from their wire form (``<code> <n> <n args>``)."""
-    data = bytes(buf)
+def parse_ops(buf: bytes | bytearray, count: int) -> list[tuple[bytes, list[bytes]]]:
+    """The planner's operations back from their wire form (``<code> <n> <n args>``):
+    ``count`` bulk strings (``CommandBatch.args``), parsed by hiredis as one array."""
     ops: list[tuple[bytes, list[bytes]]] = []
+    if not count:
+        return ops
+    reader = Reader()
+    reader.feed(b"*%d\r\n" % count)
+    reader.feed(bytes(buf))
+    flat: list[bytes] = reader.gets()
     i = 0
-    end = len(data)
-
-    def bulk(at: int) -> tuple[bytes, int]:
-        j = data.index(b"\r\n", at)
-        start = j + 2
-        stop = start + int(data[at + 1 : j])
-        return data[start:stop], stop + 2
-
+    end = len(flat)
     while i < end:
-        code, i = bulk(i)
-        count, i = bulk(i)
-        args: list[bytes] = []
-        for _ in range(int(count)):
-            arg, i = bulk(i)
-            args.append(arg)
-        ops.append((code, args))
+        n = int(flat[i + 1])
+        ops.append((flat[i], flat[i + 2 : i + 2 + n]))
+        i += 2 + n
     return ops
 
 
@@ -300,7 +295,7 @@ class ClusterSink:
         feed: list[tuple[list[bytes], int]] = []
         diff_slot = -1
         diff_columns = b""
-        for index, (code, args) in enumerate(parse_ops(batch.buf)):
+        for index, (code, args) in enumerate(parse_ops(batch.buf, batch.args)):
             while mark_at < len(marks) and marks[mark_at][0] <= index:
                 _, commit, seq = marks[mark_at]
                 ver = version(parse_lsn(commit), seq) if commit else b""
