@@ -39,6 +39,7 @@ replay idempotent.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -533,8 +534,6 @@ class ClusterSink:
     def _sha(self, script: bytes) -> str:
         sha = self._shas.get(script)
         if sha is None:
-            import hashlib
-
             sha = hashlib.sha1(script).hexdigest()  # noqa: S324 - Redis' script id
             self._shas[script] = sha
         return sha

@@ -11,6 +11,7 @@ the hash's value (with the score of its ``updated_at``) and to no other.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 
 import redis
 from redis.cluster import RedisCluster
@@ -148,8 +149,6 @@ def epoch_seconds(text: str | None) -> float:
         return 0.0
     if text in ("infinity", "-infinity"):
         return float("inf") if text == "infinity" else float("-inf")
-    from datetime import datetime
-
     try:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:
