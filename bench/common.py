@@ -205,5 +205,5 @@ def slot_options(database_url: str) -> list[str]:
         version = conn.info.server_version
     options = ["proto_version=1"]
     if version >= 140000:
-        options = ["proto_version=2", "streaming=on"]
+        options = ["proto_version=2", "streaming=on", "messages=true"]
     return [*options, "publication_names=cdc_cache"]

@@ -7,7 +7,7 @@ verify, snapshot sweeps) and the writer's ``CacheReader`` agree on every form
 ``redis://[user:password@]host:port[/db]``
     one node; ``rediss://`` for TLS with the ``ssl_*`` query parameters redis-py knows
     (``ssl_certfile``, ``ssl_keyfile``, ``ssl_ca_certs``, ``ssl_ca_path``, ``ssl_cert_reqs``,
-    ``ssl_check_hostname``, ``ssl_password``). Parsed by redis-py itself.
+    ``ssl_check_hostname``, ``ssl_password``), typed as redis-py types them.
 ``redis+sentinel://[user:password@]host:port[,host:port…]/<master name>[/<db>]``
     the master of a Sentinel-managed group: the user and password are the master's,
     ``?sentinel_password=`` (and ``?sentinel_username=``) authenticate to the Sentinels;
@@ -23,21 +23,18 @@ is the only text of a URL that may be logged (no password, no query).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-import redis
-import redis.asyncio
-from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
-from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-from redis.asyncio.sentinel import Sentinel as AsyncSentinel
-from redis.cluster import ClusterNode, RedisCluster
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
-from redis.sentinel import Sentinel
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
+    from redis.cluster import RedisCluster
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 DIRECT_SCHEMES = {"redis": False, "rediss": True}
@@ -50,6 +47,64 @@ _CERT_REQS = {
     "required": ssl.CERT_REQUIRED,
     "cert_required": ssl.CERT_REQUIRED,
 }
+
+
+def _flag(value: str) -> bool | None:
+    """A boolean query value as redis-py reads it (empty: unset)."""
+    if value == "":
+        return None
+    return value.upper() not in ("0", "F", "FALSE", "N", "NO")
+
+
+def _verify_flags(value: str) -> list[ssl.VerifyFlags]:
+    """``VERIFY_X509_STRICT,VERIFY_X509_PARTIAL_CHAIN`` (brackets allowed) as redis-py
+    reads it."""
+    flags = []
+    for name in value.replace("[", "").replace("]", "").split(","):
+        flag = getattr(ssl.VerifyFlags, name.strip(), None)
+        if not isinstance(flag, ssl.VerifyFlags):
+            raise ValueError(name)
+        flags.append(flag)
+    return flags
+
+
+# How the query values redis-py knows are typed (``redis.connection.URL_QUERY_ARGUMENT_PARSERS``);
+# others are passed on as text. Kept here rather than imported: importing redis-py costs
+# 65-110 ms, and the daemon's start (restart to ready) needs none of it.
+_QUERY_PARSERS: dict[str, Callable[[str], Any]] = {
+    "db": int,
+    "socket_timeout": float,
+    "socket_connect_timeout": float,
+    "socket_read_size": int,
+    "socket_keepalive": _flag,
+    "retry_on_timeout": _flag,
+    "max_connections": int,
+    "health_check_interval": int,
+    "ssl_check_hostname": _flag,
+    "ssl_min_version": int,
+    "timeout": float,
+    "protocol": int,
+    "legacy_responses": _flag,
+    "retry_on_error": list,
+    "ssl_include_verify_flags": _verify_flags,
+    "ssl_exclude_verify_flags": _verify_flags,
+}
+
+
+def _query_options(query: str) -> dict[str, Any]:
+    """The URL's query as typed connection options (the first value of each name wins)."""
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(query):
+        if name in options or value == "":
+            continue
+        parser = _QUERY_PARSERS.get(name)
+        try:
+            options[name] = parser(value) if parser else value
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid value for {name!r}") from None
+    return options
+
+
 _TLS_KEYS = (
     "ssl_certfile",
     "ssl_keyfile",
@@ -171,18 +226,27 @@ class RedisTarget:
 
     @classmethod
     def _direct(cls, url: str, tls: bool) -> RedisTarget:
-        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-        options.pop("connection_class", None)
-        host = str(options.pop("host", "127.0.0.1") or "127.0.0.1")
-        port = int(options.pop("port", 6379) or 6379)
+        parts = urlsplit(url)
+        options = _query_options(parts.query)
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            raise ValueError("the port must be a number from 1 to 65535") from None
+        host = unquote(parts.hostname or "") or "127.0.0.1"
+        if "db" not in options and parts.path:
+            # As redis-py: the path is the db when it reads as a number, else ignored.
+            with contextlib.suppress(ValueError):
+                options["db"] = int(unquote(parts.path).replace("/", ""))
         tls_options = TlsOptions.from_options(options) if tls else None
         for name in _TLS_KEYS:
             options.pop(name, None)
+        # The netloc's credentials win over ?username= / ?password= (as in redis-py).
+        query_user, query_password = options.pop("username", None), options.pop("password", None)
         return cls(
             hosts=((host, port),),
             db=int(options.pop("db", 0) or 0),
-            username=options.pop("username", None),
-            password=options.pop("password", None),
+            username=unquote(parts.username) if parts.username else query_user,
+            password=unquote(parts.password) if parts.password else query_password,
             tls=tls_options,
             options=options,
         )
@@ -210,13 +274,7 @@ class RedisTarget:
             raise ValueError("the path must be /<master name>[/<db>]")
         if len(path) == 2 and not path[1].isdigit():
             raise ValueError("the database after the master name must be a number")
-        options: dict[str, Any] = {}
-        for name, value in parse_qsl(parts.query):
-            parser: Callable[[str], Any] | None = URL_QUERY_ARGUMENT_PARSERS.get(name)  # type: ignore[assignment]
-            try:
-                options[name] = parser(value) if parser else value
-            except (TypeError, ValueError):
-                raise ValueError(f"invalid value for {name!r}") from None
+        options = _query_options(parts.query)
         tls_options = TlsOptions.from_options(options) if tls else None
         for name in _TLS_KEYS:
             options.pop(name, None)
@@ -254,13 +312,7 @@ class RedisTarget:
         path = [unquote(p) for p in parts.path.split("/") if p]
         if path and path != ["0"]:
             raise ValueError("a Redis Cluster has only database 0")
-        options: dict[str, Any] = {}
-        for name, value in parse_qsl(parts.query):
-            parser: Callable[[str], Any] | None = URL_QUERY_ARGUMENT_PARSERS.get(name)  # type: ignore[assignment]
-            try:
-                options[name] = parser(value) if parser else value
-            except (TypeError, ValueError):
-                raise ValueError(f"invalid value for {name!r}") from None
+        options = _query_options(parts.query)
         tls_options = TlsOptions.from_options(options) if tls else None
         for name in _TLS_KEYS:
             options.pop(name, None)
@@ -317,6 +369,8 @@ def cluster_client(url: str, **kwargs: Any) -> RedisCluster:
     """A redis-py ``RedisCluster`` for a ``redis+cluster://`` URL: it discovers the
     topology from the nodes named, routes each command to its slot's primary and follows
     ``MOVED``/``ASK`` redirections (resharding, failover)."""
+    from redis.cluster import ClusterNode, RedisCluster
+
     target = RedisTarget.parse(url)
     if not target.cluster:
         raise ValueError("not a redis+cluster:// URL")
@@ -332,6 +386,8 @@ def cluster_url(url: str, timeout: float = 2.0) -> str:
     """``url`` itself, or, for a ``redis://`` URL of a node with ``cluster_enabled:1``,
     the ``redis+cluster://`` URL of that node (so every part of the daemon sees one form).
     A node that cannot be asked leaves the URL as it is (the checks report why)."""
+    import redis
+
     target = RedisTarget.parse(url)
     if target.cluster or target.sentinel:
         return url
@@ -351,7 +407,13 @@ def cluster_url(url: str, timeout: float = 2.0) -> str:
             client.close()
     except redis.RedisError:
         return url
-    if not enabled:
+    return as_cluster_url(url) if enabled else url
+
+
+def as_cluster_url(url: str) -> str:
+    """The ``redis+cluster://`` form of a ``redis://`` URL naming one cluster node (a
+    cluster URL stays as it is)."""
+    if RedisTarget.parse(url).cluster:
         return url
     scheme, _, rest = url.partition("://")
     netloc, _, tail = rest.partition("/")
@@ -370,6 +432,9 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     what they call of it (``scan_iter`` over every primary, ``unlink``/``delete`` split
     by slot, single-key commands) behaves alike; scripts over several keys must be sent
     per slot instead (:mod:`cdc.cache.cluster_sink`)."""
+    import redis
+    from redis.sentinel import Sentinel
+
     target = RedisTarget.parse(url)
     if target.cluster:
         return cast("redis.Redis", cluster_client(url, **kwargs))
@@ -384,6 +449,11 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
 
 def async_redis_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
     """:func:`redis_client` for asyncio (``AsyncCacheReader``): the same forms and options."""
+    import redis.asyncio
+    from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
     target = RedisTarget.parse(url)
     if target.cluster:
         node_kwargs = {**target.node_kwargs(), **kwargs}

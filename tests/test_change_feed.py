@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import redis
 
-from tests.helpers import Daemon, running, wait_for
+from tests.helpers import Daemon, assert_converged, running, wait_for
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -73,3 +73,19 @@ def test_one_entry_per_change_across_kill_9_between_apply_and_confirm(
         ("update", "a1", "status", "3")
     ]
     assert agents[0]["lsn"] == first["lsn"]
+
+
+def test_a_feed_key_holding_another_type_is_replaced_and_the_batch_applies_whole(
+    make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """Case 18 for the feed: ``changes:tickets`` holding a string made XADD fail inside
+    the batch script after the batch's rows were written, so the rows were visible while
+    the checkpoint stayed and the batch was retried (and failed) for ever."""
+    client = redis.Redis.from_url(redis_url)
+    with running(make_daemon(CDC_CHANGE_FEED="true")):
+        client.set("changes:tickets", "something else wrote here")
+        with pg.transaction():
+            pg.execute("INSERT INTO tickets (id, title) VALUES ('f1', 'one'), ('f2', 'two')")
+        wait_for(lambda: client.type("changes:tickets") == b"stream", 30, "the feed replaced")
+        assert [e["id"] for e in entries(client, "tickets")] == ["f1", "f2"]
+        assert_converged(database_url, redis_url)

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from redis.crc import key_slot
+from redis.crc import key_slot as redis_key_slot
 
-from cdc.cache.cluster_sink import SlotLedger, parse_ops
+from cdc.cache.cluster_sink import parse_ops
 from cdc.transform.assemble import view_from_columns
-from cdc.transform.cluster_script import SLOTS, fence_key, outbox_key, slot_tags, version
+from cdc.transform.cluster_script import (
+    SLOTS,
+    SlotLedger,
+    fence_key,
+    key_slot,
+    outbox_key,
+    slot_tags,
+    version,
+)
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TICKETS
 from schema.redis_url import RedisTarget
@@ -19,6 +27,8 @@ def test_every_slot_has_a_tag_that_hashes_to_it() -> None:
     assert all(key_slot(tag.encode()) == slot for slot, tag in enumerate(tags))
     assert key_slot(fence_key(42).encode()) == 42
     assert key_slot(outbox_key(16383).encode()) == 16383
+    for key in (b"ticket:{42}", b"plain", b"a{}b", b"{x}{y}", b"cdc:state", b"\xff{"):
+        assert key_slot(key) == redis_key_slot(key)
 
 
 def test_versions_compare_as_strings_in_commit_order() -> None:

@@ -175,6 +175,41 @@ def test_redis_with_an_evicting_policy(make_daemon: Callable[..., Daemon], tmp_p
         assert "maxmemory-policy is allkeys-lru: set it to noeviction" in line
 
 
+def test_a_password_for_a_redis_without_one_is_a_config_error(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """Redis answers AUTH with ERR when it has no password: that is REDIS_URL to fix
+    (exit 2, one line), not a peer to wait for."""
+    server = RedisServer(tmp_path / "open")
+    with server.running():
+        line = refused(make_daemon(REDIS_URL=f"redis://:s3cret-x@127.0.0.1:{server.port}/0"))
+        assert "REDIS_URL has a password but Redis has none" in line
+        assert "s3cret-x" not in line
+
+
+def test_an_acl_user_lacking_a_key_the_daemon_writes_is_refused_at_start(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A command the batch script is refused half-way leaves the batch's earlier writes
+    visible: a user without the change feed's keys is told at start (exit 2), before
+    anything is written."""
+    server = RedisServer(tmp_path / "acl-feed")
+    with server.running():
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser(
+            "cdc",
+            enabled=True,
+            passwords=["+s3cret-acl"],
+            keys=["ticket:*", "agent:*", "tickets:*", "agents:*", "cdc:*"],  # no changes:*
+            channels=["cdc:*"],
+            commands=["+@all"],
+        )
+        url = f"redis://cdc:s3cret-acl@127.0.0.1:{server.port}/0"
+        line = refused(make_daemon(REDIS_URL=url, CDC_CHANGE_FEED="true"))
+        assert "may not run XADD on changes:" in line
+        assert admin.dbsize() == 0
+
+
 def test_refused_redis_is_retried_until_it_appears(
     make_daemon: Callable[..., Daemon], database_url: str, tmp_path: Path
 ) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,26 @@ def test_flushall_is_detected_and_rebuilt(
         "the rebuild",
     )
     assert_converged(database_url, redis_url)
+
+
+def test_flushall_on_a_server_nobody_writes_to_is_rebuilt(
+    daemon: Daemon, pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """The rebuild's backfill windows are written once the stream passes their high
+    water; with no write at all after the loss, the daemon writes that WAL itself."""
+    pg.execute(
+        "INSERT INTO tickets (id, title) SELECT 'idle' || g, 'x' FROM generate_series(1, 300) g"
+    )
+    fence(database_url, redis_url)
+    redis.Redis.from_url(redis_url).flushdb()
+    lost_at = time.monotonic()
+    wait_for(
+        lambda: any(e.get("event") == "rebuild complete" for e in daemon.events()),
+        60,
+        "the rebuild with no write after the loss",
+    )
+    print(f"rebuilt {time.monotonic() - lost_at:.2f} s after the loss")
+    assert_converged(database_url, redis_url, fence_first=False)
 
 
 def test_redis_behind_the_slot_is_rebuilt(

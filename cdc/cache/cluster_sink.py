@@ -48,7 +48,6 @@ from typing import Any
 import redis
 from hiredis import Reader, pack_command
 from redis.cluster import RedisCluster
-from redis.crc import key_slot
 
 from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
 from cdc.cache.sink import ApplyResult, InFlight, RedisSink, _refused, owner_label
@@ -59,7 +58,9 @@ from cdc.transform.cluster_script import (
     SLOTS,
     TRUNCATE_SCRIPT,
     VIEW_SCRIPT,
+    SlotLedger,
     fence_key,
+    key_slot,
     outbox_key,
     version,
 )
@@ -95,29 +96,6 @@ _TRANSIENT_TYPES = (
     redis.exceptions.MasterDownError,
     redis.exceptions.OutOfMemoryError,
 )
-
-
-class SlotLedger:
-    """How many of this daemon's scripts each slot has seen (its ``n``), across sessions:
-    a slot whose ``n`` is found lower lost writes (a failover to a lagging replica)."""
-
-    def __init__(self) -> None:
-        self.runs: dict[int, int] = {}
-
-    def note(self, slot: int, found: int) -> bool:
-        """Record a script run that found ``found``; False if the slot lost writes."""
-        expected = self.runs.get(slot, 0)
-        self.runs[slot] = max(expected, found + 1)
-        return found >= expected
-
-    def lost(self, found: dict[int, int]) -> list[int]:
-        """The slots whose count is below what this daemon caused."""
-        return sorted(s for s, n in self.runs.items() if found.get(s, 0) < n)
-
-    def accept(self, found: dict[int, int]) -> None:
-        """After a repair: what the slots hold now is what to expect."""
-        for slot in list(self.runs):
-            self.runs[slot] = found.get(slot, 0)
 
 
 class _Group:

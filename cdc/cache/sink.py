@@ -31,8 +31,15 @@ import uuid
 from dataclasses import dataclass
 
 from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
-from cdc.cache.wire import RedisAddress, RedisWire, WireError, WireReplyError
-from cdc.errors import ApplyFailed, Fenced, RedisLost, RedisRejected, RedisUnavailable
+from cdc.cache.wire import RedisAddress, RedisWire, WireError, WireReplyError, auth_problem
+from cdc.errors import (
+    ApplyFailed,
+    ConfigError,
+    Fenced,
+    RedisLost,
+    RedisRejected,
+    RedisUnavailable,
+)
 from cdc.protocol.resp import append_bulk, append_command, array_header, command
 from cdc.transform.plan import CommandBatch
 from cdc.transform.script import BATCH_SCRIPT
@@ -88,8 +95,13 @@ class RedisSink:
     def connect(self) -> None:
         try:
             self.wire.connect()
-        except WireError as exc:
-            raise RedisUnavailable(str(exc)) from exc
+        except WireError as lost:
+            raise RedisUnavailable(str(lost)) from lost
+        except WireReplyError as refused:  # the credentials changed since the start
+            problem = auth_problem(refused)
+            if problem:
+                raise ConfigError(problem) from None
+            raise RedisUnavailable(f"Redis: {refused}") from None
 
     def close(self) -> None:
         self.wire.close()

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-
-import redis
-from redis.cluster import RedisCluster
+from typing import TYPE_CHECKING
 
 from cdc.transform.script import LUA_EPOCH, LUA_VIEW_WRITE
 from schema.keys import VIEWS_STATE_FIELD, TrackedTable, View, match_prefix
+
+if TYPE_CHECKING:
+    import redis  # for annotations: redis-py is imported only where a client is made
+    from redis.cluster import RedisCluster
 
 _RECONCILE = (
     LUA_EPOCH
@@ -83,6 +85,8 @@ def reconcile(
 ) -> int:
     """Make each (value, id) member agree with the row's cached hash; returns how many
     memberships or scores changed."""
+    from redis.cluster import RedisCluster
+
     target: object = client
     if isinstance(target, RedisCluster):
         return _reconcile_cluster(target, table, view, pairs)

@@ -38,6 +38,20 @@ class WireReplyError(Exception):
         self.code = message.split(" ", 1)[0] if message else ""
 
 
+def auth_problem(reply: WireReplyError) -> str | None:
+    """What to fix when ``reply`` refused the credentials (``AUTH``, or a command sent
+    without them); None for any other error. Redis' texts never hold the password."""
+    text = str(reply)
+    if "without any password configured" in text:
+        return (
+            "REDIS_URL has a password but Redis has none set for that user: remove it"
+            " from REDIS_URL, or set one in Redis (requirepass / ACL)"
+        )
+    if reply.code in ("WRONGPASS", "NOAUTH") or "invalid password" in text:
+        return f"Redis refused the credentials in REDIS_URL ({reply.code})"
+    return None
+
+
 # Every form of REDIS_URL (one node, TLS, Sentinel) is parsed in one place, shared with
 # redis-py's clients and the writer's reader.
 RedisAddress = RedisTarget
@@ -141,12 +155,15 @@ class RedisWire:
                 sentinel._context = self._tls_context()
             sentinel.connect()
             reply = sentinel.call(b"SENTINEL", b"get-master-addr-by-name", addr.master.encode())
-        except WireError as exc:
-            return str(exc)
-        except WireReplyError as exc:
-            return f"Sentinel {host}:{port}: {exc.code or exc}"
-        except OSError as exc:  # the TLS files
-            raise WireError(f"cannot set up TLS for {addr.describe()}: {exc}") from exc
+        # Distinct names: compiled by mypyc, one name would be typed as the first class.
+        except WireError as lost:
+            return str(lost)
+        except WireReplyError as refused:
+            if auth_problem(refused):
+                return f"Sentinel {host}:{port}: credentials refused ({refused.code})"
+            return f"Sentinel {host}:{port}: {refused.code or refused}"
+        except OSError as tls:  # the TLS files
+            raise WireError(f"cannot set up TLS for {addr.describe()}: {tls}") from tls
         finally:
             sentinel.close()
         if isinstance(reply, list) and len(reply) == 2:

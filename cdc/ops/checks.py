@@ -7,22 +7,13 @@ identities itself (those belong to the migrations).
 
 from __future__ import annotations
 
-import redis
-import redis.sentinel
-
+from cdc.cache.wire import RedisWire, WireError, WireReplyError, auth_problem
 from cdc.errors import ConfigError, RedisUnavailable
 from cdc.postgres import catalog
 from cdc.settings import Settings
 from cdc.telemetry import logs
-from schema.keys import TrackedTable
-from schema.redis_url import (
-    RedisTarget,
-    cluster_client,
-    cluster_url,
-    probe_tls,
-    redis_client,
-    tls_problem,
-)
+from schema.keys import STATE_KEY, TRACKED_TABLES, TrackedTable
+from schema.redis_url import RedisTarget, as_cluster_url, probe_tls, tls_problem
 
 log = logs.get("cdc.ops.checks")
 
@@ -243,82 +234,177 @@ def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
 def check_cluster(settings: Settings) -> None:
     """Cluster mode (README "Redis Cluster"): every primary must not evict, and what the
     cluster mode cannot keep is refused (one line, exit 2)."""
+    import redis  # only in cluster mode: redis-py costs 65-110 ms of every start
+
+    from schema.redis_url import cluster_client
+
     if settings.redis_min_replicas:
         raise ConfigError("CDC_REDIS_MIN_REPLICAS is not supported on a Redis Cluster: unset it")
-    client = cluster_client(
-        cluster_url(settings.redis, settings.redis_timeout),
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-    )
+    url = as_cluster_url(settings.redis)
     try:
-        for node in client.get_primaries():  # type: ignore[no-untyped-call]
-            info = client.info("memory", target_nodes=node)
-            policy = str(info.get("maxmemory_policy", "noeviction"))
-            if policy not in SAFE_EVICTION:
-                raise ConfigError(
-                    f"Redis maxmemory-policy is {policy} on cluster node {node.host}:{node.port}:"
-                    " set it to noeviction so cached rows are never evicted"
-                )
-    finally:
-        client.close()
+        client = cluster_client(
+            url,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+        )
+        try:
+            for node in client.get_primaries():  # type: ignore[no-untyped-call]
+                info = client.info("memory", target_nodes=node)
+                policy = str(info.get("maxmemory_policy", "noeviction"))
+                if policy not in SAFE_EVICTION:
+                    raise ConfigError(
+                        f"Redis maxmemory-policy is {policy} on cluster node"
+                        f" {node.host}:{node.port}: set it to noeviction so cached rows are"
+                        " never evicted"
+                    )
+        finally:
+            client.close()
+    except redis.AuthenticationError:
+        raise ConfigError("Redis refused the credentials in REDIS_URL") from None
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        name = type(exc).__name__
+        raise RedisUnavailable(f"cannot reach the Redis Cluster: {name}") from None
 
 
-def check_redis(settings: Settings) -> None:
-    if RedisTarget.parse(settings.redis).cluster:
-        try:
-            check_cluster(settings)
-        except redis.AuthenticationError:
-            raise ConfigError("Redis refused the credentials in REDIS_URL") from None
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise RedisUnavailable(
-                f"cannot reach the Redis Cluster: {type(exc).__name__}"
-            ) from None
-        return
-    client = redis_client(
-        settings.redis,
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-    )
+def check_redis(settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_TABLES) -> bool:
+    """Redis answers, accepts the URL's credentials and does not evict; True when it is a
+    Redis Cluster (a ``redis+cluster://`` URL, or a node with ``cluster_enabled:1``).
+
+    Spoken over the daemon's own wire (:mod:`cdc.cache.wire`), not redis-py: importing
+    redis-py costs 65-110 ms, a quarter of a restart, and nothing on the streaming path
+    needs it (``make bench``, restart to ready)."""
+    target = RedisTarget.parse(settings.redis)
+    if target.cluster:
+        check_cluster(settings)
+        return True
+    wire = RedisWire(target, settings.redis_timeout)
     try:
-        client.ping()
+        wire.connect()
+        wire.call(b"PING")
         try:
-            info = client.info("memory")
-            cluster = client.info("cluster")
-        except redis.exceptions.NoPermissionError:
+            memory = _info(wire.call(b"INFO", b"memory"))
+            cluster = _info(wire.call(b"INFO", b"cluster"))
+        except WireReplyError as exc:
+            if exc.code != "NOPERM":
+                raise
             # A least-privilege ACL user (README "TLS and ACL") may not run INFO: say what
             # is not checked and go on; the daemon needs nothing else from INFO.
-            logs.get("cdc.ops.checks").warning(
+            log.warning(
                 "the Redis user may not run INFO: maxmemory-policy (must not evict) and"
                 " cluster mode are not checked"
             )
-            return
-        policy = str(info.get("maxmemory_policy", "noeviction"))
+            return False
+        policy = memory.get("maxmemory_policy", "noeviction")
         if policy not in SAFE_EVICTION:
             raise ConfigError(
                 f"Redis maxmemory-policy is {policy}: set it to noeviction"
                 " so cached rows are never evicted"
             )
-        if int(cluster.get("cluster_enabled", 0)):
+        if cluster.get("cluster_enabled", "0") != "0":
             check_cluster(settings)
-    except redis.AuthenticationError:
-        raise ConfigError("Redis refused the credentials in REDIS_URL") from None
-    except redis.ResponseError as exc:
-        text = str(exc)
-        if text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
-            raise ConfigError(f"Redis refused REDIS_URL's user: {text.split(' ', 1)[0]}") from None
-        raise RedisUnavailable(f"Redis: {text}") from None
-    except redis.sentinel.MasterNotFoundError as exc:
-        text = str(exc)
-        if "AuthenticationError" in text or "WRONGPASS" in text or "NOAUTH" in text:
+            return True
+        _check_permissions(wire, settings, tables)
+    except WireReplyError as exc:
+        if problem := auth_problem(exc):
+            raise ConfigError(problem) from None
+        if exc.code == "NOPERM":
+            raise ConfigError("Redis refused REDIS_URL's user: NOPERM") from None
+        raise RedisUnavailable(f"Redis: {exc}") from None
+    except WireError as exc:
+        if target.sentinel and "names a master" in str(exc) and _REFUSED_MARK in str(exc):
             raise ConfigError(
                 "the Sentinels refused the credentials in REDIS_URL (sentinel_password)"
             ) from None
-        raise RedisUnavailable(f"no Sentinel names the master: {text}") from None
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
         if problem := tls_problem(exc) or probe_tls(
             settings.redis, min(1.0, settings.redis_timeout)
         ):
             raise ConfigError(problem) from None
-        raise RedisUnavailable(f"cannot reach Redis: {exc}") from None
+        raise RedisUnavailable(str(exc)) from None
     finally:
-        client.close()
+        wire.close()
+    return False
+
+
+_REFUSED_MARK = "credentials refused"
+
+
+def _info(reply: bytes) -> dict[str, str]:
+    """``INFO``'s ``name:value`` lines."""
+    fields: dict[str, str] = {}
+    for line in reply.decode(errors="replace").splitlines():
+        name, sep, value = line.partition(":")
+        if sep and not name.startswith("#"):
+            fields[name.strip()] = value.strip()
+    return fields
+
+
+# Asks, inside Redis, whether this connection's user may run each (command, key) pair:
+# a command the batch script is refused half-way leaves the batch's earlier writes
+# visible, so refusals are found here instead (exit 2), before anything is written.
+_PERMISSIONS_SCRIPT = b"""#!lua flags=no-writes
+local refused = {}
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  if not redis.acl_check_cmd(unpack(ARGV, i + 1, i + n)) then
+    refused[#refused + 1] = ARGV[i + 1] .. ' ' .. ARGV[i + 2]
+  end
+  i = i + 1 + n
+end
+return refused
+"""
+
+# Arguments after the key that are not keys (DEL, UNLINK, EXISTS take only keys).
+_VALUE = ("f", "v")
+
+
+def _uses(settings: Settings, tables: tuple[TrackedTable, ...]) -> list[tuple[str, ...]]:
+    """The commands (with a key of each kind) the daemon sends: its batch script,
+    sweeps, state."""
+    state = STATE_KEY
+    uses: list[tuple[str, ...]] = [
+        *((c, state, *_VALUE) for c in ("HSET", "HMGET")),
+        ("HGETALL", state),
+        ("DEL", state),
+        ("SCAN", "0"),
+    ]
+    for table in tables:
+        row = table.key("x")
+        uses += [(c, row, *_VALUE) for c in ("HSET", "HMGET", "HDEL", "HEXISTS")]
+        uses += [(c, row) for c in ("TYPE", "EXISTS", "DEL", "UNLINK")]
+        uses.append(("RENAME", row, table.key("y")))
+        for lookup in table.lookups:
+            uses += [("SET", lookup.key("x"), "v"), ("GET", lookup.key("x"))]
+            uses += [(c, lookup.key("x")) for c in ("DEL", "UNLINK")]
+        for view in table.views:
+            kind = ("ZADD", "ZREM") if view.sorted else ("SADD", "SREM")
+            uses += [(c, view.key("x"), *_VALUE) for c in kind]
+            uses += [(c, view.key("x")) for c in ("DEL", "UNLINK")]
+        if settings.change_feed:
+            uses += [("XADD", table.feed_key, "*", *_VALUE), ("DEL", table.feed_key)]
+    return uses
+
+
+def _check_permissions(
+    wire: RedisWire, settings: Settings, tables: tuple[TrackedTable, ...]
+) -> None:
+    args = [part for use in _uses(settings, tables) for part in (str(len(use)), *use)]
+    try:
+        refused = wire.call(b"EVAL", _PERMISSIONS_SCRIPT, b"0", *(a.encode() for a in args))
+    except WireReplyError as exc:
+        if exc.code == "NOPERM":
+            raise ConfigError(
+                "the Redis user may not run EVAL: the daemon applies every batch as a script"
+                " (+@scripting)"
+            ) from None
+        if "acl_check_cmd" in str(exc) or "flags" in str(exc):
+            return  # a Redis before 7.0 cannot be asked; the script's replies still say
+        raise
+    if refused:
+        first = refused[0].decode()
+        command, _, key = first.partition(" ")
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise ConfigError(
+            f"the Redis user may not run {command} on {key.split('{', 1)[0]}*{more}: grant"
+            f' it the daemon\'s keys and commands (README "TLS and ACL")'
+        )

@@ -7,9 +7,12 @@ streaming meanwhile, a difference may only be in flight: pass 2 waits until the 
 checkpoint passes the WAL position of pass 1, then re-reads just the differing keys from
 both sides. Only what still differs is reported (and, with ``--repair``, rewritten).
 
-Repairs are conditional: a key is rewritten only if it still holds what was read before
-its row was (see :meth:`Verifier._repair`), so a change the daemon applies meanwhile is
-never overwritten by an older row.
+Repairs never overwrite a newer change. While a daemon streams the slot, the differing
+rows are handed to it through the WAL (``pg_logical_emit_message`` with the prefix
+``cdc:repair``) and its online backfill re-reads them, deciding by transaction visibility
+which streamed changes the read has not seen (:mod:`cdc.runtime.backfill`). With no
+daemon running, and for lookup keys, a key is rewritten here only if it still holds
+what was read before its row was (see :meth:`Verifier._rewrite`).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from typing import Any
 
 from psycopg import errors as pgerrors
 
+from cdc import failpoints
 from cdc.cache.views import members, reconcile
-from cdc.errors import PostgresUnavailable
+from cdc.errors import ConfigError, PostgresUnavailable
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
 from cdc.runtime.snapshot import is_cluster, scan_keys
 from cdc.settings import Settings
-from cdc.transform.assemble import TableView, view_from_columns
+from cdc.transform.assemble import REPAIR_PREFIX, TableView, repair_content, view_from_columns
 from schema.keys import (
     RESERVED_FIELD_PREFIX,
     STATE_KEY,
@@ -39,6 +43,10 @@ from schema.lsn import lsn_bytes, parse_lsn
 from schema.redis_url import cluster_url, redis_client
 
 CHUNK = 1000
+# How long --repair waits for the running daemon to re-read the rows it was given.
+REPAIR_WAIT = 30.0
+# While rows still differ, they are asked for again this often (seconds).
+REPAIR_ASK_EVERY = 2.0
 
 
 @dataclass
@@ -358,7 +366,105 @@ class Verifier:
     def _repair(
         self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
     ) -> int:
-        """Rewrite each differing key from PostgreSQL, never over a newer change.
+        """Rewrite each differing key from PostgreSQL, never over a newer change; returns
+        how many of them agree afterwards.
+
+        While a daemon streams the slot, nothing is written from here but lookup keys
+        that name no row: only the daemon knows which transactions a row read has not
+        seen (a DELETE committed just after the read leaves an absent key absent, so no
+        token read from Redis can tell), so the rows go to it in the WAL and its backfill
+        re-reads them (:meth:`_hand_over`); a lookup's owner row is re-read the same way,
+        which rewrites the lookup. Without a daemon nothing else writes, and the keys are
+        rewritten here, each only if it still holds what was read (:meth:`_rewrite`)."""
+        if not self._daemon_streams(conn):
+            return self._rewrite(conn, suspects)
+        rows = [s for s in suspects if not s[2].startswith("lookup:")]
+        orphans = []
+        for table, view, ident in suspects:
+            if ident.startswith("lookup:"):
+                owner = self._lookup_owner(conn, table, ident)
+                if owner is None:
+                    orphans.append((table, view, ident))
+                else:
+                    rows.append((table, view, owner))
+        if failpoints.ACTIVE:
+            failpoints.hit("repair_hand_over")
+        self._hand_over(conn, _dedupe(rows))
+        # A lookup naming no row: deleted here, only if it still holds what was read.
+        self._rewrite(conn, orphans)
+        wanted = {(table.name, ident) for table, _, ident in suspects}
+        still = [s for s in self._confirm(conn, suspects) if (s[0].name, s[2]) in wanted]
+        return len(suspects) - len(still)
+
+    def _daemon_streams(self, conn: catalog.Conn) -> bool:
+        """Whether a daemon streams the slot (then it must do the rewriting)."""
+        slot = catalog.slot_info(conn, self.settings.slot)
+        if slot is None or not slot.active:
+            return False
+        if slot.plugin == "pgoutput" and conn.info.server_version < 140000:
+            raise ConfigError(
+                "cdc verify --repair cannot hand rows to a daemon streaming from PostgreSQL"
+                " < 14 (pgoutput has no logical messages there): stop the daemon, then repair"
+            )
+        return True
+
+    def _lookup_owner(self, conn: catalog.Conn, table: TrackedTable, ident: str) -> str | None:
+        """The id of the row a ``lookup:<index>:<value>`` suspect should name, if any."""
+        _, index_text, value = ident.split(":", 2)
+        lookup = table.lookups[int(index_text)]
+        row = conn.execute(
+            f'SELECT "{table.primary_key}"::text FROM "{table.schema}"."{table.name}"'
+            f' WHERE "{lookup.column}"::text = %s',
+            (value,),
+        ).fetchone()
+        return str(row[0]) if row is not None else None
+
+    def _hand_over(
+        self, conn: catalog.Conn, rows: list[tuple[TrackedTable, TableView, str]]
+    ) -> None:
+        """Ask the daemon to re-read ``rows`` (logical messages, :data:`REPAIR_PREFIX`),
+        then wait until they agree (or :data:`REPAIR_WAIT` passed)."""
+        pending = rows
+        deadline = time.monotonic() + REPAIR_WAIT
+        asked = 0.0
+        try:
+            while pending and time.monotonic() < deadline:
+                if time.monotonic() - asked >= REPAIR_ASK_EVERY:
+                    # Asked again while they differ: a daemon that restarted meanwhile
+                    # lost its queue of requests.
+                    self._ask(conn, pending)
+                    asked = time.monotonic()
+                else:
+                    # The daemon writes a re-read row once the stream passed the WAL
+                    # position of its read: an idle server writes no WAL, so write some.
+                    self._emit(conn, repair_content("", []))
+                time.sleep(0.1)
+                self._wait_for_daemon(conn, 1.0)
+                wanted = {(table.name, ident) for table, _, ident in pending}
+                pending = [s for s in self._confirm(conn, pending) if (s[0].name, s[2]) in wanted]
+        except pgerrors.InsufficientPrivilege:
+            raise ConfigError(
+                "cdc verify --repair: the role may not call pg_logical_emit_message, by"
+                " which it asks the running daemon to re-read rows (GRANT EXECUTE ON"
+                " FUNCTION pg_logical_emit_message(boolean, text, text) to it)"
+            ) from None
+
+    def _ask(self, conn: catalog.Conn, rows: list[tuple[TrackedTable, TableView, str]]) -> None:
+        by_table: dict[str, list[str]] = {}
+        for table, _, ident in rows:
+            by_table.setdefault(table.qualified_name, []).append(ident)
+        for name, ids in by_table.items():
+            for at in range(0, len(ids), CHUNK):
+                self._emit(conn, repair_content(name, ids[at : at + CHUNK]))
+
+    @staticmethod
+    def _emit(conn: catalog.Conn, content: str) -> None:
+        catalog.emit_message(conn, REPAIR_PREFIX, content)
+
+    def _rewrite(
+        self, conn: catalog.Conn, suspects: list[tuple[TrackedTable, TableView, str]]
+    ) -> int:
+        """Rewrite each key from PostgreSQL here, only if it still holds what was read.
 
         Per key: read what Redis holds (its ``_v``, or a lookup's value), then the row,
         then write in one script only if the key still holds what was read. If the
@@ -392,6 +498,8 @@ class Verifier:
                     mapping[VERSION_FIELD.encode()] = version
                     for name, field_value in mapping.items():
                         args += [name, field_value]
+            if failpoints.ACTIVE:
+                failpoints.hit("repair_write")
             if replace(keys=[key], args=args) == 1:
                 repaired += 1
         return repaired

@@ -104,6 +104,14 @@ def current_wal_lsn(conn: Conn) -> Lsn:
     return parse_lsn(str(row[0]))
 
 
+def emit_message(conn: Conn, prefix: str, content: str) -> None:
+    """Write a non-transactional logical message into the WAL (every slot decodes it).
+
+    ``EXECUTE`` on ``pg_logical_emit_message`` is granted to every role by default;
+    ``psycopg.errors.InsufficientPrivilege`` when it was revoked."""
+    conn.execute("SELECT pg_logical_emit_message(false, %s, %s)", (prefix, content))
+
+
 def setting(conn: Conn, name: str) -> str:
     row = conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
     assert row is not None

@@ -107,9 +107,9 @@ class ReplicationSource:
         self._conn = conn
         try:
             row = conn.execute("IDENTIFY_SYSTEM").fetchone()
-        except psycopg.Error as exc:
+        except psycopg.Error as exc2:
             self.close()
-            raise PostgresUnavailable(f"IDENTIFY_SYSTEM failed: {_first_line(exc)}") from None
+            raise PostgresUnavailable(f"IDENTIFY_SYSTEM failed: {_first_line(exc2)}") from None
         assert row is not None
         system_id, timeline, xlogpos, dbname = row
         if dbname is None:
@@ -164,8 +164,8 @@ class ReplicationSource:
             raise PostgresUnavailable(
                 f"creating slot {name!r} failed: {_first_line(exc)}"
             ) from None
-        except psycopg.Error as exc:
-            raise ConfigError(f'cannot create slot "{name}": {_first_line(exc)}') from None
+        except psycopg.Error as exc2:
+            raise ConfigError(f'cannot create slot "{name}": {_first_line(exc2)}') from None
         assert row is not None
         return CreatedSlot(str(row[0]), parse_lsn(str(row[1])), str(row[2]) if row[2] else None)
 
@@ -177,13 +177,13 @@ class ReplicationSource:
         except pgerrors.ObjectInUse as exc:
             match = re.search(r"PID (\d+)", str(exc))
             raise SlotInUse(name, int(match.group(1)) if match else None) from None
-        except psycopg.OperationalError as exc:
+        except psycopg.OperationalError as exc2:
             raise PostgresUnavailable(
-                f"enabling failover on slot {name!r} failed: {_first_line(exc)}"
+                f"enabling failover on slot {name!r} failed: {_first_line(exc2)}"
             ) from None
-        except psycopg.Error as exc:
+        except psycopg.Error as exc3:
             raise ConfigError(
-                f'cannot enable failover on slot "{name}": {_first_line(exc)}'
+                f'cannot enable failover on slot "{name}": {_first_line(exc3)}'
             ) from None
 
     def timeline_history(self, timeline: int) -> str:
@@ -195,8 +195,8 @@ class ReplicationSource:
             row = conn.execute(f"TIMELINE_HISTORY {int(timeline)}").fetchone()
         except psycopg.OperationalError as exc:
             raise PostgresUnavailable(f"TIMELINE_HISTORY failed: {_first_line(exc)}") from None
-        except psycopg.Error as exc:
-            raise PostgresUnavailable(f"TIMELINE_HISTORY refused: {_first_line(exc)}") from None
+        except psycopg.Error as exc2:
+            raise PostgresUnavailable(f"TIMELINE_HISTORY refused: {_first_line(exc2)}") from None
         assert row is not None
         content = row[1]
         if isinstance(content, bytes | bytearray | memoryview):
@@ -228,16 +228,16 @@ class ReplicationSource:
         except pgerrors.ObjectInUse as exc:
             match = re.search(r"PID (\d+)", str(exc))
             raise SlotInUse(slot, int(match.group(1)) if match else None) from None
-        except pgerrors.UndefinedObject as exc:
-            raise ConfigError(_first_line(exc)) from None
-        except pgerrors.ObjectNotInPrerequisiteState as exc:
-            if "no longer" in str(exc) or "invalidated" in str(exc):
-                raise SlotInvalidated(_first_line(exc)) from None
-            raise ConfigError(_first_line(exc)) from None
-        except psycopg.OperationalError as exc:
-            raise PostgresUnavailable(f"START_REPLICATION failed: {_first_line(exc)}") from None
-        except psycopg.Error as exc:
-            raise ConfigError(f"START_REPLICATION refused: {_first_line(exc)}") from None
+        except pgerrors.UndefinedObject as exc2:
+            raise ConfigError(_first_line(exc2)) from None
+        except pgerrors.ObjectNotInPrerequisiteState as exc3:
+            if "no longer" in str(exc3) or "invalidated" in str(exc3):
+                raise SlotInvalidated(_first_line(exc3)) from None
+            raise ConfigError(_first_line(exc3)) from None
+        except psycopg.OperationalError as exc4:
+            raise PostgresUnavailable(f"START_REPLICATION failed: {_first_line(exc4)}") from None
+        except psycopg.Error as exc5:
+            raise ConfigError(f"START_REPLICATION refused: {_first_line(exc5)}") from None
         pgconn = conn.pgconn
         if pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
             raise PostgresUnavailable("START_REPLICATION did not enter COPY BOTH mode")
@@ -282,9 +282,9 @@ class ReplicationSource:
             return False, other
         try:
             pgconn.consume_input()
-        except psycopg.OperationalError as exc:
+        except psycopg.OperationalError as exc2:
             self.close()
-            raise PostgresUnavailable(f"replication stream broke: {_first_line(exc)}") from None
+            raise PostgresUnavailable(f"replication stream broke: {_first_line(exc2)}") from None
         return True, other
 
     def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:

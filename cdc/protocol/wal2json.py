@@ -130,8 +130,8 @@ class Wal2JsonDecoder:
                         str(content).encode("utf-8"),
                     )
                 ]
-        except (KeyError, TypeError) as exc:
-            raise DecodeError(f"wal2json {action!r} message lacks {exc}") from None
+        except (KeyError, TypeError) as exc2:
+            raise DecodeError(f"wal2json {action!r} message lacks {exc2}") from None
         raise DecodeError(f"unsupported wal2json action {action!r}")
 
     def _relation(

@@ -147,7 +147,12 @@ class Backfill:
         self.queue.append(Request(table, None, reason, after))
 
     def request_rows(self, table: TrackedTable, ids: list[str], reason: str) -> None:
+        open_request = self.window.request if self.window is not None else None
         for queued in self.queue:
+            # Not into the open window's request: its ids were read already, and the
+            # window's end pops it with whatever was added.
+            if queued is open_request:
+                continue
             if queued.table.name == table.name and queued.ids is not None:
                 queued.ids.update(ids)
                 return
@@ -231,6 +236,17 @@ class Backfill:
                 table=self.queue[0].table.name,
                 reason="lock_timeout" if locked else "statement_timeout",
                 retry_in=round(delay, 2),
+            )
+            return None
+        except (psycopg.DataError, UnicodeError) as bad:
+            # Ids PostgreSQL cannot take (a request written into the WAL by anyone):
+            # drop the request, never stop the stream for it.
+            dropped = self.queue.popleft()
+            self.log.warning(
+                "dropped a backfill request PostgreSQL refused",
+                table=dropped.table.name,
+                reason=dropped.reason,
+                error=type(bad).__name__,
             )
             return None
         except (pgerrors.UndefinedColumn, pgerrors.UndefinedTable):

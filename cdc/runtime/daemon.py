@@ -34,11 +34,10 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-
-import redis
+from typing import TYPE_CHECKING
 
 from cdc.cache.checkpoint import CacheState, check_format
-from cdc.cache.cluster_sink import AnySink, ClusterSink, SlotLedger, make_sink
+from cdc.cache.sink import RedisSink
 from cdc.cache.views import state_fields
 from cdc.errors import (
     CdcError,
@@ -60,17 +59,20 @@ from cdc.runtime import failover
 from cdc.runtime.backfill import Backfill
 from cdc.runtime.observer import Observer
 from cdc.runtime.pipeline import Decode, Pipeline
-from cdc.runtime.shard_repair import repair_slots
 from cdc.runtime.snapshot import create_slot_and_load, scan_keys
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from cdc.telemetry.health import HealthServer, Readiness
 from cdc.telemetry.metrics import Metrics
+from cdc.transform.cluster_script import SlotLedger
 from cdc.transform.core import Position
 from cdc.transform.plan import Planner
 from schema.keys import TRACKED_TABLES, TrackedTable
 from schema.lsn import Lsn, format_lsn
-from schema.redis_url import cluster_url, redis_client
+from schema.redis_url import as_cluster_url, redis_client
+
+if TYPE_CHECKING:
+    from cdc.cache.cluster_sink import AnySink, ClusterSink
 
 
 class Backoff:
@@ -98,9 +100,11 @@ def stream_options(
     if server_version >= 140000:
         # Large transactions arrive while they run (cdc/runtime/streams.py), not after the server
         # decoded (and spilled) them whole. Never two_phase (section 7.8, failover slots).
+        # Logical messages carry cdc verify --repair's requests (cdc.ops.verify).
         return {
             "proto_version": "2",
             "streaming": "on",
+            "messages": "true",
             "publication_names": settings.publication,
         }
     return {"proto_version": "1", "publication_names": settings.publication}
@@ -128,7 +132,7 @@ class Daemon:
         # REDIS_URL, or the redis+cluster:// form of it when it names a cluster node.
         self.redis_url = settings.redis
         # Cluster mode: what each hash slot has seen from this daemon, across sessions.
-        self.ledger = SlotLedger()
+        self.ledger = SlotLedger()  # pure (cdc.transform.cluster_script)
         self.metrics.info.info(
             {"slot": settings.slot, "publication": settings.publication, "plugin": settings.plugin}
         )
@@ -166,8 +170,8 @@ class Daemon:
         while not self.stop.is_set():
             try:
                 checks.check_postgres(self.settings, self.tables)
-                checks.check_redis(self.settings)
-                self.redis_url = cluster_url(self.settings.redis, self.settings.redis_timeout)
+                if checks.check_redis(self.settings, self.tables):
+                    self.redis_url = as_cluster_url(self.settings.redis)
                 return
             except Retryable as exc:
                 delay = backoff.next()
@@ -234,6 +238,8 @@ class Daemon:
     def _session(self) -> None:
         settings = self.settings
         source = ReplicationSource(settings.replication_conninfo, settings.pg_timeout)
+        from cdc.cache.cluster_sink import make_sink  # redis-py: only for a cluster
+
         sink = make_sink(
             self.redis_url, settings.redis_timeout, settings.redis_min_replicas, self.ledger
         )
@@ -359,13 +365,17 @@ class Daemon:
                     self.backfill.request_table(
                         by_name[item["table"]], "rebuild (resumed)", after=item.get("after")
                     )
-        if isinstance(sink, ClusterSink) and sink.lost:
+        if not isinstance(sink, RedisSink) and sink.lost:
             self._repair_lost_slots(pg, sink)
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
 
     def _repair_lost_slots(self, pg: catalog.Conn, sink: ClusterSink) -> None:
         """A failover lost writes in some hash slots: repair exactly those."""
+        import redis
+
+        from cdc.runtime.shard_repair import repair_slots
+
         assert sink.client is not None
         self.log.warning("hash slots lost writes in a Redis Cluster failover", slots=len(sink.lost))
         self.metrics.rebuilds.labels(reason="slots_lost").inc()
@@ -467,6 +477,8 @@ class Daemon:
         return Position(Lsn(report.consistent_point))
 
     def _clear_tracked_keys(self) -> None:
+        import redis  # only here: redis-py costs 65-110 ms of every start
+
         client = redis_client(self.redis_url, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import psycopg
+
 from cdc import failpoints
 from cdc.cache.checkpoint import format_partial
 from cdc.cache.sink import ApplyResult, InFlight
@@ -43,11 +45,24 @@ from cdc.runtime.streams import StreamBuffers, state_directory
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from cdc.telemetry.metrics import Metrics
-from cdc.transform.assemble import Assembler, SchemaChange, TableTruncate, TxCommit
+from cdc.transform.assemble import (
+    Assembler,
+    RepairRequest,
+    SchemaChange,
+    TableTruncate,
+    TxCommit,
+)
 from cdc.transform.core import BatchFull, Cut, Position, StreamCore
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TrackedTable
 from schema.lsn import Lsn, format_lsn
+
+# Quiet seconds after which an open backfill window writes WAL itself (see _tick), and
+# the prefix of that logical message.
+TICK_AFTER = 0.2
+TICK_PREFIX = "cdc:tick"
+# Quiet seconds after which an empty batch checks that the cache is still there (_probe).
+PROBE_AFTER = 0.5
 
 # A decoder other than pgoutput (wal2json); pgoutput is decoded inside the core.
 Decode = Callable[[bytes], Message | list[Message]]
@@ -111,6 +126,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.tables = {t.name: t for t in tables}
+        self._qualified = {t.qualified_name: t for t in tables}
         self.source = source
         self.sink = sink
         self.pg = catalog_conn
@@ -153,6 +169,9 @@ class Pipeline:
         self._last_received = time.monotonic()
         self._last_reply_request = 0.0
         self._last_applied_at = time.monotonic()
+        self._last_tick = 0.0
+        self._ticks_refused = False
+        self._last_probe = time.monotonic()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -238,6 +257,8 @@ class Pipeline:
             self._on_truncate(outcome)
         elif isinstance(outcome, SchemaChange):
             self._on_schema_change(outcome)
+        elif isinstance(outcome, RepairRequest):
+            self._on_repair(outcome)
 
     def _poison(self, data: bytes, exc: Exception) -> PoisonRecord:
         """The record in ``data`` cannot be handled: say where, never what it holds."""
@@ -289,6 +310,45 @@ class Pipeline:
         )
         self.backfill.schema_changed(event.view.tracked)
         self._watch_window()
+
+    def _probe(self, now: float) -> None:
+        """A quiet stream sends no batch, and a batch is where the script finds the cache
+        lost (``FLUSHALL``) or taken over: send an empty one, which writes nothing and
+        checks both, so a loss on an idle server is rebuilt within a second or so
+        rather than at the next write or keepalive."""
+        self._last_probe = now
+        self.sink.receive(self.sink.send(CommandBatch(), {}))
+
+    def _tick(self, now: float) -> None:
+        """An open backfill window is written once the stream passed its high water, and a
+        server nobody writes to sends no WAL: after a quiet moment, write a logical message
+        (dropped by every decoder) so the stream moves past it."""
+        if self._ticks_refused or now - max(self._last_received, self._last_tick) < TICK_AFTER:
+            return
+        self._last_tick = now
+        try:
+            catalog.emit_message(self.pg, TICK_PREFIX, "")
+        except psycopg.OperationalError as lost:
+            raise PostgresUnavailable(f"writing a WAL tick: {type(lost).__name__}") from None
+        except psycopg.Error as refused:
+            self._ticks_refused = True
+            self.log.warning(
+                "cannot write a WAL tick: an online rebuild on a server nobody writes to"
+                " finishes at its next write",
+                error=type(refused).__name__,
+            )
+
+    def _on_repair(self, event: RepairRequest) -> None:
+        """``cdc verify --repair`` asks for rows to be re-read: through the backfill, whose
+        windows never write a row older than what the stream applied (its module
+        docstring), rather than by the verifier, which cannot know that."""
+        tracked = self._qualified.get(event.table)
+        if tracked is None or not event.ids:
+            return  # another daemon's table (several daemons on one Redis)
+        self.log.info(
+            "re-reading rows for cdc verify --repair", table=event.table, rows=len(event.ids)
+        )
+        self.backfill.request_rows(tracked, list(event.ids), "verify --repair")
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -449,6 +509,14 @@ class Pipeline:
             if window is not None and backfill.ready(self.core.stream_position):
                 self._flush_window()
                 self.drain()
+        if backfill.window is not None and not in_tx:
+            self._tick(now)
+        if (
+            self._inflight is None
+            and not in_tx
+            and now - max(self._last_applied_at, self._last_probe) >= PROBE_AFTER
+        ):
+            self._probe(now)
         if self._inflight is None and self.core.move_to_keepalive(self.sent_checkpoint):
             self.flush()
         if self.core.batch.empty and not in_tx and now - self._last_applied_at > 1.0:

@@ -19,13 +19,15 @@ Keys of other slots are not touched: a lost slot costs the rows it holds, not a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from redis.cluster import RedisCluster
-from redis.crc import key_slot
+from typing import TYPE_CHECKING
 
 from cdc.postgres import catalog
 from cdc.runtime.backfill import Backfill
+from cdc.transform.cluster_script import key_slot
 from schema.keys import TrackedTable
+
+if TYPE_CHECKING:
+    from redis.cluster import RedisCluster
 
 
 @dataclass

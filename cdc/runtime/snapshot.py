@@ -15,14 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import psycopg
-import redis
 from psycopg import errors as pgerrors
-from redis.cluster import RedisCluster
 
-from cdc.cache.cluster_sink import AnySink
 from cdc.cache.views import clear_views, state_fields
 from cdc.errors import PostgresUnavailable
 from cdc.postgres import catalog
@@ -33,6 +30,12 @@ from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import VERSION_FIELD, TrackedTable, match_prefix
 from schema.lsn import Lsn, format_lsn, lsn_bytes
 from schema.redis_url import redis_client
+
+if TYPE_CHECKING:
+    import redis  # for annotations: redis-py is imported only where a client is made
+    from redis.cluster import RedisCluster
+
+    from cdc.cache.cluster_sink import AnySink
 
 Progress = Callable[[str, int, float], None]
 
@@ -243,6 +246,8 @@ def _sweep_cluster(client: RedisCluster, tables: tuple[TrackedTable, ...], stamp
 
 def is_cluster(client: object) -> bool:
     """Whether ``client`` (from :func:`redis_client`) talks to a Redis Cluster."""
+    from redis.cluster import RedisCluster
+
     return isinstance(client, RedisCluster)
 
 

@@ -10,13 +10,16 @@ Output is one event per input message, or None:
 
 - :class:`TxBegin` / :class:`TxCommit` around each transaction,
 - :class:`RowChange` (insert, update, delete) and :class:`TableTruncate`,
-- :class:`SchemaChange` when a tracked table's columns differ from what was known.
+- :class:`SchemaChange` when a tracked table's columns differ from what was known,
+- :class:`RepairRequest` for a ``cdc verify --repair`` request written into the WAL
+  (:data:`REPAIR_PREFIX`); logical messages of other prefixes are dropped.
 
 Like the decoder, this is on the hot path and compiled by mypyc.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Final, Union
 
@@ -48,6 +51,11 @@ INSERT: Final = 1
 UPDATE: Final = 2
 DELETE: Final = 3
 OP_NAMES: Final = ("", "insert", "update", "delete")
+# Prefix of the logical messages (``pg_logical_emit_message``) by which ``cdc verify
+# --repair`` asks the daemon streaming the table to re-read rows (see cdc.ops.verify).
+REPAIR_PREFIX: Final = "cdc:repair"
+# The largest request content taken (verify sends 1,000 ids at a time, far less).
+REPAIR_MAX_BYTES: Final = 1 << 20
 
 
 class AssemblyError(RecordError):
@@ -212,7 +220,55 @@ class SchemaChange(Record):
         self.previous: Final = previous
 
 
-Event = Union[TxBegin, TxCommit, RowChange, TableTruncate, SchemaChange]  # noqa: UP007
+class RepairRequest(Record):
+    """Re-read these rows of a table from PostgreSQL (``cdc verify --repair``)."""
+
+    _fields = ("table", "ids")
+
+    def __init__(self, table: str, ids: tuple[str, ...]) -> None:
+        self.table: Final = table
+        self.ids: Final = ids
+
+
+def repair_content(table: str, ids: list[str]) -> str:
+    """The content of a :data:`REPAIR_PREFIX` message asking to re-read ``ids`` of
+    ``table`` (schema-qualified)."""
+    return json.dumps({"table": table, "ids": ids}, separators=(",", ":"))
+
+
+def repair_request(content: bytes) -> RepairRequest | None:
+    """The request a :data:`REPAIR_PREFIX` message holds; None when it is not one.
+
+    Anyone who may call ``pg_logical_emit_message`` can write such a message, so a
+    malformed, oversized or odd one is dropped, never a reason to stop: at most
+    :data:`REPAIR_MAX_BYTES` of JSON, ids that are text PostgreSQL can hold (no NUL, valid
+    UTF-8)."""
+    if len(content) > REPAIR_MAX_BYTES:
+        return None
+    try:
+        data = json.loads(content)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    table = data.get("table")
+    ids = data.get("ids")
+    if not isinstance(table, str) or not isinstance(ids, list):
+        return None
+    return RepairRequest(table, tuple(i for i in ids if _storable(i)))
+
+
+def _storable(value: object) -> bool:
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeError:
+        return False
+    return True
+
+
+Event = Union[TxBegin, TxCommit, RowChange, TableTruncate, SchemaChange, RepairRequest]  # noqa: UP007
 
 
 class Assembler:
@@ -290,7 +346,9 @@ class Assembler:
             return TableTruncate(views, self._seq) if views else None
         if isinstance(msg, StreamStart | StreamStop | StreamCommit | StreamAbort):
             raise StreamingUnsupported("received a streamed in-progress transaction")
-        if isinstance(msg, Origin | TypeInfo | LogicalMessage):
+        if isinstance(msg, LogicalMessage):
+            return repair_request(msg.content) if msg.prefix == REPAIR_PREFIX else None
+        if isinstance(msg, Origin | TypeInfo):
             return None
         raise AssemblyError(f"unexpected message {type(msg).__name__}")
 

@@ -243,9 +243,16 @@ local function update_views(a, last)
   for f = a, last, 7 do
     local cols = ARGV[f + 6]
     if ARGV[f + 2] == 'update' then cols = columns[ARGV[f + 3]] or cols end
-    local r = redis.pcall('XADD', ARGV[f], 'MAXLEN', '~', ARGV[f + 1], '*',
-      'op', ARGV[f + 2], 'id', ARGV[f + 3], 'lsn', ARGV[f + 4], 'seq', ARGV[f + 5],
-      'columns', cols)
+    local r
+    for attempt = 1, 2 do
+      r = redis.pcall('XADD', ARGV[f], 'MAXLEN', '~', ARGV[f + 1], '*',
+        'op', ARGV[f + 2], 'id', ARGV[f + 3], 'lsn', ARGV[f + 4], 'seq', ARGV[f + 5],
+        'columns', cols)
+      local e = failure(r)
+      -- A feed key of ours holding another type is replaced, as a view key is.
+      if not (e and string.sub(e, 1, 9) == 'WRONGTYPE') then break end
+      redis.call('DEL', ARGV[f])
+    end
     if failure(r) then return r end
   end
   return 0
