@@ -169,9 +169,11 @@ def test_a_command_redis_refuses_for_good_stops_the_daemon_with_exit_3(
     redis_url: str,
     slot_name: str,
 ) -> None:
-    """Case 18: a refusal that does not pass by itself (an ACL without UNLINK meets a
-    TRUNCATE) stops the daemon with one line naming the LSN and the table; nothing is
-    confirmed past it, and a daemon with the right to UNLINK carries on from there."""
+    """Case 18: a refusal that does not pass by itself (the user's right to UNLINK is
+    revoked while the daemon runs, then a TRUNCATE comes; a user without it from the
+    start is refused at start) stops the daemon with one line naming the LSN and the
+    table; nothing is confirmed past it, and a daemon with the right to UNLINK carries
+    on from there."""
     admin = redis.Redis.from_url(redis_url)
     user = f"nounlink{slot_name}"
     admin.acl_setuser(
@@ -180,7 +182,7 @@ def test_a_command_redis_refuses_for_good_stops_the_daemon_with_exit_3(
         passwords=["+pw-for-test"],
         keys=["*"],
         channels=["*"],
-        commands=["+@all", "-unlink"],
+        commands=["+@all"],
     )
     try:
         host, rest = redis_url.split("//", 1)[1].split("/", 1)
@@ -189,6 +191,7 @@ def test_a_command_redis_refuses_for_good_stops_the_daemon_with_exit_3(
         first = make_daemon(REDIS_URL=limited)
         with running(first):
             fence(database_url, redis_url)
+            admin.acl_setuser(user, enabled=True, commands=["-unlink"])
             pg.execute("TRUNCATE tickets CASCADE")
             row = pg.execute("SELECT pg_current_wal_lsn()::text").fetchone()
             assert row is not None
