@@ -13,7 +13,9 @@ key                              type    content
 ``ticket:{<id>}``                hash    one field per non-NULL column of the row
 ``agent:{<id>}``                 hash    the same, without ``password_hash``
 ``agent:username:{<username>}``  string  the agent's id
-``cdc:*``                        any     the daemon's own state (checkpoint, fence) and
+``cdc:*``                        any     the daemons' own state (``cdc:state``, or
+                                        ``cdc:state:<slot>`` per daemon when several
+                                        share Redis), registry (``cdc:tables``) and
                                         channel (``cdc:applied``)
 ===============================  ======  =================================================
 
@@ -45,6 +47,39 @@ STATE_KEY = CDC_PREFIX + "state"
 # Pub/sub channel: the daemon publishes its checkpoint (``X/Y``) there inside each batch's
 # atomic apply, so readers waiting on a token wake when it is visible (``&cdc:*`` in an ACL).
 APPLIED_CHANNEL = CDC_PREFIX + "applied"
+# The slot a daemon uses unless CDC_SLOT says otherwise.
+DEFAULT_SLOT = "cdc_cache"
+# Several daemons on one Redis (README "Several daemons, one Redis"): hash of table name ->
+# the state key of the daemon that mirrors it, so readers find whose checkpoint to wait on.
+REGISTRY_KEY = CDC_PREFIX + "tables"
+
+
+def state_key(slot: str, mirrors_all: bool = True) -> str:
+    """The checkpoint hash of the daemon on ``slot``.
+
+    A daemon that mirrors every declared table, and any daemon on the default slot, keeps
+    the single-daemon layout (``cdc:state``, plain ``X/Y`` messages on ``cdc:applied``),
+    so existing caches and tooling see no change. A daemon that mirrors part of them
+    (its publication holds only some) keys its state by slot: ``cdc:state:<slot>``.
+    Slot names are ``[a-z0-9_]``, safe in a key name."""
+    if mirrors_all or slot == DEFAULT_SLOT:
+        return STATE_KEY
+    return f"{STATE_KEY}:{slot}"
+
+
+def applied_message(state: str, lsn: str) -> str:
+    """What a daemon publishes on :data:`APPLIED_CHANNEL` when its checkpoint is ``lsn``:
+    ``X/Y`` for :data:`STATE_KEY` (unchanged), ``X/Y <state key>`` for a keyed state (a
+    reader that only knows the first form ignores the second)."""
+    return lsn if state == STATE_KEY else f"{lsn} {state}"
+
+
+def parse_applied(message: str) -> tuple[str, str]:
+    """(state key, ``X/Y``) of a message on :data:`APPLIED_CHANNEL`."""
+    lsn, _, state = message.partition(" ")
+    return state or STATE_KEY, lsn
+
+
 # Hash field names starting with this are the daemon's, not columns.
 RESERVED_FIELD_PREFIX = "_"
 # The LSN (PostgreSQL text form) of the transaction that last wrote a row.

@@ -109,9 +109,14 @@ def test_missing_publication(make_daemon: Callable[..., Daemon], pg: Conn) -> No
 def test_publication_without_the_tracked_tables(
     make_daemon: Callable[..., Daemon], pg: Conn
 ) -> None:
-    pg.execute("ALTER PUBLICATION cdc_cache DROP TABLE agents")
+    """A publication holding some of the tables is a daemon mirroring those only
+    (tests/test_multi_daemon.py); one holding none of them is refused."""
+    pg.execute("ALTER PUBLICATION cdc_cache DROP TABLE agents, tickets")
     line = refused(make_daemon())
-    assert 'publication "cdc_cache" does not hold public.agents' in line
+    assert line == (
+        'cdc: publication "cdc_cache" holds none of the tracked tables'
+        " (public.agents, public.tickets): run the migrations, or set CDC_PUBLICATION"
+    )
 
 
 def test_table_without_the_replica_identity_it_needs(

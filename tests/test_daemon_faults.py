@@ -278,6 +278,26 @@ def test_standby_takes_over(
     assert redis_state(redis_url)["owner"].endswith(f":{standby.pid}")
 
 
+def test_standby_takes_over_after_kill_9(
+    make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """kill -9 of the active daemon: the standby, watching the slot on one catalog
+    session, acquires it and serves (bench/takeover.py measures how soon)."""
+    first = make_daemon(CDC_STANDBY="true").start().wait_ready()
+    standby = make_daemon(CDC_STANDBY="true").start()
+    wait_for(lambda: "standby: waiting for the slot" in standby.log(), 30, "the standby")
+    load = Load(database_url, ROWS).start()
+    try:
+        load.wait_commits(10)
+        first.kill()
+        standby.wait_ready()
+        load.wait_commits(10)
+    finally:
+        load.stop()
+    assert_converged(database_url, redis_url)
+    assert redis_state(redis_url)["owner"].endswith(f":{standby.pid}")
+
+
 def test_paused_daemon_cannot_overwrite_after_a_takeover(
     make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
 ) -> None:

@@ -21,6 +21,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from cdc.telemetry import logs
+from devstack.servers import free_port
 from schema.dsn import DsnError, parse_dsn
 from tests.helpers import ROOT, Daemon, assert_converged, running
 from tests.plugins.servers import PostgresEndpoint
@@ -335,6 +336,8 @@ def test_a_wrong_password_is_refused_without_printing_either(
             "REDIS_URL": redis_url,
             "CDC_LOG_FORMAT": log_format,
             "CDC_LOG_LEVEL": "debug",
+            # Not the default port: another daemon on this machine may hold it.
+            "CDC_METRICS_ADDR": f"127.0.0.1:{free_port()}",
         }
         for args in (("run",), ("slot", "status"), ("verify",)):
             done = _cdc(env, *args)

@@ -262,7 +262,7 @@ def test_a_reader_whose_acl_forbids_the_channel_still_sees_the_checkpoint(tmp_pa
                 target=lambda: results.append(reader.wait("0/20", timeout=120))
             )
             thread.start()
-            wait_for(lambda: reader._feed is not None and reader._feed.failed(), 30, "refusal")
+            wait_for(lambda: (f := reader._feeds.get("cdc:state")) and f.failed(), 30, "refusal")
             admin.hset("cdc:state", "lsn", "0/20")  # applied; no message could reach it
             thread.join(60)  # well before the wait's own 120 s
             assert results == [True]
@@ -270,7 +270,7 @@ def test_a_reader_whose_acl_forbids_the_channel_still_sees_the_checkpoint(tmp_pa
         async def async_wait() -> bool:
             async with AsyncCacheReader.connect(url) as areader:
                 task = asyncio.create_task(areader.wait("0/30", timeout=120))
-                while areader._feed is None or not areader._feed.failed():
+                while (f := areader._feeds.get("cdc:state")) is None or not f.failed():
                     await asyncio.sleep(0.01)
                 admin.hset("cdc:state", "lsn", "0/30")
                 return await asyncio.wait_for(task, 60)
@@ -300,3 +300,31 @@ def test_readers_answer_from_postgres_when_redis_is_down(writer: Writer, databas
             assert [a.id for a in await areader.agents_with_status("offline")] == [agent.id]
 
     run(scenario())
+
+
+def test_a_reader_whose_acl_has_no_registry_waits_on_cdc_state(tmp_path: Path) -> None:
+    """A reader user with the ACL of an earlier README (``~cdc:state``, no ``~cdc:tables``):
+    the registry cannot be read, so waits follow ``cdc:state`` as before."""
+    server = RedisServer(tmp_path / "acl")
+    with server.running():
+        admin = redis.Redis.from_url(server.url)
+        admin.acl_setuser(
+            "reader",
+            enabled=True,
+            passwords=["+pw-reader"],
+            keys=["ticket:*", "cdc:state"],
+            channels=["cdc:*"],
+            commands=["+@read", "+@transaction", "+@pubsub", "+ping"],
+        )
+        admin.hset("cdc:tables", "tickets", "cdc:state")
+        admin.hset("cdc:state", "lsn", "0/20")
+        url = f"redis://reader:pw-reader@127.0.0.1:{server.port}/0"
+        with CacheReader.connect(url) as reader:
+            assert reader.wait("0/20", timeout=30, table="tickets")
+            assert reader.applied_position("tickets") == 0x20
+
+        async def async_wait() -> bool:
+            async with AsyncCacheReader.connect(url) as areader:
+                return await areader.wait("0/20", timeout=30, table="tickets")
+
+        assert run(async_wait()) is True

@@ -21,12 +21,19 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from schema import keys
-from schema.keys import APPLIED_CHANNEL
+from schema.keys import APPLIED_CHANNEL, parse_applied
 from writer.errors import InvalidInput
 from writer.reads import parse_lsn
 
 # How long a reconnecting subscription waits between attempts, seconds.
 _RETRY = 0.2
+
+
+def _position_of(data: str | bytes, state: str) -> str | None:
+    """The position a message announces for ``state`` (None: another daemon's)."""
+    text = data.decode() if isinstance(data, bytes) else str(data)
+    key, lsn = parse_applied(text)
+    return lsn if key == state else None
 
 
 class _Position:
@@ -50,10 +57,14 @@ class _Position:
 
 
 class Feed:
-    """One ``cdc:applied`` subscription in a daemon thread; waiters sleep on a condition."""
+    """One ``cdc:applied`` subscription in a daemon thread; waiters sleep on a condition.
 
-    def __init__(self, client: redis.Redis) -> None:
+    ``state``: the state hash whose checkpoint it follows (:func:`schema.keys.state_key`);
+    messages of other daemons on the channel are ignored."""
+
+    def __init__(self, client: redis.Redis, state: str = keys.STATE_KEY) -> None:
         self._client = client
+        self.state = state
         self._cond = threading.Condition()
         self._position = _Position()
         self._subscribed = False
@@ -113,13 +124,13 @@ class Feed:
                         continue
                     if message["type"] == "subscribe":
                         # Whatever was published before is in the checkpoint itself.
-                        self.advance(self._client.hget(keys.STATE_KEY, "lsn"))
+                        self.advance(self._client.hget(self.state, "lsn"))
                         with self._cond:
                             self._subscribed = True
                             self.failing = False
                             self._cond.notify_all()
                     elif message["type"] == "message":
-                        self.advance(message["data"])
+                        self.advance(_position_of(message["data"], self.state))
             except (redis.RedisError, OSError, ValueError):
                 with self._cond:
                     self._subscribed = False
@@ -135,8 +146,9 @@ class AsyncFeed:
     """:class:`Feed` as an asyncio task. Waiters sit in a heap by target position, so a
     message wakes only those it satisfies (not every waiter at every message)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, state: str = keys.STATE_KEY) -> None:
         self._client = client
+        self.state = state
         self._position = _Position()
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
@@ -204,12 +216,12 @@ class AsyncFeed:
                 await pubsub.subscribe(APPLIED_CHANNEL)
                 async for message in pubsub.listen():
                     if message["type"] == "subscribe":
-                        self.advance(await self._client.hget(keys.STATE_KEY, "lsn"))
+                        self.advance(await self._client.hget(self.state, "lsn"))
                         self.failing = False
                         self._subscribed.set()
                         self._settled.set()
                     elif message["type"] == "message":
-                        self.advance(message["data"])
+                        self.advance(_position_of(message["data"], self.state))
             except (redis.RedisError, OSError, ValueError, KeyError):
                 self._subscribed.clear()
                 self.failing = True

@@ -16,6 +16,11 @@ the subscription is up and again when a wait times out; if subscribing is refuse
 poll the checkpoint. A Redis ACL user for a reader needs ``&cdc:*`` (or ``&cdc:applied``)
 besides read access to the keys.
 
+Several daemons may share one Redis, each mirroring some tables under its own state
+(:func:`schema.keys.state_key`): a wait for a read of a table follows the checkpoint of
+the daemon that mirrors it, found in the registry ``cdc:tables`` (and remembered until
+a wait times out), with one subscription per such state.
+
 List reads over the views (contract 6b) -- :meth:`CacheReader.tickets_with_status`,
 ``tickets_of``, ``agents_with_status`` -- read the view and the cache's state in one
 ``MULTI``; while the cache is not ready for them (``cdc:state`` missing, a snapshot
@@ -47,6 +52,7 @@ from writer.db import AsyncDatabase, Database
 from writer.errors import Unavailable
 from writer.feed import AsyncFeed, Feed
 from writer.reads import (
+    Locate,
     ReadPlan,
     Redis,
     Wait,
@@ -73,8 +79,11 @@ class CacheReader:
     def __init__(self, client: redis.Redis, database: Database | None = None) -> None:
         self._redis = client
         self._db = database
-        self._feed: Feed | None = None
+        # One subscription per daemon state waited on (several daemons may share Redis).
+        self._feeds: dict[str, Feed] = {}
         self._feed_lock = threading.Lock()
+        # table -> the state of the daemon that mirrors it, as the registry says.
+        self._states: dict[str, str] = {}
         self._owns_pool = False
         # On a Redis Cluster no MULTI spans slots: a view and the state are read apart
         # (the members are checked against their rows anyway, contract 7.8).
@@ -106,8 +115,8 @@ class CacheReader:
         return reader
 
     def close(self) -> None:
-        if self._feed is not None:
-            self._feed.close()
+        for feed in list(self._feeds.values()):
+            feed.close()
         self._redis.close()
         if self._owns_pool and not self._cluster:
             self._redis.connection_pool.disconnect()
@@ -120,15 +129,41 @@ class CacheReader:
 
     # -- read-your-writes --------------------------------------------------------------
 
-    def applied_position(self) -> int | None:
-        """The daemon's checkpoint: every transaction before it is in Redis."""
-        value = self._redis.hget(keys.STATE_KEY, "lsn")
+    def applied_position(self, table: str | None = None) -> int | None:
+        """The checkpoint of the daemon (that mirrors ``table``): every transaction
+        before it is in Redis."""
+        value = self._redis.hget(self._locate(table), "lsn")
         return parse_lsn(str(value)) if value else None
 
-    def wait(self, token: str, timeout: float = 1.0) -> bool:
-        """Wait until Redis reflects the write that returned ``token`` (or a later one)."""
+    def _locate(self, table: str | None) -> str:
+        """The state hash of the daemon that mirrors ``table`` (registry, remembered)."""
+        if table is None:
+            return keys.STATE_KEY
+        state = self._states.get(table)
+        if state is None:
+            try:
+                found = self._redis.hget(keys.REGISTRY_KEY, table)
+            except redis.ResponseError:
+                # An ACL without ~cdc:tables (README): the single-daemon state, for good.
+                self._states[table] = keys.STATE_KEY
+                return keys.STATE_KEY
+            if not found:
+                return keys.STATE_KEY  # a single daemon that predates the registry
+            state = found.decode() if isinstance(found, bytes) else str(found)
+            self._states[table] = state
+        return state
+
+    def wait(self, token: str, timeout: float = 1.0, table: str | None = None) -> bool:
+        """Wait until Redis reflects the write that returned ``token`` (or a later one);
+        ``table``: the table read, whose daemon's checkpoint counts."""
+        ok = self._wait(token, timeout, self._locate(table))
+        if not ok and table is not None:
+            self._states.pop(table, None)  # the tables may have moved to another daemon
+        return ok
+
+    def _wait(self, token: str, timeout: float, state: str) -> bool:
         target = parse_lsn(token)
-        feed = self._feed_started()
+        feed = self._feed_started(state)
         if feed.position >= target:
             return True
         deadline = time.monotonic() + timeout
@@ -141,14 +176,14 @@ class CacheReader:
         if feed.failed():
             return self._poll(feed, target, deadline)
         # Timed out, or no subscription: the checkpoint decides (a message may be lost).
-        feed.advance(self._redis.hget(keys.STATE_KEY, "lsn"))
+        feed.advance(self._redis.hget(feed.state, "lsn"))
         return feed.position >= target
 
     def _poll(self, feed: Feed, target: int, deadline: float) -> bool:
         """No subscription possible: read the checkpoint, backing off from 1 to 50 ms."""
         delay = 0.001
         while True:
-            feed.advance(self._redis.hget(keys.STATE_KEY, "lsn"))
+            feed.advance(self._redis.hget(feed.state, "lsn"))
             if feed.position >= target:
                 return True
             left = deadline - time.monotonic()
@@ -157,12 +192,14 @@ class CacheReader:
             time.sleep(min(delay, left))
             delay = min(delay * 2, 0.05)
 
-    def _feed_started(self) -> Feed:
-        if self._feed is None:
+    def _feed_started(self, state: str) -> Feed:
+        feed = self._feeds.get(state)
+        if feed is None:
             with self._feed_lock:
-                if self._feed is None:
-                    self._feed = Feed(self._redis)
-        return self._feed
+                feed = self._feeds.get(state)
+                if feed is None:
+                    feed = self._feeds[state] = Feed(self._redis, state)
+        return feed
 
     # -- lookups -----------------------------------------------------------------------
 
@@ -208,9 +245,14 @@ class CacheReader:
                 return stop.value  # type: ignore[no-any-return]
             if isinstance(step, Wait):
                 try:
-                    answer = self.wait(step.token, step.timeout)
+                    answer = self.wait(step.token, step.timeout, step.table)
                 except (redis.RedisError, OSError):
                     answer = False  # Redis down: PostgreSQL answers
+            elif isinstance(step, Locate):
+                try:
+                    answer = self._locate(step.table)
+                except (redis.RedisError, OSError):
+                    answer = keys.STATE_KEY  # the next step fails the same way
             elif isinstance(step, Redis):
                 pipe = self._redis.pipeline(transaction=step.atomic and not self._cluster)
                 for command in step.commands:
@@ -231,7 +273,8 @@ class AsyncCacheReader:
     def __init__(self, client: aioredis.Redis, database: AsyncDatabase | None = None) -> None:
         self._redis = client
         self._db = database
-        self._feed: AsyncFeed | None = None
+        self._feeds: dict[str, AsyncFeed] = {}
+        self._states: dict[str, str] = {}
         self._owns_pool = False
         self._cluster = isinstance(client, AsyncRedisCluster)
 
@@ -258,8 +301,8 @@ class AsyncCacheReader:
         return reader
 
     async def close(self) -> None:
-        if self._feed is not None:
-            await self._feed.close()
+        for feed in list(self._feeds.values()):
+            await feed.close()
         if self._cluster:
             await self._redis.aclose()
         else:
@@ -271,16 +314,40 @@ class AsyncCacheReader:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def applied_position(self) -> int | None:
-        value = await self._redis.hget(keys.STATE_KEY, "lsn")
+    async def applied_position(self, table: str | None = None) -> int | None:
+        value = await self._redis.hget(await self._locate(table), "lsn")
         return parse_lsn(str(value)) if value else None
 
-    async def wait(self, token: str, timeout: float = 1.0) -> bool:
-        """Wait until Redis reflects the write that returned ``token`` (or a later one)."""
+    async def _locate(self, table: str | None) -> str:
+        """:meth:`CacheReader._locate`."""
+        if table is None:
+            return keys.STATE_KEY
+        state = self._states.get(table)
+        if state is None:
+            try:
+                found = await self._redis.hget(keys.REGISTRY_KEY, table)
+            except redis.ResponseError:
+                self._states[table] = keys.STATE_KEY
+                return keys.STATE_KEY
+            if not found:
+                return keys.STATE_KEY
+            state = found.decode() if isinstance(found, bytes) else str(found)
+            self._states[table] = state
+        return state
+
+    async def wait(self, token: str, timeout: float = 1.0, table: str | None = None) -> bool:
+        """Wait until Redis reflects the write that returned ``token`` (or a later one);
+        ``table``: the table read, whose daemon's checkpoint counts."""
+        ok = await self._wait(token, timeout, await self._locate(table))
+        if not ok and table is not None:
+            self._states.pop(table, None)
+        return ok
+
+    async def _wait(self, token: str, timeout: float, state: str) -> bool:
         target = parse_lsn(token)
-        if self._feed is None:
-            self._feed = AsyncFeed(self._redis)
-        feed = self._feed
+        feed = self._feeds.get(state)
+        if feed is None:
+            feed = self._feeds[state] = AsyncFeed(self._redis, state)
         if feed.position >= target:
             return True
         deadline = time.monotonic() + timeout
@@ -290,14 +357,14 @@ class AsyncCacheReader:
             return True
         if feed.failed():
             return await self._poll(feed, target, deadline)
-        feed.advance(await self._redis.hget(keys.STATE_KEY, "lsn"))
+        feed.advance(await self._redis.hget(feed.state, "lsn"))
         return feed.position >= target
 
     async def _poll(self, feed: AsyncFeed, target: int, deadline: float) -> bool:
         """No subscription possible: read the checkpoint, backing off from 1 to 50 ms."""
         delay = 0.001
         while True:
-            feed.advance(await self._redis.hget(keys.STATE_KEY, "lsn"))
+            feed.advance(await self._redis.hget(feed.state, "lsn"))
             if feed.position >= target:
                 return True
             left = deadline - time.monotonic()
@@ -348,9 +415,14 @@ class AsyncCacheReader:
                 return stop.value  # type: ignore[no-any-return]
             if isinstance(step, Wait):
                 try:
-                    answer = await self.wait(step.token, step.timeout)
+                    answer = await self.wait(step.token, step.timeout, step.table)
                 except (redis.RedisError, OSError):
                     answer = False  # Redis down: PostgreSQL answers
+            elif isinstance(step, Locate):
+                try:
+                    answer = await self._locate(step.table)
+                except (redis.RedisError, OSError):
+                    answer = keys.STATE_KEY
             elif isinstance(step, Redis):
                 pipe = self._redis.pipeline(transaction=step.atomic and not self._cluster)
                 for command in step.commands:

@@ -67,11 +67,21 @@ def agent_status_key(status: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Wait until Redis reflects ``token``; answers whether it does (False: timed out, or
-    Redis could not be asked)."""
+    """Wait until Redis reflects ``token`` in ``table``: the checkpoint of the daemon that
+    mirrors it (several may share Redis) reaches it; answers whether it does (False: timed
+    out, or Redis could not be asked)."""
 
     token: str
     timeout: float
+    table: str
+
+
+@dataclass(frozen=True, slots=True)
+class Locate:
+    """Answers the name of the state hash of the daemon that mirrors ``table``
+    (:data:`schema.keys.REGISTRY_KEY`; ``cdc:state`` when none is registered)."""
+
+    table: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +101,7 @@ class Query:
     params: dict[str, Any]
 
 
-ReadStep = Wait | Redis | Query
+ReadStep = Wait | Locate | Redis | Query
 ReadPlan = Generator[ReadStep, Any, T]
 
 _STATE_FIELDS = ("lsn", "loading", "rebuild", "views")
@@ -121,7 +131,7 @@ def _select(table: Table, where: str, order: str = "", limit: bool = False) -> s
 def _row_plan(
     tracked: TrackedTable, table: Table, model: type[M], row_id: str, after: str | None, t: float
 ) -> ReadPlan[M | None]:
-    fresh = after is None or (yield Wait(after, t))
+    fresh = after is None or (yield Wait(after, t, tracked.name))
     if fresh:
         replies = yield Redis((("HGETALL", tracked.key(row_id)),))
         if replies and replies[0]:
@@ -144,7 +154,7 @@ def agent_by_username_plan(
     username: str, after: str | None, timeout: float
 ) -> ReadPlan[Agent | None]:
     username = identifier(username, "username")  # what a username may be, or more
-    fresh = after is None or (yield Wait(after, timeout))
+    fresh = after is None or (yield Wait(after, timeout, AGENTS.name))
     if fresh:
         replies = yield Redis((("GET", keys.agent_username_key(username)),))
         agent_id = replies[0] if replies else None
@@ -183,9 +193,12 @@ def _view_plan(
     timeout: float,
 ) -> ReadPlan[list[M] | None]:
     """The view's rows from Redis, or None when PostgreSQL must answer (the caller's)."""
-    fresh = after is None or (yield Wait(after, timeout))
+    fresh = after is None or (yield Wait(after, timeout, tracked.name))
     if fresh:
-        replies = yield Redis((("HMGET", keys.STATE_KEY, *_STATE_FIELDS), view), True)
+        # The state of the daemon that keeps this view (the table's: a view is derived
+        # from its own table's rows only).
+        state = yield Locate(tracked.name)
+        replies = yield Redis((("HMGET", state, *_STATE_FIELDS), view), True)
         if replies is not None and _ready(replies[0]):
             members = replies[1]
             hashes = yield Redis(tuple(("HGETALL", tracked.key(str(m))) for m in members))

@@ -1,5 +1,8 @@
 """The checkpoint's format: the ``cdc:state`` hash, its fields and its version.
 
+A daemon that mirrors part of the declared tables (several daemons on one Redis) keeps the
+same hash under ``cdc:state:<slot>`` (:func:`schema.keys.state_key`).
+
 Every batch moves the checkpoint in the same atomic script run as its changes
 (:mod:`cdc.cache.sink`); this module owns what the fields mean and how they are
 written and read:
@@ -18,6 +21,7 @@ rebuild    progress of an online rebuild (see :mod:`cdc.runtime.backfill`), empt
 system_id  PostgreSQL system identifier of the server the cache follows
 timeline   that server's timeline when last claimed (see :mod:`cdc.runtime.failover`)
 epoch      1 for a first load, one more for each rebuild or reset
+tables     the tables this daemon mirrors, comma-separated (also in ``cdc:tables``)
 =========  =============================================================================
 
 A state without ``format`` was written by version 1 (the same fields): a daemon migrates it

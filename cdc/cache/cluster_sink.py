@@ -50,23 +50,23 @@ from hiredis import Reader, pack_command
 from redis.cluster import RedisCluster
 
 from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
-from cdc.cache.sink import ApplyResult, InFlight, RedisSink, _refused, owner_label
+from cdc.cache.sink import TABLES_FIELD, ApplyResult, InFlight, RedisSink, _refused, owner_label
 from cdc.errors import Fenced, RedisLost, RedisUnavailable
 from cdc.transform.cluster_script import (
-    OUTBOX_PREFIX,
     ROW_SCRIPT,
     SLOTS,
     TRUNCATE_SCRIPT,
     VIEW_SCRIPT,
     SlotLedger,
     fence_key,
+    key_prefixes,
     key_slot,
     outbox_key,
     version,
 )
 from cdc.transform.plan import CommandBatch
 from cdc.transform.script import BATCH_SCRIPT
-from schema.keys import STATE_KEY
+from schema.keys import REGISTRY_KEY, STATE_KEY, applied_message
 from schema.lsn import parse_lsn
 from schema.redis_url import RedisTarget, cluster_client
 
@@ -149,8 +149,14 @@ class ClusterSink:
         timeout: float,
         min_replicas: int = 0,
         ledger: SlotLedger | None = None,
+        state_key: str = STATE_KEY,
+        mirrors: tuple[str, ...] = (),
     ) -> None:
         self.url = url
+        # This daemon's state hash and tables, as for RedisSink (several daemons).
+        self.state_key = state_key
+        self.mirrors = mirrors
+        self._fences, self._outboxes = key_prefixes(state_key)
         self.ledger = ledger if ledger is not None else SlotLedger()
         # Slots found to have lost writes at the claim (the daemon repairs them).
         self.lost: list[int] = []
@@ -198,8 +204,9 @@ class ClusterSink:
         assert self.client is not None
         return self.client
 
-    def read_state(self) -> CacheState:
-        reply = self._one("HGETALL", STATE_KEY)
+    def read_state(self, key: str | None = None) -> CacheState:
+        """This daemon's state (``key``: another daemon's)."""
+        reply = self._one("HGETALL", key if key is not None else self.state_key)
         if isinstance(reply, dict) and reply:
             return CacheState.from_hash(reply)
         if isinstance(reply, list) and reply:
@@ -211,15 +218,16 @@ class ClusterSink:
         left, and return the state. A slot whose fence key was gone lost its data: the
         state returned is then empty, so the daemon rebuilds."""
         token = uuid.uuid4().hex
-        values = {"fence": token, "owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
-        self._one("HSET", STATE_KEY, *_pairs({**values, **fields}))
-        added = self._run([("HSET", fence_key(s), "f", token) for s in range(SLOTS)])
+        values = {"fence": token, **self._own_fields()}
+        self._one("HSET", self.state_key, *_pairs({**values, **fields}))
+        self._register()
+        added = self._run([("HSET", fence_key(s, self._fences), "f", token) for s in range(SLOTS)])
         self.fence = token
         missing = sum(1 for r in added if r == 1)
         self.lost = []
         if self.ledger.runs:
             slots = sorted(self.ledger.runs)
-            counts = self._run([("HGET", fence_key(s), "n") for s in slots])
+            counts = self._run([("HGET", fence_key(s, self._fences), "n") for s in slots])
             found = {s: int(c or 0) for s, c in zip(slots, counts, strict=True)}
             self.lost = self.ledger.lost(found)
             self.ledger.accept(found)
@@ -232,19 +240,50 @@ class ClusterSink:
             return CacheState()
         return state
 
+    def registry(self) -> dict[str, str]:
+        """Which state mirrors each table (:data:`schema.keys.REGISTRY_KEY`)."""
+        reply = self._one("HGETALL", REGISTRY_KEY)
+        if isinstance(reply, dict):
+            pairs = list(reply.items())
+        elif isinstance(reply, list):
+            pairs = list(zip(reply[0::2], reply[1::2], strict=True))
+        else:
+            return {}
+        return {_text(k): _text(v) for k, v in pairs}
+
+    def drop_state(self, key: str) -> None:
+        """Delete another state hash (a former key of this daemon's slot)."""
+        if key != self.state_key:
+            self._one("DEL", key)
+
+    def _own_fields(self) -> dict[str, str]:
+        out = {"owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
+        if self.mirrors:
+            out[TABLES_FIELD] = ",".join(self.mirrors)
+        return out
+
+    def _register(self) -> None:
+        """Name this state as the one that mirrors our tables (readers' token waits)."""
+        if self.mirrors:
+            args: list[str] = []
+            for table in self.mirrors:
+                args += [table, self.state_key]
+            self._one("HSET", REGISTRY_KEY, *args)
+
     def reset_state(self, fields: dict[str, str]) -> None:
         """Replace the state hash, and start every slot's position afresh (a load or
         rebuild rewrites the keys); pending outboxes are dropped with the views."""
         assert self.fence is not None
-        values = {"fence": self.fence, "owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
-        self._one("DEL", STATE_KEY)
-        self._one("HSET", STATE_KEY, *_pairs({**values, **fields}))
+        values = {"fence": self.fence, **self._own_fields()}
+        self._one("DEL", self.state_key)
+        self._one("HSET", self.state_key, *_pairs({**values, **fields}))
+        self._register()
         commands: list[tuple[Any, ...]] = []
         for s in range(SLOTS):
-            commands.append(("HDEL", fence_key(s), "v"))
-            commands.append(("HSET", fence_key(s), "f", self.fence))
+            commands.append(("HDEL", fence_key(s, self._fences), "v"))
+            commands.append(("HSET", fence_key(s, self._fences), "f", self.fence))
         self._run(commands)
-        outboxes = list(self._redis().scan_iter(match=OUTBOX_PREFIX + "*", count=1000))
+        outboxes = list(self._redis().scan_iter(match=self._outboxes + "{*", count=1000))
         self._run([("DEL", key) for key in outboxes])
         self._follow(fields)
 
@@ -382,7 +421,11 @@ class ClusterSink:
         commands: list[tuple[Any, ...]] = []
         for slot in slots:
             g = groups[slot]
-            keys = [fence_key(slot).encode(), outbox_key(slot).encode(), *g.keys]
+            keys = [
+                fence_key(slot, self._fences).encode(),
+                outbox_key(slot, self._outboxes).encode(),
+                *g.keys,
+            ]
             commands.append((ROW_SCRIPT, len(keys), *keys, self.fence, *g.args))
         replies = self._scripts(commands)
         repaired = 0
@@ -406,7 +449,7 @@ class ClusterSink:
                 outboxes.append(slot)
         if deltas:
             self.apply_deltas(deltas)
-            self._run([("DEL", outbox_key(slot)) for slot in outboxes])
+            self._run([("DEL", outbox_key(slot, self._outboxes)) for slot in outboxes])
         return repaired, incomplete
 
     def _append_feed(self, feed: list[tuple[list[bytes], int]]) -> None:
@@ -441,7 +484,16 @@ class ClusterSink:
             args += deltas[k : k + 4]
         commands: list[tuple[Any, ...]] = []
         for slot, (keys, args) in groups.items():
-            commands.append((VIEW_SCRIPT, 1 + len(keys), fence_key(slot), *keys, self.fence, *args))
+            commands.append(
+                (
+                    VIEW_SCRIPT,
+                    1 + len(keys),
+                    fence_key(slot, self._fences),
+                    *keys,
+                    self.fence,
+                    *args,
+                )
+            )
         for slot, reply in zip(groups, self._scripts(commands), strict=True):
             _status(reply)
             if not self.ledger.note(slot, int(reply[2])):
@@ -452,7 +504,7 @@ class ClusterSink:
     def deliver_outboxes(self) -> int:
         """Apply the view deltas a crash left in outboxes, then drop them."""
         client = self._redis()
-        keys = list(client.scan_iter(match=OUTBOX_PREFIX + "*", count=1000))
+        keys = list(client.scan_iter(match=self._outboxes + "{*", count=1000))
         deltas: list[bytes] = []
         for key in keys:
             deltas += self._run([("LRANGE", key, 0, -1)])[0]
@@ -476,7 +528,14 @@ class ClusterSink:
         commands: list[tuple[Any, ...]] = []
         for slot, keys in by_slot.items():
             commands.append(
-                (TRUNCATE_SCRIPT, 1 + len(keys), fence_key(slot), *keys, self.fence, ver)
+                (
+                    TRUNCATE_SCRIPT,
+                    1 + len(keys),
+                    fence_key(slot, self._fences),
+                    *keys,
+                    self.fence,
+                    ver,
+                )
             )
         for slot, reply in zip(by_slot, self._scripts(commands), strict=True):
             _status(reply)
@@ -486,10 +545,11 @@ class ClusterSink:
     def _checkpoint(self, state: dict[str, str], lsn: str | None) -> None:
         """Phase 3: the state hash, fenced and positioned (BATCH_SCRIPT without operations)."""
         assert self.fence is not None
-        args: list[Any] = [self.fence, self._lsn, self._partial, lsn or "", len(state)]
+        message = applied_message(self.state_key, lsn) if lsn is not None else ""
+        args: list[Any] = [self.fence, self._lsn, self._partial, message, len(state)]
         for key, value in state.items():
             args += [key, value]
-        (reply,) = self._scripts([(BATCH_SCRIPT, 1, STATE_KEY, *args)])
+        (reply,) = self._scripts([(BATCH_SCRIPT, 1, self.state_key, *args)])
         status = reply[0]
         if status == b"lost":
             raise RedisLost("cdc:state is gone: Redis lost its data")
@@ -660,9 +720,19 @@ AnySink = RedisSink | ClusterSink
 
 
 def make_sink(
-    url: str, timeout: float, min_replicas: int = 0, ledger: SlotLedger | None = None
+    url: str,
+    timeout: float,
+    min_replicas: int = 0,
+    ledger: SlotLedger | None = None,
+    *,
+    state_key: str = STATE_KEY,
+    mirrors: tuple[str, ...] = (),
 ) -> AnySink:
     """The sink for ``url``: :class:`ClusterSink` for a ``redis+cluster://`` URL."""
     if RedisTarget.parse(url).cluster:
-        return ClusterSink(url, timeout, min_replicas, ledger)
-    return RedisSink(url, timeout, min_replicas)
+        return ClusterSink(url, timeout, min_replicas, ledger, state_key, mirrors)
+    return RedisSink(url, timeout, min_replicas, state_key=state_key, mirrors=mirrors)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -2,8 +2,9 @@
 
 The state it keeps with every batch is described in :mod:`cdc.cache.checkpoint`.
 
-Every batch is one ``EVAL`` of :data:`cdc.transform.script.BATCH_SCRIPT`, whose arguments start with
-a head::
+Every batch is one ``EVAL`` of :data:`cdc.transform.script.BATCH_SCRIPT` on one key, the
+daemon's state hash (``cdc:state``, or ``cdc:state:<slot>`` for one of several daemons:
+:func:`schema.keys.state_key`), whose arguments start with a head::
 
     <fence> <expected lsn> <expected partial> <lsn to publish> <n> <state field value>…
 
@@ -43,11 +44,12 @@ from cdc.errors import (
 from cdc.protocol.resp import append_bulk, append_command, array_header, command
 from cdc.transform.plan import CommandBatch
 from cdc.transform.script import BATCH_SCRIPT
-from schema.keys import STATE_KEY
+from schema.keys import REGISTRY_KEY, STATE_KEY, applied_message
 
-_STATE = STATE_KEY.encode()
-_EVAL_HEAD = b"$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(BATCH_SCRIPT), BATCH_SCRIPT)
+_EVAL_SCRIPT = b"$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (len(BATCH_SCRIPT), BATCH_SCRIPT)
 _HEAD_ARGS = 5
+# The state field naming the tables a daemon mirrors (comma-separated).
+TABLES_FIELD = "tables"
 # Errors Redis may clear by itself: retried (never confirmed meanwhile).
 _TRANSIENT = ("OOM", "BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "READONLY")
 
@@ -76,8 +78,23 @@ def owner_label() -> str:
 class RedisSink:
     """Applies batches atomically with the checkpoint, under this daemon's fence."""
 
-    def __init__(self, url: str, timeout: float, min_replicas: int = 0) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        min_replicas: int = 0,
+        *,
+        state_key: str = STATE_KEY,
+        mirrors: tuple[str, ...] = (),
+    ) -> None:
+        """``state_key``: this daemon's checkpoint hash (:func:`schema.keys.state_key`);
+        ``mirrors``: the tables it mirrors, recorded in the state and the registry at
+        each claim (empty: record nothing, as for tools that only read the state)."""
         self.address = RedisAddress.from_url(url)
+        self.state_key = state_key
+        self.mirrors = mirrors
+        self._state = state_key.encode()
+        self._eval_head = _EVAL_SCRIPT + b"$%d\r\n%s\r\n" % (len(self._state), self._state)
         self.wire = RedisWire(self.address, timeout)
         self.fence: str | None = None
         self.min_replicas = min_replicas
@@ -113,12 +130,25 @@ class RedisSink:
     def fileno(self) -> int:
         return self.wire.fileno()
 
-    def read_state(self) -> CacheState:
-        reply = self._call(b"HGETALL", _STATE)
+    def read_state(self, key: str | None = None) -> CacheState:
+        """This daemon's state (``key``: another daemon's)."""
+        reply = self._call(b"HGETALL", key.encode() if key is not None else self._state)
         if isinstance(reply, list):
             pairs = dict(zip(reply[0::2], reply[1::2], strict=True))
             return CacheState.from_hash(pairs)
         return CacheState()
+
+    def registry(self) -> dict[str, str]:
+        """Which state mirrors each table (:data:`schema.keys.REGISTRY_KEY`)."""
+        reply = self._call(b"HGETALL", REGISTRY_KEY.encode())
+        if not isinstance(reply, list):
+            return {}
+        return {k.decode(): v.decode() for k, v in zip(reply[0::2], reply[1::2], strict=True)}
+
+    def drop_state(self, key: str) -> None:
+        """Delete another state hash (a former key of this daemon's slot)."""
+        if key != self.state_key:
+            self._call(b"DEL", key.encode())
 
     def claim(self, fields: dict[str, str]) -> CacheState:
         """Take the fence (after acquiring the slot) and write ``fields`` to the state.
@@ -126,8 +156,9 @@ class RedisSink:
         Returns the state as it is *after* the claim: from then on no predecessor can
         write, so this is the position to resume from."""
         token = uuid.uuid4().hex
-        values = {"fence": token, "owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
-        self._call(*_hset_args({**values, **fields}))
+        values = {"fence": token, **self._own_fields()}
+        self._call(*self._hset_args({**values, **fields}))
+        self._register()
         self.fence = token
         # Everything this session resumes from (and will confirm) must be on the replicas,
         # including batches a previous session applied but could not confirm.
@@ -140,11 +171,32 @@ class RedisSink:
         """Replace the whole state hash (snapshot load, reset): keeps our fence."""
         assert self.fence is not None
         buf = bytearray()
-        append_command(buf, [b"DEL", _STATE])
-        values = {"fence": self.fence, "owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
-        append_command(buf, _hset_args({**values, **fields}))
+        append_command(buf, [b"DEL", self._state])
+        values = {"fence": self.fence, **self._own_fields()}
+        append_command(buf, self._hset_args({**values, **fields}))
         self._roundtrip(bytes(buf), 2)
+        self._register()
         self._follow(fields)
+
+    def _own_fields(self) -> dict[str, str]:
+        out = {"owner": owner_label(), FORMAT_FIELD: str(FORMAT_VERSION)}
+        if self.mirrors:
+            out[TABLES_FIELD] = ",".join(self.mirrors)
+        return out
+
+    def _register(self) -> None:
+        """Name this state as the one that mirrors our tables (readers' token waits)."""
+        if self.mirrors:
+            args = [b"HSET", REGISTRY_KEY.encode()]
+            for table in self.mirrors:
+                args += [table.encode(), self._state]
+            self._call(*args)
+
+    def _hset_args(self, values: dict[str, str]) -> list[bytes]:
+        args = [b"HSET", self._state]
+        for key, value in values.items():
+            args += [key.encode(), value.encode()]
+        return args
 
     def _follow(self, state: dict[str, str]) -> None:
         self._lsn = state.get("lsn", "")
@@ -165,12 +217,13 @@ class RedisSink:
         assert self.fence is not None
         lsn = state.get("lsn")
         head = bytearray()
-        head += array_header(3 + _HEAD_ARGS + 2 * len(state) + batch.args)
-        head += _EVAL_HEAD
+        head += array_header(4 + _HEAD_ARGS + 2 * len(state) + batch.args)
+        head += self._eval_head
         append_bulk(head, self.fence.encode())
         append_bulk(head, self._lsn.encode())
         append_bulk(head, self._partial.encode())
-        append_bulk(head, lsn.encode() if lsn is not None else b"")
+        message = applied_message(self.state_key, lsn) if lsn is not None else ""
+        append_bulk(head, message.encode())
         append_bulk(head, b"%d" % len(state))
         for key, value in state.items():
             append_bulk(head, key.encode())
@@ -216,12 +269,12 @@ class RedisSink:
             raise _refused(str(reply), batch.table_of(0), sent.lsn)
         status = reply[0]
         if status == b"lost":
-            raise RedisLost("cdc:state is gone: Redis lost its data")
+            raise RedisLost(f"{self.state_key} is gone: Redis lost its data")
         if status == b"fenced":
             raise Fenced("another daemon took over the cache (fence changed)")
         if status == b"moved":
             raise RedisLost(
-                "cdc:state is not at the position this daemon left it (an earlier batch "
+                f"{self.state_key} is not at the position this daemon left it (an earlier batch "
                 "was not applied, or something else wrote the state)"
             )
         incomplete_ops, failed, repaired = reply[1], reply[2], reply[3]
@@ -274,13 +327,6 @@ class RedisSink:
         if isinstance(reply, WireReplyError):
             raise RedisRejected(str(reply))
         return reply
-
-
-def _hset_args(values: dict[str, str]) -> list[bytes]:
-    args = [b"HSET", _STATE]
-    for key, value in values.items():
-        args += [key.encode(), value.encode()]
-    return args
 
 
 def _refused(error: str, table: str, lsn: str) -> RedisRejected | ApplyFailed:

@@ -12,7 +12,7 @@ from cdc.errors import ConfigError, RedisUnavailable
 from cdc.postgres import catalog
 from cdc.settings import Settings
 from cdc.telemetry import logs
-from schema.keys import STATE_KEY, TRACKED_TABLES, TrackedTable
+from schema.keys import REGISTRY_KEY, STATE_KEY, TRACKED_TABLES, TrackedTable
 from schema.redis_url import RedisTarget, as_cluster_url, probe_tls, tls_problem
 
 log = logs.get("cdc.ops.checks")
@@ -20,7 +20,44 @@ log = logs.get("cdc.ops.checks")
 SAFE_EVICTION = ("noeviction", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl")
 
 
-def check_postgres(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
+def mirrored_tables(
+    published: set[tuple[str, str]] | None,
+    publication: str,
+    tables: tuple[TrackedTable, ...],
+) -> tuple[TrackedTable, ...]:
+    """The declared tables ``publication`` holds: the ones this daemon mirrors. Several
+    daemons may split the tables between publications (one slot each); a publication
+    that holds none of them is a mistake (exit 2)."""
+    if published is None:
+        raise ConfigError(f'publication "{publication}" does not exist: run the migrations')
+    mirrored = tuple(t for t in tables if (t.schema, t.name) in published)
+    if not mirrored:
+        raise ConfigError(
+            f'publication "{publication}" holds none of the tracked tables'
+            f" ({', '.join(t.qualified_name for t in tables)}): run the migrations,"
+            " or set CDC_PUBLICATION"
+        )
+    return mirrored
+
+
+def publication_mirror(
+    settings: Settings, tables: tuple[TrackedTable, ...]
+) -> tuple[TrackedTable, ...]:
+    """:func:`mirrored_tables` for ``settings.publication``, asked of the database (for the
+    one-shot commands: ``cdc verify``, ``cdc slot reset``)."""
+    conn = catalog.connect(settings.catalog_conninfo, "PostgreSQL")
+    try:
+        published = catalog.publication_tables(conn, settings.publication)
+    finally:
+        conn.close()
+    return mirrored_tables(published, settings.publication, tables)
+
+
+def check_postgres(
+    settings: Settings, tables: tuple[TrackedTable, ...]
+) -> tuple[TrackedTable, ...]:
+    """Check the server and the tables; returns the declared tables the publication holds
+    (the ones the daemon mirrors: :func:`mirrored_tables`)."""
     conn = catalog.connect(settings.catalog_conninfo, "PostgreSQL")
     try:
         wal_level = catalog.setting(conn, "wal_level")
@@ -34,16 +71,7 @@ def check_postgres(settings: Settings, tables: tuple[TrackedTable, ...]) -> None
                 f'role "{role.name}" lacks REPLICATION (ALTER ROLE "{role.name}" REPLICATION)'
             )
         published = catalog.publication_tables(conn, settings.publication)
-        if published is None:
-            raise ConfigError(
-                f'publication "{settings.publication}" does not exist: run the migrations'
-            )
-        missing = [t.qualified_name for t in tables if (t.schema, t.name) not in published]
-        if missing:
-            raise ConfigError(
-                f'publication "{settings.publication}" does not hold {", ".join(missing)}:'
-                " run the migrations"
-            )
+        tables = mirrored_tables(published, settings.publication, tables)
         for table in tables:
             check_table(conn, table, role.name, settings.publication)
         for warning in column_list_warnings(conn, settings, tables, role):
@@ -64,6 +92,7 @@ def check_postgres(settings: Settings, tables: tuple[TrackedTable, ...]) -> None
                 raise ConfigError(
                     f'slot "{settings.slot}" belongs to database "{slot.database}", not "{dbname}"'
                 )
+        return tables
     finally:
         conn.close()
 
@@ -209,24 +238,18 @@ def check_declaration(
             )
 
 
-def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> None:
-    """``cdc config check``: the declaration against the database, nothing started."""
+def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> tuple[TrackedTable, ...]:
+    """``cdc config check``: the declaration against the database, nothing started.
+    Returns the declared tables the publication holds (the ones a daemon mirrors)."""
     conn = catalog.connect(settings.replication_conninfo, "PostgreSQL")
     try:
         published = catalog.publication_tables(conn, settings.publication)
-        if published is None:
-            raise ConfigError(
-                f'publication "{settings.publication}" does not exist: run the migrations'
-            )
+        tables = mirrored_tables(published, settings.publication, tables)
         for table in tables:
-            if (table.schema, table.name) not in published:
-                raise ConfigError(
-                    f'CDC_CONFIG: table "{table.qualified_name}" is not in publication'
-                    f' "{settings.publication}"'
-                )
             if not catalog.replica_identity(conn, table).exists:
                 raise ConfigError(f'CDC_CONFIG: table "{table.qualified_name}" does not exist')
             check_declaration(conn, table, catalog.table_columns(conn, table), settings.publication)
+        return tables
     finally:
         conn.close()
 
@@ -266,7 +289,11 @@ def check_cluster(settings: Settings) -> None:
         raise RedisUnavailable(f"cannot reach the Redis Cluster: {name}") from None
 
 
-def check_redis(settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_TABLES) -> bool:
+def check_redis(
+    settings: Settings,
+    tables: tuple[TrackedTable, ...] = TRACKED_TABLES,
+    state: str = STATE_KEY,
+) -> bool:
     """Redis answers, accepts the URL's credentials and does not evict; True when it is a
     Redis Cluster (a ``redis+cluster://`` URL, or a node with ``cluster_enabled:1``).
 
@@ -303,7 +330,7 @@ def check_redis(settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_T
         if cluster.get("cluster_enabled", "0") != "0":
             check_cluster(settings)
             return True
-        _check_permissions(wire, settings, tables)
+        _check_permissions(wire, settings, tables, state)
     except WireReplyError as exc:
         if problem := auth_problem(exc):
             raise ConfigError(problem) from None
@@ -358,14 +385,17 @@ return refused
 _VALUE = ("f", "v")
 
 
-def _uses(settings: Settings, tables: tuple[TrackedTable, ...]) -> list[tuple[str, ...]]:
+def _uses(
+    settings: Settings, tables: tuple[TrackedTable, ...], state: str = STATE_KEY
+) -> list[tuple[str, ...]]:
     """The commands (with a key of each kind) the daemon sends: its batch script,
-    sweeps, state."""
-    state = STATE_KEY
+    sweeps, state (``state``: its state hash) and the registry of several daemons."""
     uses: list[tuple[str, ...]] = [
         *((c, state, *_VALUE) for c in ("HSET", "HMGET")),
         ("HGETALL", state),
         ("DEL", state),
+        ("HSET", REGISTRY_KEY, *_VALUE),
+        ("HGETALL", REGISTRY_KEY),
         ("SCAN", "0"),
     ]
     for table in tables:
@@ -386,9 +416,9 @@ def _uses(settings: Settings, tables: tuple[TrackedTable, ...]) -> list[tuple[st
 
 
 def _check_permissions(
-    wire: RedisWire, settings: Settings, tables: tuple[TrackedTable, ...]
+    wire: RedisWire, settings: Settings, tables: tuple[TrackedTable, ...], state: str
 ) -> None:
-    args = [part for use in _uses(settings, tables) for part in (str(len(use)), *use)]
+    args = [part for use in _uses(settings, tables, state) for part in (str(len(use)), *use)]
     try:
         refused = wire.call(b"EVAL", _PERMISSIONS_SCRIPT, b"0", *(a.encode() for a in args))
     except WireReplyError as exc:

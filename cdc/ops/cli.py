@@ -104,11 +104,16 @@ def slot_status(as_json: bool) -> None:
 @_guard
 def slot_reset(yes: bool, dry_run: bool, force: bool) -> None:
     """Drop and recreate the slot, rebuild the cache from a snapshot consistent with it."""
+    from cdc.ops.checks import publication_mirror
     from cdc.ops.slot import plan_reset, reset
+    from schema.keys import state_key
     from schema.lsn import format_lsn
 
     settings = _settings()
-    tables = settings.tables()
+    declared = settings.tables()
+    # Only the tables this slot's publication holds: another daemon's stay as they are.
+    tables = publication_mirror(settings, declared)
+    key = state_key(settings.slot, len(tables) == len(declared))
     plan = plan_reset(settings, force, tables)
     click.echo("\n".join(("would " if dry_run else "") + line for line in plan.lines()))
     if dry_run:
@@ -118,7 +123,7 @@ def slot_reset(yes: bool, dry_run: bool, force: bool) -> None:
             fail("refusing to reset without confirmation: pass --yes", code=1)
         if not click.confirm("Reset the slot and rebuild the cache?", default=False):
             fail("aborted", code=1)
-    report = reset(settings, plan, tables)
+    report = reset(settings, plan, tables, key)
     click.echo(
         f"slot {settings.slot} recreated at {format_lsn(report.consistent_point)}; "
         f"loaded {sum(report.rows.values())} rows "
@@ -157,13 +162,19 @@ def config_check() -> None:
 
     settings = _settings()
     tables = settings.tables()
-    check_config(settings, tables)
+    mirrored = check_config(settings, tables)
     source = settings.config or "the packaged default"
     views = sum(len(t.views) for t in tables)
     click.echo(
         f"{source}: valid ({len(tables)} tables: {', '.join(t.name for t in tables)};"
         f" {views} views)"
     )
+    if len(mirrored) < len(tables):
+        others = ", ".join(t.name for t in tables if t not in mirrored)
+        click.echo(
+            f'publication "{settings.publication}" holds {", ".join(t.name for t in mirrored)}:'
+            f" a daemon on it mirrors those only ({others}: another publication's daemon)"
+        )
 
 
 if __name__ == "__main__":  # pragma: no cover

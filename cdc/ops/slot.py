@@ -23,7 +23,7 @@ from cdc.runtime.snapshot import LoadReport, create_slot_and_load
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from cdc.transform.plan import Planner
-from schema.keys import TRACKED_TABLES, TrackedTable
+from schema.keys import STATE_KEY, TRACKED_TABLES, TrackedTable
 from schema.lsn import format_lsn
 from schema.redis_url import cluster_url
 
@@ -174,13 +174,23 @@ def plan_reset(
 
 
 def reset(
-    settings: Settings, plan: ResetPlan, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
+    settings: Settings,
+    plan: ResetPlan,
+    tables: tuple[TrackedTable, ...] = TRACKED_TABLES,
+    state_key: str = STATE_KEY,
 ) -> LoadReport:
+    """Reload ``tables`` (the ones the slot's publication holds) under ``state_key``:
+    another daemon's tables and state on the same Redis are not touched."""
     log = logs.get("cdc.ops.slot")
     conn = catalog.connect(settings.catalog_conninfo)
     source = ReplicationSource(settings.replication_conninfo)
     redis_url = cluster_url(settings.redis, settings.redis_timeout)
-    sink = make_sink(redis_url, settings.redis_timeout)
+    sink = make_sink(
+        redis_url,
+        settings.redis_timeout,
+        state_key=state_key,
+        mirrors=tuple(t.name for t in tables),
+    )
     try:
         if plan.active_pid:
             catalog.terminate(conn, plan.active_pid)

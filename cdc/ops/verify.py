@@ -26,6 +26,7 @@ from psycopg import errors as pgerrors
 from cdc import failpoints
 from cdc.cache.views import members, reconcile
 from cdc.errors import ConfigError, PostgresUnavailable
+from cdc.ops.checks import publication_mirror
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
 from cdc.runtime.snapshot import is_cluster, scan_keys
@@ -38,6 +39,7 @@ from schema.keys import (
     VERSION_FIELD,
     TrackedTable,
     View,
+    state_key,
 )
 from schema.lsn import lsn_bytes, parse_lsn
 from schema.redis_url import cluster_url, redis_client
@@ -69,6 +71,8 @@ class Report:
     differences: list[Difference] = field(default_factory=list)
     repaired: int = 0
     rebuilding: bool = False
+    # The tables checked: those the publication holds (several daemons split them).
+    tables: list[str] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
@@ -85,6 +89,7 @@ class Report:
             **by_kind,
             "repaired": self.repaired,
             "rebuilding": self.rebuilding,
+            "tables": self.tables,
         }
 
     def lines(self, limit: int = 100) -> list[str]:
@@ -99,7 +104,8 @@ class Report:
             for k in ("missing", "extra", "different")
         }
         summary = (
-            f"checked {self.rows} rows and {self.keys_scanned} keys: "
+            f"checked {self.rows} rows ({', '.join(self.tables)})"
+            f" and {self.keys_scanned} keys: "
             f"{counts['missing']} missing, {counts['extra']} extra, {counts['different']} different"
         )
         if self.repaired:
@@ -143,10 +149,16 @@ def compare(
 
 class Verifier:
     def __init__(
-        self, settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
+        self,
+        settings: Settings,
+        tables: tuple[TrackedTable, ...] = TRACKED_TABLES,
+        state_key: str = STATE_KEY,
     ) -> None:
+        """``tables``/``state_key``: the daemon's (:func:`verify` finds them from the
+        publication, as the daemon does), so each daemon's cache is checked on its own."""
         self.settings = settings
         self.tables = tables
+        self.state_key = state_key
         url = cluster_url(settings.redis, settings.redis_timeout)
         self.redis = redis_client(url, socket_timeout=max(settings.redis_timeout, 10))
         # On a Redis Cluster the scans go over every primary; reads of several keys are
@@ -157,8 +169,8 @@ class Verifier:
         self.redis.close()
 
     def run(self, repair: bool = False) -> Report:
-        report = Report()
-        state = self.redis.hgetall(STATE_KEY)
+        report = Report(tables=[t.name for t in self.tables])
+        state = self.redis.hgetall(self.state_key)
         report.rebuilding = bool(state.get(b"rebuild")) or state.get(b"loading") == b"1"
         conn = catalog.connect(self.settings.catalog_conninfo, "PostgreSQL (verify)")
         try:
@@ -255,7 +267,7 @@ class Verifier:
         target = catalog.current_wal_lsn(conn)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            raw = self.redis.hget(STATE_KEY, "lsn")
+            raw = self.redis.hget(self.state_key, "lsn")
             if raw and parse_lsn(raw) >= target:
                 return
             time.sleep(0.05)
@@ -517,7 +529,7 @@ class Verifier:
 
     def _version(self, seen: str) -> bytes:
         """``_v`` for a repaired hash: never below its old one or the checkpoint."""
-        raw = self.redis.hget(STATE_KEY, "lsn")
+        raw = self.redis.hget(self.state_key, "lsn")
         checkpoint = parse_lsn(raw) if raw else 0
         old = seen[2:] if seen.startswith("h:") and len(seen) > 2 else ""
         if old:
@@ -598,7 +610,10 @@ def _dedupe(
 
 
 def verify(settings: Settings, repair: bool = False) -> Report:
-    verifier = Verifier(settings, settings.tables())
+    declared = settings.tables()
+    mirrored = publication_mirror(settings, declared)
+    key = state_key(settings.slot, len(mirrored) == len(declared))
+    verifier = Verifier(settings, mirrored, key)
     try:
         return verifier.run(repair)
     finally:

@@ -36,8 +36,10 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING
 
+import psycopg
+
 from cdc.cache.checkpoint import CacheState, check_format
-from cdc.cache.sink import RedisSink
+from cdc.cache.sink import TABLES_FIELD, RedisSink
 from cdc.cache.views import state_fields
 from cdc.errors import (
     CdcError,
@@ -67,6 +69,7 @@ from cdc.telemetry.metrics import Metrics
 from cdc.transform.cluster_script import SlotLedger
 from cdc.transform.core import Position
 from cdc.transform.plan import Planner
+from schema import keys
 from schema.keys import TRACKED_TABLES, TrackedTable
 from schema.lsn import Lsn, format_lsn
 from schema.redis_url import as_cluster_url, redis_client
@@ -115,7 +118,11 @@ class Daemon:
         self, settings: Settings, tables: tuple[TrackedTable, ...] = TRACKED_TABLES
     ) -> None:
         self.settings = settings
+        # The declared tables; after the startup checks, the ones the publication holds
+        # (several daemons may split them: README "Several daemons, one Redis").
         self.tables = tables
+        self.declared = tables
+        self.state_key = keys.state_key(settings.slot)
         self.metrics = Metrics(tuple(t.name for t in tables))
         self.readiness = Readiness()
         self.stop = threading.Event()
@@ -169,14 +176,33 @@ class Daemon:
         backoff = Backoff(0.5, self.settings.retry_max)
         while not self.stop.is_set():
             try:
-                checks.check_postgres(self.settings, self.tables)
-                if checks.check_redis(self.settings, self.tables):
+                self._mirror(checks.check_postgres(self.settings, self.declared))
+                if checks.check_redis(self.settings, self.tables, self.state_key):
                     self.redis_url = as_cluster_url(self.settings.redis)
+                self._log_mirror()
                 return
             except Retryable as exc:
                 delay = backoff.next()
                 self.log.warning("waiting for a peer", reason=str(exc), retry_in=round(delay, 2))
                 self.stop.wait(delay)
+
+    def _mirror(self, mirrored: tuple[TrackedTable, ...]) -> None:
+        """Mirror the declared tables the publication holds, under the state key that
+        goes with them (:func:`schema.keys.state_key`)."""
+        self.tables = mirrored
+        self.state_key = keys.state_key(self.settings.slot, len(mirrored) == len(self.declared))
+
+    def _log_mirror(self) -> None:
+        """Say which tables this daemon mirrors (once every check passed: a refusal at
+        start stays one line)."""
+        others = [t.name for t in self.declared if t not in self.tables]
+        self.log.info(
+            "mirroring",
+            tables=",".join(t.name for t in self.tables),
+            state=self.state_key,
+            publication=self.settings.publication,
+            **({"not_mirrored": ",".join(others)} if others else {}),
+        )
 
     def _sessions(self) -> int:
         backoff = Backoff(0.2, self.settings.retry_max)
@@ -227,11 +253,34 @@ class Daemon:
                 self.log.info("standby: waiting for the slot", reason=str(exc))
                 self._standby_logged = True
             self.readiness.set(False, f"standby: {exc}")
-            self.stop.wait(1.0)
+            self._wait_slot_free()
             return
         if now - self._busy_since >= self.settings.slot_busy_timeout:
             raise ConfigError(str(exc))
         self.stop.wait(0.5)
+
+    def _wait_slot_free(self, poll: float = 0.1, longest: float = 30.0) -> None:
+        """A hot standby waits for the slot on one catalog session, asking every ``poll``
+        seconds whether it is still held (a cheap query), rather than opening a whole
+        session (PostgreSQL, replication, Redis) each time: the active daemon's death is
+        seen within ``poll`` (a kill -9 closes its walsender's socket at once). After
+        ``longest``, or on any error, a session tries again (and re-reads everything)."""
+        deadline = time.monotonic() + longest
+        try:
+            conn = catalog.connect(self.settings.catalog_conninfo, "PostgreSQL")
+        except CdcError:
+            self.stop.wait(1.0)
+            return
+        try:
+            while not self.stop.is_set() and time.monotonic() < deadline:
+                info = catalog.slot_info(conn, self.settings.slot)
+                if info is None or not info.active:
+                    return
+                self.stop.wait(poll)
+        except psycopg.Error:
+            return
+        finally:
+            conn.close()
 
     # -- one session ---------------------------------------------------------------------------
 
@@ -241,7 +290,12 @@ class Daemon:
         from cdc.cache.cluster_sink import make_sink  # redis-py: only for a cluster
 
         sink = make_sink(
-            self.redis_url, settings.redis_timeout, settings.redis_min_replicas, self.ledger
+            self.redis_url,
+            settings.redis_timeout,
+            settings.redis_min_replicas,
+            self.ledger,
+            state_key=self.state_key,
+            mirrors=tuple(t.name for t in self.tables),
         )
         pg: catalog.Conn | None = None
         try:
@@ -251,6 +305,7 @@ class Daemon:
             sink.connect()
             self.metrics.connected.labels(target="redis").set(1)
             position, rebuilding = self._prepare(pg, source, sink, system)
+            self._retire_former(sink)
             self._busy_since = None
             self._standby_logged = False
             decode, on_schema_change = self._decoder(pg)
@@ -311,6 +366,7 @@ class Daemon:
         failover.require_primary(pg)
         state = sink.read_state()
         check_format(state)
+        self._check_overlap(sink, pg)
         slot = catalog.slot_info(pg, name)
         if slot is not None and slot.active:
             raise SlotInUse(name, slot.active_pid)
@@ -392,14 +448,65 @@ class Daemon:
         )
         sink.lost = []
 
-    @staticmethod
+    def _check_overlap(self, sink: AnySink, pg: catalog.Conn) -> None:
+        """Refuse (exit 2) to mirror a table another daemon's state says it mirrors: two
+        daemons must never write the same keys (their publications must not overlap).
+        A state whose slot no longer exists is no daemon's any more: not a conflict."""
+        mine = {t.name for t in self.tables}
+        for table, other in sink.registry().items():
+            if table not in mine or other == self.state_key:
+                continue
+            state = sink.read_state(other)
+            held = set(state.extra.get(TABLES_FIELD, "").split(","))
+            slot = state.extra.get("slot", "")
+            if slot == self.settings.slot:
+                continue  # this slot's own state under its former key (_retire_former)
+            if state.fence is None or table not in held:
+                continue
+            if slot and catalog.slot_info(pg, slot) is None:
+                self.log.warning(
+                    "a former daemon's state names a table this one mirrors; its slot is"
+                    " gone, so it is ignored",
+                    state=other,
+                    table=table,
+                    slot=slot,
+                )
+                continue
+            raise ConfigError(
+                f"table {table} is mirrored by the daemon of {other} (slot {slot or '?'}):"
+                f" publications of daemons sharing a Redis must not overlap; remove {table}"
+                " from one of them"
+            )
+
+    def _retire_former(self, sink: AnySink) -> None:
+        """Once the slot is ours: drop a state this slot kept under another key (its
+        publication changed, so did its key, :func:`schema.keys.state_key`). No daemon
+        can write under it any more (a paused one finds it gone and stops), and no
+        other daemon is refused the tables it names."""
+        for other in set(sink.registry().values()) - {self.state_key}:
+            if sink.read_state(other).extra.get("slot") == self.settings.slot:
+                self.log.info("dropping this slot's former state", state=other)
+                sink.drop_state(other)
+
+    def _new_tables_reason(self, state: CacheState) -> str | None:
+        """The cache does not hold a table this daemon now mirrors (its publication grew)."""
+        recorded = state.extra.get(TABLES_FIELD)
+        if not recorded:
+            return None  # written before states recorded their tables
+        new = [t.name for t in self.tables if t.name not in recorded.split(",")]
+        if new:
+            return f"the daemon now mirrors {', '.join(new)}, which the cache does not hold"
+        return None
+
     def _rebuild_reason(
-        state: CacheState, confirmed: Lsn, source_id: str, system: SystemInfo, history: str
+        self, state: CacheState, confirmed: Lsn, source_id: str, system: SystemInfo, history: str
     ) -> tuple[str | None, str]:
         """Why the cache must be rebuilt (None: resume), and the reason's metric label."""
         reason = rebuild_reason(state, confirmed, source_id)
         if reason is not None:
             return reason, "cache_lost"
+        if reason := self._new_tables_reason(state):
+            return reason, "tables_added"
         return (
             failover.timeline_reason(state, system.system_id, system.timeline, history),
             "promotion",

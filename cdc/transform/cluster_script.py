@@ -80,12 +80,22 @@ def slot_tag(slot: int) -> str:
     return slot_tags()[slot]
 
 
-def fence_key(slot: int) -> str:
-    return FENCE_PREFIX + "{" + slot_tag(slot) + "}"
+def fence_key(slot: int, prefix: str = FENCE_PREFIX) -> str:
+    """``prefix`` is per daemon (:func:`key_prefixes`): several daemons share a cluster."""
+    return prefix + "{" + slot_tag(slot) + "}"
 
 
-def outbox_key(slot: int) -> str:
-    return OUTBOX_PREFIX + "{" + slot_tag(slot) + "}"
+def outbox_key(slot: int, prefix: str = OUTBOX_PREFIX) -> str:
+    return prefix + "{" + slot_tag(slot) + "}"
+
+
+def key_prefixes(state_key: str) -> tuple[str, str]:
+    """(fence prefix, outbox prefix) of the daemon whose state is ``state_key``:
+    ``cdc:fence:`` for ``cdc:state``, ``cdc:fence:<slot>:`` for ``cdc:state:<slot>``
+    (each daemon fences only its own slots' keys; the tag always follows a ``{``, so one
+    daemon's outbox scan, ``<prefix>{*``, never matches another's)."""
+    suffix = state_key.split(":", 2)[2] + ":" if state_key.count(":") >= 2 else ""
+    return FENCE_PREFIX + suffix, OUTBOX_PREFIX + suffix
 
 
 def version(lsn: int, seq: int) -> bytes:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from schema.keys import APPLIED_CHANNEL
+
 LUA_EPOCH: Final = b"""
 -- The score of a sorted-set view: what extract(epoch from <timestamptz>) gives for the
 -- text PostgreSQL prints (TimeZone=UTC), as a string ZADD parses exactly.
@@ -79,7 +81,8 @@ end
 BATCH_SCRIPT: Final = (
     b"""#!lua
 -- One batch, applied atomically with the checkpoint (see cdc.cache.sink for ARGV's head).
-local STATE = 'cdc:state'
+-- KEYS[1]: this daemon's state hash (cdc:state, or cdc:state:<slot>: schema.keys).
+local STATE = KEYS[1]
 """
     + LUA_EPOCH
     + LUA_VIEW_WRITE
@@ -322,16 +325,17 @@ local published = 1
 if #failed == 0 then
   if nstate > 0 then redis.call('HSET', STATE, unpack(ARGV, 6, 5 + 2 * nstate)) end
   -- Readers wake on it; without the right to publish they poll the checkpoint instead.
-  if ARGV[4] ~= '' and failure(redis.pcall('PUBLISH', 'cdc:applied', ARGV[4])) then
+  if ARGV[4] ~= '' and failure(redis.pcall('PUBLISH', '@CHANNEL@', ARGV[4])) then
     published = 0
   end
 end
 return {'ok', incomplete, failed, repaired, published}
 """
-)
+).replace(b"@CHANNEL@", APPLIED_CHANNEL.encode())
 """The script every batch runs in (``EVAL``): fenced, positioned, checkpoint last.
 
-``ARGV`` starts with a head the sink writes (fence token, the ``lsn`` and ``partial``
+``KEYS[1]`` is the daemon's state hash (:func:`schema.keys.state_key`). ``ARGV`` starts
+with a head the sink writes (fence token, the ``lsn`` and ``partial``
 the batch expects to follow, the position to publish, the state fields to set) and
 goes on with the planner's operations, each ``<code> <n> <n arguments>``:
 
