@@ -12,6 +12,10 @@ verify, snapshot sweeps) and the writer's ``CacheReader`` agree on every form
     the master of a Sentinel-managed group: the user and password are the master's,
     ``?sentinel_password=`` (and ``?sentinel_username=``) authenticate to the Sentinels;
     ``rediss+sentinel://`` speaks TLS to the Sentinels and the master alike.
+``redis+cluster://[user:password@]host:port[,host:port…]``
+    a Redis Cluster: any of the nodes named lets the client discover the topology
+    (``rediss+cluster://`` for TLS). A plain ``redis://`` URL of a node whose ``INFO
+    cluster`` says ``cluster_enabled:1`` means the same (:func:`cluster_url`).
 
 Nothing here opens a connection except :func:`redis_client`; :meth:`RedisTarget.describe`
 is the only text of a URL that may be logged (no password, no query).
@@ -24,15 +28,17 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 if TYPE_CHECKING:
     import redis
     import redis.asyncio
+    from redis.cluster import RedisCluster
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 DIRECT_SCHEMES = {"redis": False, "rediss": True}
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 _CERT_REQS = {
     "none": ssl.CERT_NONE,
     "cert_none": ssl.CERT_NONE,
@@ -180,6 +186,8 @@ class RedisTarget:
     sentinel_password: str | None = field(default=None, repr=False)
     # Other redis-py connection arguments from the query (socket_timeout, ...).
     options: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Cluster mode: ``hosts`` are startup nodes (the topology is discovered from them).
+    cluster: bool = False
 
     @property
     def sentinel(self) -> bool:
@@ -205,9 +213,11 @@ class RedisTarget:
             return cls._direct(url, DIRECT_SCHEMES[scheme])
         if scheme in SENTINEL_SCHEMES:
             return cls._sentinel(url, SENTINEL_SCHEMES[scheme])
+        if scheme in CLUSTER_SCHEMES:
+            return cls._cluster(url, CLUSTER_SCHEMES[scheme])
         raise ValueError(
-            f"unknown scheme {scheme}:// (expected redis://, rediss://, redis+sentinel://"
-            " or rediss+sentinel://)"
+            f"unknown scheme {scheme}:// (expected redis://, rediss://, redis+sentinel://,"
+            " rediss+sentinel://, redis+cluster:// or rediss+cluster://)"
         )
 
     @classmethod
@@ -281,10 +291,47 @@ class RedisTarget:
             options=options,
         )
 
+    @classmethod
+    def _cluster(cls, url: str, tls: bool) -> RedisTarget:
+        parts = urlsplit(url)
+        userinfo, at, hostlist = parts.netloc.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, secret = userinfo.partition(":")
+            username = unquote(user) or None
+            password = unquote(secret) if colon else None
+        hosts: list[tuple[str, int]] = []
+        for item in hostlist.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon:
+                host, port = item.strip(), "6379"
+            host = host.strip("[]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("each cluster node must be host:port")
+            hosts.append((host, int(port)))
+        path = [unquote(p) for p in parts.path.split("/") if p]
+        if path and path != ["0"]:
+            raise ValueError("a Redis Cluster has only database 0")
+        options = _query_options(parts.query)
+        tls_options = TlsOptions.from_options(options) if tls else None
+        for name in _TLS_KEYS:
+            options.pop(name, None)
+        options.pop("db", None)
+        return cls(
+            hosts=tuple(hosts),
+            username=username,
+            password=password,
+            tls=tls_options,
+            options=options,
+            cluster=True,
+        )
+
     def describe(self) -> str:
         """Where, without credentials or query (safe to log)."""
         hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
         user = f"{self.username}@" if self.username else ""
+        if self.cluster:
+            return f"{'rediss' if self.tls else 'redis'}+cluster://{user}{hosts}"
         if self.sentinel:
             scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
             return f"{scheme}://{user}{hosts}/{self.master}/{self.db}"
@@ -318,16 +365,79 @@ class RedisTarget:
         return kwargs
 
 
+def cluster_client(url: str, **kwargs: Any) -> RedisCluster:
+    """A redis-py ``RedisCluster`` for a ``redis+cluster://`` URL: it discovers the
+    topology from the nodes named, routes each command to its slot's primary and follows
+    ``MOVED``/``ASK`` redirections (resharding, failover)."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    target = RedisTarget.parse(url)
+    if not target.cluster:
+        raise ValueError("not a redis+cluster:// URL")
+    node_kwargs = {**target.node_kwargs(), **kwargs}
+    node_kwargs.pop("db", None)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],  # type: ignore[no-untyped-call]
+        **node_kwargs,
+    )
+
+
+def cluster_url(url: str, timeout: float = 2.0) -> str:
+    """``url`` itself, or, for a ``redis://`` URL of a node with ``cluster_enabled:1``,
+    the ``redis+cluster://`` URL of that node (so every part of the daemon sees one form).
+    A node that cannot be asked leaves the URL as it is (the checks report why)."""
+    import redis
+
+    target = RedisTarget.parse(url)
+    if target.cluster or target.sentinel:
+        return url
+    try:
+        client = redis.Redis(
+            host=target.host,
+            port=target.port,
+            **{
+                **target.node_kwargs(),
+                "socket_timeout": timeout,
+                "socket_connect_timeout": timeout,
+            },
+        )
+        try:
+            enabled = int(client.info("cluster").get("cluster_enabled", 0))
+        finally:
+            client.close()
+    except redis.RedisError:
+        return url
+    return as_cluster_url(url) if enabled else url
+
+
+def as_cluster_url(url: str) -> str:
+    """The ``redis+cluster://`` form of a ``redis://`` URL naming one cluster node (a
+    cluster URL stays as it is)."""
+    if RedisTarget.parse(url).cluster:
+        return url
+    scheme, _, rest = url.partition("://")
+    netloc, _, tail = rest.partition("/")
+    query = tail.partition("?")[2]
+    return f"{scheme}+cluster://{netloc}" + (f"/?{query}" if query else "")
+
+
 def redis_client(url: str, **kwargs: Any) -> redis.Redis:
     """A redis-py client for any ``REDIS_URL`` form (keyword arguments win over the URL).
 
     With Sentinel, the client asks the Sentinels for the master on every new connection
     and treats a ``READONLY`` reply as a lost master (redis-py's ``SentinelConnectionPool``),
-    so it follows a failover by itself."""
+    so it follows a failover by itself.
+
+    For a cluster URL this is a ``RedisCluster``, typed as the ``Redis`` the callers use:
+    what they call of it (``scan_iter`` over every primary, ``unlink``/``delete`` split
+    by slot, single-key commands) behaves alike; scripts over several keys must be sent
+    per slot instead (:mod:`cdc.cache.cluster_sink`)."""
     import redis
     from redis.sentinel import Sentinel
 
     target = RedisTarget.parse(url)
+    if target.cluster:
+        return cast("redis.Redis", cluster_client(url, **kwargs))
     if not target.sentinel:
         return redis.Redis(host=target.host, port=target.port, **{**target.node_kwargs(), **kwargs})
     timeout = kwargs.get("socket_connect_timeout", kwargs.get("socket_timeout"))
@@ -340,9 +450,19 @@ def redis_client(url: str, **kwargs: Any) -> redis.Redis:
 def async_redis_client(url: str, **kwargs: Any) -> redis.asyncio.Redis:
     """:func:`redis_client` for asyncio (``AsyncCacheReader``): the same forms and options."""
     import redis.asyncio
+    from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+    from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
     from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
     target = RedisTarget.parse(url)
+    if target.cluster:
+        node_kwargs = {**target.node_kwargs(), **kwargs}
+        node_kwargs.pop("db", None)
+        node_kwargs.pop("max_connections", None)
+        cluster = AsyncRedisCluster(
+            startup_nodes=[AsyncClusterNode(h, p) for h, p in target.hosts], **node_kwargs
+        )
+        return cast("redis.asyncio.Redis", cluster)
     if not target.sentinel:
         return redis.asyncio.Redis(
             host=target.host, port=target.port, **{**target.node_kwargs(), **kwargs}

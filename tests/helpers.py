@@ -29,6 +29,7 @@ import redis
 from devstack.servers import free_port
 from schema.keys import STATE_KEY, TRACKED_TABLES, match_prefix
 from schema.lsn import parse_lsn
+from schema.redis_url import redis_client
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE_ID = "__fence__"
@@ -191,7 +192,7 @@ def fence(database_url: str, redis_url: str, timeout: float = 30.0) -> None:
             " ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title",
             (FENCE_ID, marker),
         )
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         wait_for(
             lambda: client.hget("ticket:{" + FENCE_ID + "}", "title") == marker.encode(),
@@ -249,7 +250,9 @@ def assert_converged(database_url: str, redis_url: str, fence_first: bool = True
     """I1: every tracked row equals its key (contract section 6) and no extra key exists."""
     if fence_first:
         fence(database_url, redis_url)
-    client = redis.Redis.from_url(redis_url)
+    # A redis+cluster:// URL: a RedisCluster, whose scans go over every primary.
+    client = redis_client(redis_url)
+    cluster = redis_url.startswith(("redis+cluster", "rediss+cluster"))
     counts: dict[str, int] = {}
     problems: list[str] = []
     try:
@@ -299,7 +302,12 @@ def assert_converged(database_url: str, redis_url: str, fence_first: bool = True
                 for lookup in table.lookups:
                     wanted = lookups[lookup.prefix]
                     for found in scan(client, lookup.key_prefix):
-                        for raw, value in zip(found, client.mget(found), strict=True):
+                        got: list[Any] = (
+                            client.mget_nonatomic(found)  # type: ignore[attr-defined]
+                            if cluster
+                            else client.mget(found)
+                        )
+                        for raw, value in zip(found, got, strict=True):
                             name = raw.decode()
                             owner = wanted.pop(name, None)
                             if owner is None:
@@ -361,7 +369,7 @@ def view_problems(conn: psycopg.Connection[Any], client: redis.Redis) -> list[st
 
 
 def redis_state(redis_url: str) -> dict[str, str]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redis_client(redis_url, decode_responses=True)
     try:
         return client.hgetall(STATE_KEY)  # type: ignore[return-value]
     finally:

@@ -18,6 +18,7 @@ import time
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 
 from schema import keys
 from schema.keys import APPLIED_CHANNEL, parse_applied
@@ -208,6 +209,10 @@ class AsyncFeed:
         while True:
             pubsub = self._client.pubsub()
             try:
+                client: object = self._client
+                if isinstance(client, AsyncRedisCluster):
+                    # Its pub/sub picks a node from the slot map: learn the map first.
+                    await client.initialize()
                 await pubsub.subscribe(APPLIED_CHANNEL)
                 async for message in pubsub.listen():
                     if message["type"] == "subscribe":
@@ -217,7 +222,7 @@ class AsyncFeed:
                         self._settled.set()
                     elif message["type"] == "message":
                         self.advance(_position_of(message["data"], self.state))
-            except (redis.RedisError, OSError, ValueError):
+            except (redis.RedisError, OSError, ValueError, KeyError):
                 self._subscribed.clear()
                 self.failing = True
                 self._settled.set()

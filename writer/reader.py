@@ -41,11 +41,14 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from schema import keys
 from schema.keys import TABLES_FIELD
 from schema.models import Agent, Ticket
-from schema.redis_url import async_redis_client, redis_client
+from schema.redis_url import async_redis_client, cluster_url, redis_client
 from writer.db import AsyncDatabase, Database
 from writer.errors import Unavailable
 from writer.feed import AsyncFeed, Feed
@@ -85,6 +88,9 @@ class CacheReader:
         # table -> the state of the daemon that mirrors it, as the registry says.
         self._states: dict[str, str] = {}
         self._owns_pool = False
+        # On a Redis Cluster no MULTI spans slots: a view and the state are read apart
+        # (the members are checked against their rows anyway, contract 7.8).
+        self._cluster = isinstance(client, RedisCluster)
 
     @classmethod
     def connect(
@@ -99,8 +105,9 @@ class CacheReader:
         certificates, ``redis+sentinel://``): one parser for both, in :mod:`schema`.
         ``socket_timeout`` bounds connecting and every reply: a Redis that does not answer
         times out (and the read falls back to PostgreSQL) instead of hanging the caller."""
+        # A redis:// URL of a Redis Cluster node means the cluster (as for the daemon).
         client = redis_client(
-            redis_url,
+            cluster_url(redis_url, socket_timeout),
             decode_responses=True,
             max_connections=max_connections,
             socket_timeout=socket_timeout,
@@ -114,7 +121,7 @@ class CacheReader:
         for feed in list(self._feeds.values()):
             feed.close()
         self._redis.close()
-        if self._owns_pool:
+        if self._owns_pool and not self._cluster:
             self._redis.connection_pool.disconnect()
 
     def __enter__(self) -> CacheReader:
@@ -275,12 +282,12 @@ class CacheReader:
                 except (redis.RedisError, OSError):
                     answer = keys.STATE_KEY  # the next step fails the same way
             elif isinstance(step, Redis):
-                pipe = self._redis.pipeline(transaction=step.atomic)
+                pipe = self._redis.pipeline(transaction=step.atomic and not self._cluster)
                 for command in step.commands:
                     pipe.execute_command(*command)  # type: ignore[no-untyped-call]
                 try:
                     answer = pipe.execute()
-                except (redis.RedisError, OSError):
+                except (redis.RedisError, OSError, RedisClusterException):
                     answer = None
             else:
                 if self._db is None:
@@ -297,6 +304,7 @@ class AsyncCacheReader:
         self._feeds: dict[str, AsyncFeed] = {}
         self._states: dict[str, str] = {}
         self._owns_pool = False
+        self._cluster = isinstance(client, AsyncRedisCluster)
 
     @classmethod
     def connect(
@@ -310,7 +318,7 @@ class AsyncCacheReader:
         """:meth:`CacheReader.connect` for asyncio: the same URL forms (one parser), the
         same bounded socket waits."""
         client = async_redis_client(
-            redis_url,
+            cluster_url(redis_url, socket_timeout),
             decode_responses=True,
             max_connections=max_connections,
             socket_timeout=socket_timeout,
@@ -323,7 +331,10 @@ class AsyncCacheReader:
     async def close(self) -> None:
         for feed in list(self._feeds.values()):
             await feed.close()
-        await self._redis.aclose(close_connection_pool=self._owns_pool)
+        if self._cluster:
+            await self._redis.aclose()
+        else:
+            await self._redis.aclose(close_connection_pool=self._owns_pool)
 
     async def __aenter__(self) -> AsyncCacheReader:
         return self
@@ -457,12 +468,12 @@ class AsyncCacheReader:
                 except (redis.RedisError, OSError):
                     answer = keys.STATE_KEY
             elif isinstance(step, Redis):
-                pipe = self._redis.pipeline(transaction=step.atomic)
+                pipe = self._redis.pipeline(transaction=step.atomic and not self._cluster)
                 for command in step.commands:
                     pipe.execute_command(*command)
                 try:
                     answer = await pipe.execute()
-                except (redis.RedisError, OSError):
+                except (redis.RedisError, OSError, RedisClusterException):
                     answer = None
             else:
                 if self._db is None:

@@ -11,6 +11,7 @@ the hash's value (with the score of its ``updated_at``) and to no other.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from cdc.transform.script import LUA_EPOCH, LUA_VIEW_WRITE
@@ -18,6 +19,7 @@ from schema.keys import VIEWS_STATE_FIELD, TrackedTable, View, match_prefix
 
 if TYPE_CHECKING:
     import redis  # for annotations: redis-py is imported only where a client is made
+    from redis.cluster import RedisCluster
 
 _RECONCILE = (
     LUA_EPOCH
@@ -83,6 +85,11 @@ def reconcile(
 ) -> int:
     """Make each (value, id) member agree with the row's cached hash; returns how many
     memberships or scores changed."""
+    from redis.cluster import RedisCluster
+
+    target: object = client
+    if isinstance(target, RedisCluster):
+        return _reconcile_cluster(target, table, view, pairs)
     script = client.register_script(_RECONCILE)
     head = [
         "z" if view.sorted else "s",
@@ -104,6 +111,52 @@ def reconcile(
     if chunk:
         fixed += int(script(args=[*head, *chunk]))
     return fixed
+
+
+def _reconcile_cluster(
+    client: RedisCluster, table: TrackedTable, view: View, pairs: Iterable[tuple[str, str]]
+) -> int:
+    """:func:`reconcile` on a Redis Cluster, where a view key and its members' rows are in
+    different slots so no script sees both: member by member, reading the row then writing
+    the view (not atomic: a change the daemon applies in between is corrected by its own
+    view delta, which it applies after the row)."""
+    fixed = 0
+    for value, row_id in pairs:
+        key = view.key(value)
+        if not row_id:
+            fixed += int(client.unlink(key))
+            continue
+        score_column = view.score or view.column
+        column, score = (
+            v.decode() if isinstance(v, bytes) else v
+            for v in client.hmget(table.key(row_id), [view.column, score_column])
+        )
+        if column is not None and column == value:
+            if view.sorted:
+                want = epoch_seconds(score)
+                have = client.zscore(key, row_id)
+                if have is None or float(have) != want:
+                    client.zadd(key, {row_id: want})
+                    fixed += 1
+            else:
+                fixed += int(client.sadd(key, row_id))
+        elif view.sorted:
+            fixed += int(client.zrem(key, row_id))
+        else:
+            fixed += int(client.srem(key, row_id))
+    return fixed
+
+
+def epoch_seconds(text: str | None) -> float:
+    """What the scripts' ``epoch()`` gives for PostgreSQL's timestamptz text (UTC)."""
+    if not text:
+        return 0.0
+    if text in ("infinity", "-infinity"):
+        return float("inf") if text == "infinity" else float("-inf")
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def clear_views(client: redis.Redis, tables: Iterable[TrackedTable]) -> int:

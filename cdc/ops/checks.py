@@ -13,7 +13,7 @@ from cdc.postgres import catalog
 from cdc.settings import Settings
 from cdc.telemetry import logs
 from schema.keys import REGISTRY_KEY, STATE_KEY, TRACKED_TABLES, TrackedTable
-from schema.redis_url import RedisTarget, probe_tls, tls_problem
+from schema.redis_url import RedisTarget, as_cluster_url, probe_tls, tls_problem
 
 log = logs.get("cdc.ops.checks")
 
@@ -254,22 +254,63 @@ def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> tuple[
         conn.close()
 
 
+def check_cluster(settings: Settings) -> None:
+    """Cluster mode (README "Redis Cluster"): every primary must not evict, and what the
+    cluster mode cannot keep is refused (one line, exit 2)."""
+    import redis  # only in cluster mode: redis-py costs 65-110 ms of every start
+
+    from schema.redis_url import cluster_client
+
+    if settings.redis_min_replicas:
+        raise ConfigError("CDC_REDIS_MIN_REPLICAS is not supported on a Redis Cluster: unset it")
+    url = as_cluster_url(settings.redis)
+    try:
+        client = cluster_client(
+            url,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+        )
+        try:
+            for node in client.get_primaries():  # type: ignore[no-untyped-call]
+                info = client.info("memory", target_nodes=node)
+                policy = str(info.get("maxmemory_policy", "noeviction"))
+                if policy not in SAFE_EVICTION:
+                    raise ConfigError(
+                        f"Redis maxmemory-policy is {policy} on cluster node"
+                        f" {node.host}:{node.port}: set it to noeviction so cached rows are"
+                        " never evicted"
+                    )
+        finally:
+            client.close()
+    except redis.AuthenticationError:
+        raise ConfigError("Redis refused the credentials in REDIS_URL") from None
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        name = type(exc).__name__
+        raise RedisUnavailable(f"cannot reach the Redis Cluster: {name}") from None
+
+
 def check_redis(
     settings: Settings,
     tables: tuple[TrackedTable, ...] = TRACKED_TABLES,
     state: str = STATE_KEY,
-) -> None:
-    """Redis answers, accepts the URL's credentials, does not evict and is one node.
+) -> bool:
+    """Redis answers, accepts the URL's credentials and does not evict; True when it is a
+    Redis Cluster (a ``redis+cluster://`` URL, or a node with ``cluster_enabled:1``).
 
     Spoken over the daemon's own wire (:mod:`cdc.cache.wire`), not redis-py: importing
     redis-py costs 65-110 ms, a quarter of a restart, and nothing on the streaming path
     needs it (``make bench``, restart to ready)."""
     target = RedisTarget.parse(settings.redis)
+    if target.cluster:
+        check_cluster(settings)
+        return True
     wire = RedisWire(target, settings.redis_timeout)
     try:
         wire.connect()
         wire.call(b"PING")
-        _check_info(wire)
+        if _check_info(wire):
+            check_cluster(settings)
+            return True
         _check_permissions(wire, settings, tables, state)
     except WireReplyError as exc:
         if problem := auth_problem(exc):
@@ -289,13 +330,15 @@ def check_redis(
         raise RedisUnavailable(str(exc)) from None
     finally:
         wire.close()
+    return False
 
 
 _REFUSED_MARK = "credentials refused"
 
 
-def _check_info(wire: RedisWire) -> None:
-    """The eviction policy and cluster mode, when the user may run INFO."""
+def _check_info(wire: RedisWire) -> bool:
+    """The eviction policy, when the user may run INFO; True when the node is one of a
+    Redis Cluster."""
     try:
         memory = _info(wire.call(b"INFO", b"memory"))
         cluster = _info(wire.call(b"INFO", b"cluster"))
@@ -308,17 +351,14 @@ def _check_info(wire: RedisWire) -> None:
             "the Redis user may not run INFO: maxmemory-policy (must not evict) and"
             " cluster mode are not checked"
         )
-        return
+        return False
     policy = memory.get("maxmemory_policy", "noeviction")
     if policy not in SAFE_EVICTION:
         raise ConfigError(
             f"Redis maxmemory-policy is {policy}: set it to noeviction"
             " so cached rows are never evicted"
         )
-    if cluster.get("cluster_enabled", "0") != "0":
-        raise ConfigError(
-            "REDIS_URL points at a Redis Cluster node: point it at a single Redis node"
-        )
+    return cluster.get("cluster_enabled", "0") != "0"
 
 
 def _info(reply: bytes) -> dict[str, str]:

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cdc.cache.sink import RedisSink
+from cdc.cache.cluster_sink import make_sink
 from cdc.errors import ConfigError, SlotInUse
 from cdc.postgres import catalog
 from cdc.postgres.source import ReplicationSource
@@ -25,6 +25,7 @@ from cdc.telemetry import logs
 from cdc.transform.plan import Planner
 from schema.keys import STATE_KEY, TRACKED_TABLES, TrackedTable
 from schema.lsn import format_lsn
+from schema.redis_url import cluster_url
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,9 @@ def reset(
     log = logs.get("cdc.ops.slot")
     conn = catalog.connect(settings.catalog_conninfo)
     source = ReplicationSource(settings.replication_conninfo)
-    sink = RedisSink(
-        settings.redis,
+    redis_url = cluster_url(settings.redis, settings.redis_timeout)
+    sink = make_sink(
+        redis_url,
         settings.redis_timeout,
         state_key=state_key,
         mirrors=tuple(t.name for t in tables),
@@ -210,7 +212,7 @@ def reset(
             Planner(settings.max_row_bytes, settings.change_feed, settings.change_feed_maxlen),
             tables,
             conninfo=settings.catalog_conninfo,
-            redis_url=settings.redis,
+            redis_url=redis_url,
             redis_timeout=settings.redis_timeout,
             slot=settings.slot,
             plugin=settings.plugin,

@@ -29,7 +29,7 @@ from cdc.errors import ConfigError, PostgresUnavailable
 from cdc.ops.checks import publication_mirror
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
-from cdc.runtime.snapshot import scan_keys
+from cdc.runtime.snapshot import is_cluster, scan_keys
 from cdc.settings import Settings
 from cdc.transform.assemble import REPAIR_PREFIX, TableView, repair_content, view_from_columns
 from schema.keys import (
@@ -42,7 +42,7 @@ from schema.keys import (
     state_key,
 )
 from schema.lsn import lsn_bytes, parse_lsn
-from schema.redis_url import redis_client
+from schema.redis_url import cluster_url, redis_client
 
 CHUNK = 1000
 # How long --repair waits for the running daemon to re-read the rows it was given.
@@ -159,7 +159,11 @@ class Verifier:
         self.settings = settings
         self.tables = tables
         self.state_key = state_key
-        self.redis = redis_client(settings.redis, socket_timeout=max(settings.redis_timeout, 10))
+        url = cluster_url(settings.redis, settings.redis_timeout)
+        self.redis = redis_client(url, socket_timeout=max(settings.redis_timeout, 10))
+        # On a Redis Cluster the scans go over every primary; reads of several keys are
+        # split by slot.
+        self.cluster = is_cluster(self.redis)
 
     def close(self) -> None:
         self.redis.close()
@@ -240,7 +244,11 @@ class Verifier:
             for keys in scan_keys(self.redis, prefix):
                 report.keys_scanned += len(keys)
                 names = [k.decode()[len(prefix) : -1] for k in keys]
-                targets: list[Any] = self.redis.mget(keys)
+                targets: list[Any] = (
+                    self.redis.mget_nonatomic(keys)  # type: ignore[attr-defined]
+                    if self.cluster
+                    else self.redis.mget(keys)
+                )
                 owner_rows = conn.execute(
                     f'SELECT "{lookup.column}"::text, "{table.primary_key}"::text'
                     f' FROM "{table.schema}"."{table.name}"'

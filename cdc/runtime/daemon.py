@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -47,6 +48,7 @@ from cdc.errors import (
     PoisonRecord,
     RedisLost,
     RedisRejected,
+    RedisUnavailable,
     Retryable,
     SlotInUse,
     SlotInvalidated,
@@ -65,12 +67,16 @@ from cdc.settings import Settings
 from cdc.telemetry import logs
 from cdc.telemetry.health import HealthServer, Readiness
 from cdc.telemetry.metrics import Metrics
+from cdc.transform.cluster_script import SlotLedger
 from cdc.transform.core import Position
 from cdc.transform.plan import Planner
 from schema import keys
 from schema.keys import TABLES_FIELD, TRACKED_TABLES, TrackedTable
 from schema.lsn import Lsn, format_lsn
-from schema.redis_url import redis_client
+from schema.redis_url import as_cluster_url, redis_client
+
+if TYPE_CHECKING:
+    from cdc.cache.cluster_sink import AnySink, ClusterSink
 
 
 class Backoff:
@@ -131,6 +137,10 @@ class Daemon:
         self._standby_logged = False
         self._recreate_slot = False
         self._failover_checked = False
+        # REDIS_URL, or the redis+cluster:// form of it when it names a cluster node.
+        self.redis_url = settings.redis
+        # Cluster mode: what each hash slot has seen from this daemon, across sessions.
+        self.ledger = SlotLedger()  # pure (cdc.transform.cluster_script)
         self.metrics.info.info(
             {"slot": settings.slot, "publication": settings.publication, "plugin": settings.plugin}
         )
@@ -168,7 +178,8 @@ class Daemon:
         while not self.stop.is_set():
             try:
                 self._mirror(checks.check_postgres(self.settings, self.declared))
-                checks.check_redis(self.settings, self.tables, self.state_key)
+                if checks.check_redis(self.settings, self.tables, self.state_key):
+                    self.redis_url = as_cluster_url(self.settings.redis)
                 self._log_mirror()
                 return
             except Retryable as exc:
@@ -277,10 +288,13 @@ class Daemon:
     def _session(self) -> None:
         settings = self.settings
         source = ReplicationSource(settings.replication_conninfo, settings.pg_timeout)
-        sink = RedisSink(
-            settings.redis,
+        from cdc.cache.cluster_sink import make_sink  # redis-py: only for a cluster
+
+        sink = make_sink(
+            self.redis_url,
             settings.redis_timeout,
             settings.redis_min_replicas,
+            self.ledger,
             state_key=self.state_key,
             mirrors=tuple(t.name for t in self.tables),
         )
@@ -343,7 +357,7 @@ class Daemon:
         return decoder.decode, refresh
 
     def _prepare(
-        self, pg: catalog.Conn, source: ReplicationSource, sink: RedisSink, system: SystemInfo
+        self, pg: catalog.Conn, source: ReplicationSource, sink: AnySink, system: SystemInfo
     ) -> tuple[Position, bool]:
         """Acquire the slot and decide where to start; returns (position, rebuilding)."""
         settings = self.settings
@@ -411,6 +425,8 @@ class Daemon:
                     self.backfill.request_table(
                         by_name[item["table"]], "rebuild (resumed)", after=item.get("after")
                     )
+        if not isinstance(sink, RedisSink) and sink.lost:
+            self._repair_lost_slots(pg, sink)
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
 
@@ -428,7 +444,29 @@ class Daemon:
             f" overlap (or drop slot {other} if no daemon uses it any more)"
         )
 
-    def _check_overlap(self, sink: RedisSink, pg: catalog.Conn) -> None:
+    def _repair_lost_slots(self, pg: catalog.Conn, sink: ClusterSink) -> None:
+        """A failover lost writes in some hash slots: repair exactly those."""
+        import redis
+
+        from cdc.runtime.shard_repair import repair_slots
+
+        assert sink.client is not None
+        self.log.warning("hash slots lost writes in a Redis Cluster failover", slots=len(sink.lost))
+        self.metrics.rebuilds.labels(reason="slots_lost").inc()
+        try:
+            report = repair_slots(sink.client, pg, self.tables, self.backfill, sink.lost)
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            raise RedisUnavailable(f"repairing lost slots failed: {type(exc).__name__}") from None
+        self.log.warning(
+            "repairing the lost slots",
+            slots=report.slots,
+            rows=report.rows,
+            lookup_or_view_keys_dropped=report.lookups_dropped,
+            view_keys_rebuilt=report.views_rebuilt,
+        )
+        sink.lost = []
+
+    def _check_overlap(self, sink: AnySink, pg: catalog.Conn) -> None:
         """Refuse (exit 2) to mirror a table another daemon's state says it mirrors: two
         daemons must never write the same keys (their publications must not overlap).
         A state whose slot no longer exists is no daemon's any more: not a conflict."""
@@ -458,7 +496,7 @@ class Daemon:
                 " from one of them"
             )
 
-    def _retire_former(self, sink: RedisSink) -> None:
+    def _retire_former(self, sink: AnySink) -> None:
         """Once the slot is ours: drop a state this slot kept under its other key (its
         publication changed, so did its key, :func:`schema.keys.state_key`). No daemon
         can write under it any more (a paused one finds it gone and stops), and no
@@ -502,7 +540,7 @@ class Daemon:
 
     def _rebuild(
         self,
-        sink: RedisSink,
+        sink: AnySink,
         state: CacheState,
         confirmed: Lsn,
         reason: str,
@@ -536,7 +574,7 @@ class Daemon:
         return Position(confirmed), True
 
     def _first_start(
-        self, source: ReplicationSource, sink: RedisSink, source_id: str, identity: dict[str, str]
+        self, source: ReplicationSource, sink: AnySink, source_id: str, identity: dict[str, str]
     ) -> Position:
         settings = self.settings
         self.log.info("first start: creating the slot and loading a snapshot", slot=settings.slot)
@@ -550,7 +588,7 @@ class Daemon:
             self.planner,
             self.tables,
             conninfo=settings.catalog_conninfo,
-            redis_url=settings.redis,
+            redis_url=self.redis_url,
             redis_timeout=settings.redis_timeout,
             slot=settings.slot,
             plugin=settings.plugin,
@@ -577,7 +615,7 @@ class Daemon:
     def _clear_tracked_keys(self) -> None:
         import redis  # only here: redis-py costs 65-110 ms of every start
 
-        client = redis_client(self.settings.redis, socket_timeout=self.settings.redis_timeout)
+        client = redis_client(self.redis_url, socket_timeout=self.settings.redis_timeout)
         try:
             for table in self.tables:
                 for prefix in table.owned_prefixes:

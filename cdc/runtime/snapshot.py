@@ -15,12 +15,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import psycopg
 from psycopg import errors as pgerrors
 
-from cdc.cache.sink import RedisSink
 from cdc.cache.views import clear_views, state_fields
 from cdc.errors import PostgresUnavailable
 from cdc.postgres import catalog
@@ -34,6 +33,9 @@ from schema.redis_url import redis_client
 
 if TYPE_CHECKING:
     import redis  # for annotations: redis-py is imported only where a client is made
+    from redis.cluster import RedisCluster
+
+    from cdc.cache.cluster_sink import AnySink
 
 Progress = Callable[[str, int, float], None]
 
@@ -48,7 +50,7 @@ class LoadReport:
 
 def create_slot_and_load(
     source: ReplicationSource,
-    sink: RedisSink,
+    sink: AnySink,
     planner: Planner,
     tables: tuple[TrackedTable, ...],
     *,
@@ -108,7 +110,7 @@ def load_snapshot(
     snapshot: str | None,
     version: Lsn,
     tables: tuple[TrackedTable, ...],
-    sink: RedisSink,
+    sink: AnySink,
     planner: Planner,
     batch_rows: int,
     progress: Progress | None = None,
@@ -206,6 +208,8 @@ def sweep(client: redis.Redis, tables: tuple[TrackedTable, ...], version: Lsn) -
     removed = 0
     rows_script = client.register_script(_SWEEP_ROWS)
     lookups_script = client.register_script(_SWEEP_LOOKUPS)
+    if is_cluster(client):
+        return _sweep_cluster(cast("RedisCluster", client), tables, stamp)
     for table in tables:
         for keys in scan_keys(client, table.key_prefix):
             removed += int(rows_script(keys=keys, args=[stamp, VERSION_FIELD]))
@@ -215,6 +219,36 @@ def sweep(client: redis.Redis, tables: tuple[TrackedTable, ...], version: Lsn) -
                 args = [prefix, table.key_prefix, lookup.column]
                 removed += int(lookups_script(keys=keys, args=args))
     return removed
+
+
+def _sweep_cluster(client: RedisCluster, tables: tuple[TrackedTable, ...], stamp: bytes) -> int:
+    """:func:`sweep` on a Redis Cluster, where a lookup and its row are in different slots
+    so no script sees both: key by key (the load holds the fence, nothing else writes)."""
+    removed = 0
+    redis_client_ = cast("redis.Redis", client)
+    for table in tables:
+        for keys in scan_keys(redis_client_, table.key_prefix):
+            for key in keys:
+                if client.type(key) != b"hash" or client.hget(key, VERSION_FIELD) != stamp:
+                    removed += int(client.unlink(key))
+        for lookup in table.lookups:
+            prefix = lookup.key_prefix.encode()
+            for keys in scan_keys(redis_client_, lookup.key_prefix):
+                for key in keys:
+                    found = client.get(key) if client.type(key) == b"string" else None
+                    row_id = found if isinstance(found, bytes) else None
+                    value = key[len(prefix) : -1]
+                    row = table.key_prefix.encode() + row_id + b"}" if row_id else None
+                    if row is None or client.hget(row, lookup.column) != value:
+                        removed += int(client.unlink(key))
+    return removed
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` (from :func:`redis_client`) talks to a Redis Cluster."""
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
 
 
 def scan_keys(client: redis.Redis, prefix: str) -> Iterator[list[bytes]]:

@@ -91,6 +91,10 @@ class CommandBatch:
         self.changes = 0
         # (index of the first operation, table name) of each change, for error reports.
         self.tables: list[tuple[int, str]] = []
+        # (index of the first operation, commit LSN text, place in the transaction) of each
+        # change, b"" and 0 for a load or backfill write: the versions cluster mode writes
+        # under (cdc.cache.cluster_sink); the single-node script does not read them.
+        self.marks: list[tuple[int, bytes, int]] = []
 
     def clear(self) -> None:
         self.buf = bytearray()
@@ -101,6 +105,7 @@ class CommandBatch:
         self.oversized = []
         self.changes = 0
         self.tables = []
+        self.marks = []
 
     @property
     def empty(self) -> bool:
@@ -152,6 +157,15 @@ class CommandBatch:
         if kept and rest.commands and (not rest.tables or rest.tables[0][0] > 0):
             rest.tables.insert(0, (0, kept[-1][1]))
         self.tables = kept
+        marks: list[tuple[int, bytes, int]] = []
+        for first, lsn, seq in self.marks:
+            if first < cut.commands:
+                marks.append((first, lsn, seq))
+            else:
+                rest.marks.append((first - cut.commands, lsn, seq))
+        if marks and rest.commands and (not rest.marks or rest.marks[0][0] > 0):
+            rest.marks.insert(0, (0, marks[-1][1], marks[-1][2]))
+        self.marks = marks
         del self.buf[cut.buf_len :]
         del self.patches[cut.patches :]
         del self.oversized[cut.oversized :]
@@ -257,6 +271,7 @@ class Planner:
         tables = out.tables
         if not tables or tables[-1][1] != name:
             tables.append((out.commands, name))
+        out.marks.append((out.commands, version, change.seq))
         spec = self._spec(view)
         feed = spec.feed
         seq = b"%d" % (change.seq - 1)
@@ -352,6 +367,7 @@ class Planner:
         its views without reading what the hash held.
         """
         spec = self._spec(view)
+        out.marks.append((out.commands, b"", 0))
         if views_empty:
             if self._write(view, values, version, out, replace) and spec.nviews:
                 _append_add(out, spec, _pk(view, values), values)
@@ -414,6 +430,7 @@ class Planner:
         self, view: TableView, row_id: bytes, lookups: tuple[bytes | None, ...], out: CommandBatch
     ) -> None:
         spec = self._spec(view)
+        out.marks.append((out.commands, b"", 0))
         key = view.key(row_id)
         if spec.nviews:
             _append_watch(out, spec, row_id, key, False)
@@ -439,6 +456,7 @@ class Planner:
                 patterns.append(match_prefix(v.key_prefix).encode())
         if views:
             out.tables.append((out.commands, views[0].tracked.name))
+        out.marks.append((out.commands, version, seq))
         buf = out.op(_OP_TRUNCATE, len(patterns))
         for pattern in patterns:
             append_bulk(buf, pattern)

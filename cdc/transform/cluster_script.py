@@ -1,0 +1,372 @@
+"""The Lua of cluster mode (:mod:`cdc.cache.cluster_sink`): per-slot scripts. Pure.
+
+Redis Cluster runs a script only over the keys of one hash slot, so a batch is split by
+slot (the sink does it) and each slot's part runs as one :data:`ROW_SCRIPT`. Every slot
+``s`` has its own fence and position key ``cdc:fence:{<tag of s>}`` (:func:`slot_tag`: a
+hash tag that hashes to ``s``), a hash with
+
+- ``f``: the fence token of the daemon that owns the cache (a claim writes all 16384);
+- ``v``: the version of the last change applied to a key of this slot: the change's
+  commit LSN and its place in the transaction, ``%016X%08X`` (fixed width, so Lua
+  compares them as strings);
+- ``n``: how many of the daemon's scripts ran in this slot. Every script answers the
+  count it found and adds one; the daemon remembers the highest it caused
+  (:class:`~cdc.cache.cluster_sink.SlotLedger`), so a slot found below it lost writes:
+  its primary failed over to a replica that had not received them. Those slots, and
+  only those, are repaired (:mod:`cdc.runtime.shard_repair`).
+
+A change is applied to a slot only if its version is newer than the slot's ``v``. Changes
+reach a slot in commit order, so ``v`` only grows, and a replay (after a crash between
+the slot scripts and the checkpoint) skips exactly what the slot already has: no key goes
+back, and a replayed insert cannot resurrect a row deleted later (the slot's ``v`` is past
+it). This is the per-key version the design needs, kept once per slot rather than per key:
+it needs no tombstones (nothing outlives its row), and ``MIGRATE`` carries it with the
+slot's keys during a reshard. A slot whose fence key is missing lost its data.
+
+Views cannot be written in the row's slot. The row script computes each view change of a
+row it applies (remove the id from the old value's key, add it to the new one's, with its
+score) and appends it to the slot's outbox ``cdc:outbox:{<tag>}`` in the same atomic run;
+the script answers with the slot's whole outbox (so a run retried after it applied still
+delivers), the sink applies those deltas to the view keys' slots (:data:`VIEW_SCRIPT`) and
+deletes the outboxes. A crash in between leaves them in the outbox, delivered at the next
+claim. Redelivery is safe without versions: all of a row's deltas come from its one slot,
+in order, and re-applying the whole sequence of a member's deltas in order leaves each
+view key as the last delta said.
+"""
+
+from __future__ import annotations
+
+import binascii
+from typing import Final
+
+from cdc.transform.script import LUA_EPOCH, LUA_VIEW_WRITE
+
+SLOTS: Final = 16384
+FENCE_PREFIX: Final = "cdc:fence:"
+OUTBOX_PREFIX: Final = "cdc:outbox:"
+
+_tags: list[str] = []
+
+
+def key_slot(key: bytes) -> int:
+    """Redis Cluster's hash slot of ``key`` (CRC16 of its hash tag, or of the whole key):
+    here rather than redis-py's, whose import costs 65-110 ms of every start."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key, 0) % SLOTS
+
+
+def slot_tags() -> list[str]:
+    """For each slot, a short hash tag that hashes to it (computed once)."""
+    if not _tags:
+        tags: list[str | None] = [None] * SLOTS
+        missing = SLOTS
+        n = 0
+        while missing:
+            tag = format(n, "x")
+            slot = key_slot(tag.encode())
+            if tags[slot] is None:
+                tags[slot] = tag
+                missing -= 1
+            n += 1
+        _tags.extend(t for t in tags if t is not None)
+    return _tags
+
+
+def slot_tag(slot: int) -> str:
+    return slot_tags()[slot]
+
+
+def fence_key(slot: int, prefix: str = FENCE_PREFIX) -> str:
+    """``prefix`` is per daemon (:func:`key_prefixes`): several daemons share a cluster."""
+    return prefix + "{" + slot_tag(slot) + "}"
+
+
+def outbox_key(slot: int, prefix: str = OUTBOX_PREFIX) -> str:
+    return prefix + "{" + slot_tag(slot) + "}"
+
+
+def key_prefixes(state_key: str) -> tuple[str, str]:
+    """(fence prefix, outbox prefix) of the daemon whose state is ``state_key``:
+    ``cdc:fence:`` for ``cdc:state``, ``cdc:fence:<slot>:`` for ``cdc:state:<slot>``
+    (each daemon fences only its own slots' keys; the tag always follows a ``{``, so one
+    daemon's outbox scan, ``<prefix>{*``, never matches another's)."""
+    suffix = state_key.split(":", 2)[2] + ":" if state_key.count(":") >= 2 else ""
+    return FENCE_PREFIX + suffix, OUTBOX_PREFIX + suffix
+
+
+def version(lsn: int, seq: int) -> bytes:
+    """A change's version as the slot scripts compare it."""
+    return b"%016X%08X" % (lsn, seq)
+
+
+class SlotLedger:
+    """How many of this daemon's scripts each slot has seen (its ``n``), across sessions:
+    a slot whose ``n`` is found lower lost writes (a failover to a lagging replica)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, int] = {}
+
+    def note(self, slot: int, found: int) -> bool:
+        """Record a script run that found ``found``; False if the slot lost writes."""
+        expected = self.runs.get(slot, 0)
+        self.runs[slot] = max(expected, found + 1)
+        return found >= expected
+
+    def lost(self, found: dict[int, int]) -> list[int]:
+        """The slots whose count is below what this daemon caused."""
+        return sorted(s for s, n in self.runs.items() if found.get(s, 0) < n)
+
+    def accept(self, found: dict[int, int]) -> None:
+        """After a repair: what the slots hold now is what to expect."""
+        for slot in list(self.runs):
+            self.runs[slot] = found.get(slot, 0)
+
+
+ROW_SCRIPT: Final = (
+    b"""#!lua
+-- One slot's part of a batch. KEYS: fence, outbox, the data keys (declared for routing).
+-- ARGV[1]: the fence token; then operations <code> <version> <n> <n arguments>.
+local FENCE, OUTBOX = KEYS[1], KEYS[2]
+local head = redis.call('HMGET', FENCE, 'f', 'v', 'n')
+if not head[1] then return {'lost'} end
+if head[1] ~= ARGV[1] then return {'fenced'} end
+local pos = head[2] or ''
+local top = pos
+local runs = tonumber(head[3] or '0')
+redis.call('HINCRBY', FENCE, 'n', 1)
+"""
+    + LUA_EPOCH
+    + b"""
+local incomplete, failed, deltas = {}, {}, {}
+local repaired = 0
+
+local function failure(r)
+  if type(r) == 'table' and r.err then return r.err end
+  return nil
+end
+
+local function delta(op, key, member, score)
+  deltas[#deltas + 1] = op
+  deltas[#deltas + 1] = key
+  deltas[#deltas + 1] = member
+  deltas[#deltas + 1] = score
+end
+
+local function patch(a)
+  local key = ARGV[a]
+  if redis.call('TYPE', key).ok ~= 'hash' then
+    redis.call('DEL', key)
+    return 1
+  end
+  local nset = tonumber(ARGV[a + 2])
+  local set_from = a + 3
+  local j = set_from + 2 * nset
+  local ndel = tonumber(ARGV[j])
+  local del_from = j + 1
+  j = del_from + ndel
+  local nkeep = tonumber(ARGV[j])
+  for k = j + 1, j + nkeep do
+    if redis.call('HEXISTS', key, ARGV[k]) == 0 then
+      redis.call('DEL', key)
+      return 1
+    end
+  end
+  if nset > 0 then redis.call('HSET', key, unpack(ARGV, set_from, set_from + 2 * nset - 1)) end
+  if ndel > 0 then redis.call('HDEL', key, unpack(ARGV, del_from, del_from + ndel - 1)) end
+  return 0
+end
+
+local watched = {}
+
+local function view_fields(e)
+  if e.nv == 0 then return false end
+  local fields = {}
+  for v = 0, e.nv - 1 do
+    local p = e.first + 4 * v
+    fields[2 * v + 1] = ARGV[p + 2]
+    fields[2 * v + 2] = ARGV[p + 3]
+  end
+  local r = redis.pcall('HMGET', e.key, unpack(fields))
+  if type(r) == 'table' and r.err then return false end
+  return r
+end
+
+local function column_values(e)
+  if e.ncols == 0 then return false end
+  local r = redis.pcall('HMGET', e.key, unpack(ARGV, e.cols, e.cols + e.ncols - 1))
+  if type(r) == 'table' and r.err then return false end
+  return r
+end
+
+local function watch(a)
+  local ncols = tonumber(ARGV[a + 2])
+  local e = {id = ARGV[a], key = ARGV[a + 1], ncols = ncols, cols = a + 3}
+  e.nv = tonumber(ARGV[a + 3 + ncols])
+  e.first = a + 4 + ncols
+  e.old = view_fields(e)
+  e.before = column_values(e)
+  watched[#watched + 1] = e
+end
+
+-- An update's changed columns, for its change feed entry: id, names (comma separated).
+local changed = {}
+
+local function note_changed(e)
+  local after = column_values(e)
+  local before = e.before
+  local names = {}
+  for c = 1, e.ncols do
+    local was = before and before[c]
+    local is = after and after[c]
+    if was ~= is then names[#names + 1] = ARGV[e.cols + c - 1] end
+  end
+  changed[#changed + 1] = e.id
+  changed[#changed + 1] = table.concat(names, ',')
+end
+
+local function moves()
+  for w = 1, #watched do
+    local e = watched[w]
+    if e.ncols > 0 then note_changed(e) end
+    local new = view_fields(e)
+    local old = e.old
+    for v = 0, e.nv - 1 do
+      local p = e.first + 4 * v
+      local kind, prefix = ARGV[p], ARGV[p + 1]
+      local was = old and old[2 * v + 1]
+      local is = new and new[2 * v + 1]
+      if was and was ~= is then delta(kind .. '-', prefix .. was .. '}', e.id, '') end
+      if is then
+        local score = ''
+        if kind == 'z' then score = epoch(new[2 * v + 2]) end
+        delta(kind .. '+', prefix .. is .. '}', e.id, score)
+      end
+    end
+  end
+  watched = {}
+end
+
+local function add_views(a)
+  local id = ARGV[a]
+  for p = a + 2, a + 1 + 4 * tonumber(ARGV[a + 1]), 4 do
+    local kind = ARGV[p]
+    if kind == 'z' then
+      delta('z+', ARGV[p + 1] .. ARGV[p + 2] .. '}', id, epoch(ARGV[p + 3]))
+    elseif kind == 's' then
+      delta('s+', ARGV[p + 1] .. ARGV[p + 2] .. '}', id, '')
+    end
+  end
+end
+
+local i, n, index = 2, #ARGV, 0
+while i <= n do
+  local op, ver = ARGV[i], ARGV[i + 1]
+  local a = i + 3
+  local last = a + tonumber(ARGV[i + 2]) - 1
+  if ver == '' or ver > pos then
+    local r = 0
+    if op == 'h' then
+      r = redis.pcall('HSET', ARGV[a], unpack(ARGV, a + 1, last))
+      local e = failure(r)
+      if e and string.sub(e, 1, 9) == 'WRONGTYPE' then
+        redis.call('DEL', ARGV[a])
+        repaired = repaired + 1
+        r = redis.pcall('HSET', ARGV[a], unpack(ARGV, a + 1, last))
+      end
+    elseif op == 'r' then
+      redis.call('DEL', ARGV[a])
+      r = redis.pcall('HSET', ARGV[a], unpack(ARGV, a + 1, last))
+    elseif op == 'd' then
+      r = redis.pcall('DEL', unpack(ARGV, a, last))
+    elseif op == 's' then
+      r = redis.pcall('SET', ARGV[a], ARGV[a + 1])
+    elseif op == 'p' then
+      r = patch(a)
+      if r == 1 then incomplete[#incomplete + 1] = index end
+    elseif op == 'w' then
+      watch(a)
+    elseif op == 'u' then
+      moves()
+    elseif op == 'a' then
+      add_views(a)
+    else
+      return redis.error_reply('ERR cdc slot batch: unknown operation ' .. tostring(op))
+    end
+    local e = failure(r)
+    if e then
+      failed[#failed + 1] = index
+      failed[#failed + 1] = e
+    end
+    if ver > top then top = ver end
+  end
+  index = index + 1
+  i = last + 1
+end
+if #failed == 0 then
+  if top ~= pos then redis.call('HSET', FENCE, 'v', top) end
+  for k = 1, #deltas, 4000 do
+    redis.call('RPUSH', OUTBOX, unpack(deltas, k, math.min(k + 3999, #deltas)))
+  end
+end
+-- The whole outbox, not only this run's deltas: a run retried after it applied (the
+-- connection broke before its answer) skips its changes but must still deliver them.
+local pending = {}
+if redis.call('EXISTS', OUTBOX) == 1 then pending = redis.call('LRANGE', OUTBOX, 0, -1) end
+return {'ok', incomplete, failed, repaired, pending, runs, changed}
+"""
+)
+"""One slot's operations (the planner's codes, :data:`cdc.transform.script.BATCH_SCRIPT`,
+each with its change's version; ``''``: a load or backfill write, always applied).
+``p`` never carries a ``moved_from`` here (the sink deletes the old key in its own slot;
+the patch then finds its kept fields missing and the row is fetched again); ``u``'s feed
+entries are appended by the sink, this script answers an update's changed columns (``id
+names`` pairs); view changes become outbox deltas ``<kind><+|-> key member score``."""
+
+VIEW_SCRIPT: Final = (
+    b"""#!lua
+-- View deltas for one slot. KEYS: fence, the view keys. ARGV[1]: the fence token, then
+-- (op key member score) quadruples.
+local head = redis.call('HMGET', KEYS[1], 'f', 'n')
+if not head[1] then return {'lost'} end
+if head[1] ~= ARGV[1] then return {'fenced'} end
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+local runs = tonumber(head[2] or '0')
+"""
+    + LUA_VIEW_WRITE
+    + b"""
+for p = 2, #ARGV, 4 do
+  local op, key, member = ARGV[p], ARGV[p + 1], ARGV[p + 2]
+  local r
+  if op == 'z+' then r = view_write('ZADD', key, ARGV[p + 3], member)
+  elseif op == 's+' then r = view_write('SADD', key, member)
+  elseif op == 'z-' then r = redis.pcall('ZREM', key, member)
+  elseif op == 's-' then r = redis.pcall('SREM', key, member)
+  end
+  if type(r) == 'table' and r.err and string.sub(r.err, 1, 9) ~= 'WRONGTYPE' then
+    return {'failed', r.err, runs}
+  end
+end
+return {'ok', '', runs}
+"""
+)
+
+TRUNCATE_SCRIPT: Final = b"""#!lua
+-- TRUNCATE in one slot. KEYS: fence, the keys to remove. ARGV: fence token, version.
+local head = redis.call('HMGET', KEYS[1], 'f', 'v', 'n')
+if not head[1] then return {'lost'} end
+if head[1] ~= ARGV[1] then return {'fenced'} end
+local runs = tonumber(head[3] or '0')
+redis.call('HINCRBY', KEYS[1], 'n', 1)
+-- Past it: the slot got later changes, so this TRUNCATE was applied here already.
+if ARGV[2] ~= '' and (head[2] or '') > ARGV[2] then return {'ok', 0, runs} end
+local n = 0
+for k = 2, #KEYS, 500 do
+  n = n + redis.call('UNLINK', unpack(KEYS, k, math.min(k + 499, #KEYS)))
+end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'v', ARGV[2]) end
+return {'ok', n, runs}
+"""

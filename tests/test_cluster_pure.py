@@ -1,0 +1,80 @@
+"""Cluster mode's pure parts: slot tags, versions, the batch split, the ledger, URLs."""
+
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot as redis_key_slot
+
+from cdc.cache.cluster_sink import parse_ops
+from cdc.transform.assemble import view_from_columns
+from cdc.transform.cluster_script import (
+    SLOTS,
+    SlotLedger,
+    fence_key,
+    key_slot,
+    outbox_key,
+    slot_tags,
+    version,
+)
+from cdc.transform.plan import CommandBatch, Planner
+from schema.keys import TICKETS
+from schema.redis_url import RedisTarget
+
+
+def test_every_slot_has_a_tag_that_hashes_to_it() -> None:
+    tags = slot_tags()
+    assert len(tags) == SLOTS
+    assert all(key_slot(tag.encode()) == slot for slot, tag in enumerate(tags))
+    assert key_slot(fence_key(42).encode()) == 42
+    assert key_slot(outbox_key(16383).encode()) == 16383
+    for key in (b"ticket:{42}", b"plain", b"a{}b", b"{x}{y}", b"cdc:state", b"\xff{"):
+        assert key_slot(key) == redis_key_slot(key)
+
+
+def test_versions_compare_as_strings_in_commit_order() -> None:
+    ordered = [(0x10, 0), (0x10, 1), (0x10, 10), (0x1_0000_0000, 0), (0x1_0000_0001, 0)]
+    texts = [version(lsn, seq) for lsn, seq in ordered]
+    assert texts == sorted(texts)
+    assert len({len(t) for t in texts}) == 1
+
+
+def test_operations_parse_back_with_their_versions() -> None:
+    view = view_from_columns(TICKETS, ["id", "title", "status", "updated_at"])
+    planner = Planner(1 << 20)
+    batch = CommandBatch()
+    planner.write_row(view, (b"a", b"t", b"open", b"2026-01-01 00:00:00+00"), b"0/10", batch)
+    rest_at = batch.mark()
+    planner.write_row(view, (b"b", b"t", None, None), b"0/10", batch)
+    ops = parse_ops(batch.buf, batch.args)
+    assert [code for code, _ in ops] == [b"w", b"r", b"u", b"w", b"r", b"u"]
+    assert ops[1][1][0] == b"ticket:{a}"
+    assert batch.marks == [(0, b"", 0), (3, b"", 0)]
+    rest = batch.split(rest_at)
+    assert batch.marks == [(0, b"", 0)]
+    assert rest.marks == [(0, b"", 0)]
+    assert [code for code, _ in parse_ops(rest.buf, rest.args)] == [b"w", b"r", b"u"]
+
+
+def test_the_ledger_finds_slots_that_went_back() -> None:
+    ledger = SlotLedger()
+    assert ledger.note(5, 0)
+    assert ledger.note(5, 1)
+    assert ledger.note(9, 7)
+    assert not ledger.note(5, 0)  # the slot forgot two runs
+    assert ledger.lost({5: 2, 9: 3}) == [9]
+    ledger.accept({5: 2, 9: 3})
+    assert ledger.lost({5: 2, 9: 3}) == []
+
+
+def test_cluster_urls() -> None:
+    target = RedisTarget.parse("redis+cluster://u:secret@a:7000,b:7001")
+    assert target.cluster
+    assert target.hosts == (("a", 7000), ("b", 7001))
+    assert target.password == "secret"
+    assert "secret" not in target.describe()
+    assert target.describe() == "redis+cluster://u@a:7000,b:7001"
+    assert RedisTarget.parse("rediss+cluster://a:7000").tls is not None
+    with pytest.raises(ValueError, match="only database 0"):
+        RedisTarget.parse("redis+cluster://a:7000/3")
+    with pytest.raises(ValueError, match="host:port"):
+        RedisTarget.parse("redis+cluster://a:notaport")
