@@ -3,16 +3,17 @@
 ``CDC_FAILPOINTS`` holds ``name=action`` pairs separated by ``;``. Unset (always, in
 production) every point is one false module-level test. Points:
 
-================  ============================================================
-name              where
-================  ============================================================
-before_send       a batch is ready and about to be sent to Redis (the one before it is sent)
-after_send        right after a batch was sent to Redis, before the next one
-record            each XLogData record before it is decoded
-repair_write      ``cdc verify --repair`` read a row and is about to rewrite its key
-repair_hand_over  ``cdc verify --repair`` read what differs and is about to hand it to
-                  the running daemon
-================  ============================================================
+==================  ==========================================================
+name                where
+==================  ==========================================================
+before_send         a batch is ready and about to be sent to Redis (the one before it is sent)
+after_send          right after a batch was sent to Redis, before the next one
+record              each XLogData record before it is decoded
+cluster_checkpoint  cluster mode: every slot of a batch applied, ``cdc:state`` not yet moved
+repair_write        ``cdc verify --repair`` read a row and is about to rewrite its key
+repair_hand_over    ``cdc verify --repair`` read what differs and is about to hand it to
+                    the running daemon
+==================  ==========================================================
 
 Actions: ``pause:<path>`` blocks while the file ``<path>`` exists, after creating
 ``<path>.hit`` (so a test knows the daemon is held there); ``corrupt`` (``record``

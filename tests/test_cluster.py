@@ -360,6 +360,40 @@ def cluster_with_replicas(tmp_path: Path) -> Iterator[RedisCluster]:
         c.stop()
 
 
+def _lose_recent_writes(
+    cluster: RedisCluster,
+    client: Any,
+    victim: int,
+    replica: int,
+    load: Workload,
+    before_the_kill: Callable[[], None] = lambda: None,
+) -> None:
+    """Let ``victim``'s replica miss the daemon's latest writes, then kill ``victim``
+    (-9) and promote the replica without them."""
+    # Fill the link to the replica, then stop it: later writes stay on the primary.
+    tag = next(
+        t
+        for t in (f"j{i}" for i in range(10000))
+        if client.get_node_from_key(f"junk:{{{t}}}").port == victim
+    )
+    cluster.pause(replica)
+    blob = b"x" * (1 << 20)
+    for n in range(40):
+        client.set(f"junk:{{{tag}}}:{n}", blob)
+    load.wait(30)
+    before_the_kill()
+    cluster.kill(victim)
+    cluster.resume(replica)
+    try:
+        wait_for(lambda: replica in cluster.primary_ports(), 15, "the replica's election")
+    except AssertionError:
+        # The election may stall after the replica's pause: take over as an operator
+        # would (the promoted replica has the same lost writes either way).
+        cluster.node(replica).execute_command("CLUSTER", "FAILOVER", "TAKEOVER")  # type: ignore[no-untyped-call]
+        wait_for(lambda: replica in cluster.primary_ports(), 60, "the replica to be promoted")
+    wait_for(cluster.healthy, 60, "the cluster to be ok again")
+
+
 def test_cluster_failover_repairs_only_the_lost_slots(
     database_url: str, make_daemon: Callable[..., Daemon], cluster_with_replicas: RedisCluster
 ) -> None:
@@ -385,27 +419,7 @@ def test_cluster_failover_repairs_only_the_lost_slots(
         replica = replica_of(victim)
         load.start()
         load.wait(20)
-        # Fill the link to the replica, then stop it: later writes stay on the primary.
-        tag = next(
-            t
-            for t in (f"j{i}" for i in range(10000))
-            if client.get_node_from_key(f"junk:{{{t}}}").port == victim  # type: ignore[attr-defined]
-        )
-        cluster.pause(replica)
-        blob = b"x" * (1 << 20)
-        for n in range(40):
-            client.set(f"junk:{{{tag}}}:{n}", blob)
-        load.wait(30)
-        cluster.kill(victim)
-        cluster.resume(replica)
-        try:
-            wait_for(lambda: replica in cluster.primary_ports(), 15, "the replica's election")
-        except AssertionError:
-            # The election may stall after the replica's pause: take over as an operator
-            # would (the promoted replica has the same lost writes either way).
-            cluster.node(replica).execute_command("CLUSTER", "FAILOVER", "TAKEOVER")  # type: ignore[no-untyped-call]
-            wait_for(lambda: replica in cluster.primary_ports(), 60, "the replica to be promoted")
-        wait_for(cluster.healthy, 60, "the cluster to be ok again")
+        _lose_recent_writes(cluster, client, victim, replica, load)
         load.wait(60)
         load.stop()
         client = redis_client(cluster.url)
@@ -534,3 +548,131 @@ def test_cluster_change_feed(
                     assert op in ("delete", "truncate"), (table, row_id, op)
             updates = [e for e in entries if e["op"] == "update"]
             assert any(e["columns"] for e in updates)
+
+
+def _crash_before_checkpoint(
+    make_daemon: Callable[..., Daemon], url: str, hold: Path, change: Callable[[], None]
+) -> None:
+    """Run ``change`` under a daemon held after every slot applied it but before
+    ``cdc:state`` moved, kill it there (-9), and start a new one: it replays the change."""
+    daemon = make_daemon(REDIS_URL=url, CDC_FAILPOINTS=f"cluster_checkpoint=pause:{hold}")
+    with running(daemon):
+        hold.touch()
+        change()
+        wait_for(Path(f"{hold}.hit").exists, 30, "the daemon to hold before the checkpoint")
+        daemon.kill()
+    hold.unlink()
+
+
+def test_cluster_replayed_truncate_keeps_what_followed_it(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """A transaction truncates the table and inserts rows; the daemon dies after every
+    slot applied it, before its checkpoint. The replay must not truncate again the view
+    keys the inserts wrote (their slots saw those view deltas, not the rows: the row
+    scripts skip the replayed inserts, so a second TRUNCATE would empty the views for
+    good)."""
+    seed(database_url)
+    rows = [f"n{i}" for i in range(30)]
+
+    def truncate_and_insert() -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+            conn.execute("TRUNCATE tickets CASCADE")
+            for row in rows:
+                conn.execute(
+                    "INSERT INTO tickets (id, title, status, assignee_id) VALUES (%s, 'n', %s,"
+                    " (SELECT id FROM agents WHERE id = %s))",
+                    (row, random.choice(STATUSES), random.choice(AGENTS[:8])),
+                )
+
+    _crash_before_checkpoint(make_daemon, cluster.url, tmp_path / "hold", truncate_and_insert)
+    with running(make_daemon(REDIS_URL=cluster.url)):
+        counts = assert_converged(database_url, cluster.url)
+    # The rows inserted, and the fence row assert_converged writes.
+    assert counts["tickets"] == len(rows) + 1
+    client = redis_client(cluster.url)
+    members = sum(int(client.zcard(f"tickets:status:{{{s}}}")) for s in STATUSES)
+    assert members == counts["tickets"]
+
+
+def test_cluster_replayed_key_change_keeps_an_unchanged_large_column(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """``UPDATE … SET id`` of rows with a TOASTed description that the update leaves alone
+    (pgoutput sends it as unchanged): the new key is in another slot, so the old key's
+    value must reach it. The daemon dies before the checkpoint and the batch is replayed:
+    every moved row must be whole, not missing until its next change."""
+    seed(database_url)
+    big = "".join(f"{random.getrandbits(64):016x}" for _ in range(1200))  # not compressible
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for i in range(12):
+            conn.execute(
+                "INSERT INTO tickets (id, title, description) VALUES (%s, 'big', %s)",
+                (f"big{i}", f"{i}:{big}"),
+            )
+    with running(make_daemon(REDIS_URL=cluster.url)):
+        assert_converged(database_url, cluster.url)
+
+    def move() -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+            for i in range(12):
+                conn.execute(
+                    "UPDATE tickets SET id = %s, status = 'pending' WHERE id = %s",
+                    (f"moved{i}", f"big{i}"),
+                )
+
+    _crash_before_checkpoint(make_daemon, cluster.url, tmp_path / "hold", move)
+    with running(make_daemon(REDIS_URL=cluster.url)):
+        counts = assert_converged(database_url, cluster.url)
+    assert counts["tickets"] >= 12
+    client = redis_client(cluster.url)
+    assert client.hget("ticket:{moved3}", "description") == f"3:{big}".encode()
+
+
+def test_cluster_failover_while_the_daemon_is_down_is_repaired_by_the_next(
+    database_url: str,
+    make_daemon: Callable[..., Daemon],
+    cluster_with_replicas: RedisCluster,
+    tmp_path: Path,
+) -> None:
+    """The daemon dies (-9) with its writes on a primary only; the primary dies and its
+    replica is promoted without them. The next daemon has none of the slot counts of the
+    one that wrote them: it must see from ``cdc:state`` that a primary it does not know
+    serves those slots, record the repair, and start it; it dies too before any row is
+    written; the one after it finds the repair recorded, does it, and converges."""
+    cluster = cluster_with_replicas
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url, CDC_REDIS_TIMEOUT="1")
+    load = Workload(database_url, seed=13)
+    client = redis_client(cluster.url)
+    with running(daemon):
+        assert_converged(database_url, cluster.url)
+        state_node = client.get_node_from_key("cdc:state")  # type: ignore[attr-defined]
+        victim = next(p for p in cluster.primary_ports() if p != state_node.port)
+        replica = replica_of(victim)
+        load.start()
+        load.wait(20)
+        _lose_recent_writes(cluster, client, victim, replica, load, daemon.kill)
+    load.stop()
+    hold = tmp_path / "hold"
+    hold.touch()
+    second = make_daemon(REDIS_URL=cluster.url, CDC_FAILPOINTS=f"before_send=pause:{hold}")
+    second.start()
+    wait_for(Path(f"{hold}.hit").exists, 60, "the second daemon to hold at its first batch")
+    second.kill()
+    hold.unlink()
+    assert [e for e in second.events() if e.get("event") == "repairing the lost slots"]
+    third = make_daemon(REDIS_URL=cluster.url)
+    with running(third):
+        client = redis_client(cluster.url)
+        for key in list(client.scan_iter(match="junk:*")):
+            client.delete(key)
+        assert_converged(database_url, cluster.url)
+        repairs = [e for e in third.events() if e.get("event") == "repairing the lost slots"]
+    assert repairs, "the repair the second daemon recorded was not resumed"
+    assert 0 < repairs[0]["slots"] <= 16384 // 3 + 1
+    assert "repair_slots" not in {
+        k
+        for k, v in redis_client(cluster.url, decode_responses=True).hgetall("cdc:state").items()
+        if v
+    }

@@ -49,11 +49,14 @@ import redis
 from hiredis import Reader, pack_command
 from redis.cluster import RedisCluster
 
+from cdc import failpoints
 from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
 from cdc.cache.sink import ApplyResult, InFlight, RedisSink, _refused, owner_label
-from cdc.errors import Fenced, RedisLost, RedisUnavailable
+from cdc.errors import ApplyFailed, Fenced, RedisLost, RedisRejected, RedisUnavailable
 from cdc.transform.cluster_script import (
+    REPAIR_FIELD,
     ROW_SCRIPT,
+    SHARDS_FIELD,
     SLOTS,
     TRUNCATE_SCRIPT,
     VIEW_SCRIPT,
@@ -62,6 +65,8 @@ from cdc.transform.cluster_script import (
     key_prefixes,
     key_slot,
     outbox_key,
+    parse_slot_ranges,
+    slot_ranges,
     version,
 )
 from cdc.transform.plan import CommandBatch
@@ -238,7 +243,46 @@ class ClusterSink:
         self.lost_slots = missing
         if missing and state.lsn is not None and not state.loading:
             return CacheState()
+        self._suspect(state)
         return state
+
+    def _suspect(self, state: CacheState) -> None:
+        """Add to :attr:`lost` every slot whose primary is not one the state names (a
+        replica was promoted, maybe without the latest writes, and the daemon whose slot
+        counts would tell may have died since) and the slots of a repair not finished;
+        record them (``repair_slots``) and the primaries (``shards``) in the state
+        before the repair starts, so a daemon dying during it leaves it to the next."""
+        current = self._shard_ids()
+        suspect = set(self.lost) | parse_slot_ranges(state.extra.get(REPAIR_FIELD, ""))
+        recorded = state.extra.get(SHARDS_FIELD)
+        if recorded:
+            known = set(recorded.split(","))
+            for node_id, slots in current.items():
+                if node_id not in known:
+                    suspect.update(slots)
+        self.lost = sorted(suspect)
+        fields = {SHARDS_FIELD: ",".join(sorted(current))}
+        if self.lost:
+            fields[REPAIR_FIELD] = slot_ranges(self.lost)
+        self._one("HSET", self.state_key, *_pairs(fields))
+
+    def _shard_ids(self) -> dict[str, list[int]]:
+        """Each primary's node id (``CLUSTER MYID``) and the slots it serves: a promoted
+        replica, unlike a restarted or resharded primary, has a new id."""
+        client = self._redis()
+        by_name: dict[str, list[int]] = {}
+        for slot, nodes in client.nodes_manager.slots_cache.items():
+            by_name.setdefault(nodes[0].name, []).append(slot)
+        out: dict[str, list[int]] = {}
+        for node in client.get_primaries():  # type: ignore[no-untyped-call]
+            try:
+                node_id = node.redis_connection.execute_command("CLUSTER", "MYID")
+            except (redis.RedisError, OSError) as exc:
+                raise RedisUnavailable(
+                    f"cannot ask {node.name} for its node id: {type(exc).__name__}"
+                ) from exc
+            out[_text(node_id)] = by_name.get(node.name, [])
+        return out
 
     def registry(self) -> dict[str, str]:
         """Which state mirrors each table (:data:`schema.keys.REGISTRY_KEY`)."""
@@ -295,12 +339,15 @@ class ClusterSink:
         self._register()
         commands: list[tuple[Any, ...]] = []
         for s in range(SLOTS):
-            commands.append(("HDEL", fence_key(s, self._fences), "v"))
+            commands.append(("HDEL", fence_key(s, self._fences), "v", "w"))
             commands.append(("HSET", fence_key(s, self._fences), "f", self.fence))
         self._run(commands)
         outboxes = list(self._redis().scan_iter(match=self._outboxes + "{*", count=1000))
         self._run([("DEL", key) for key in outboxes])
         self._follow(fields)
+        # Every key is rewritten: no slot is left to repair, and these are the primaries.
+        self.lost = []
+        self._suspect(CacheState())
 
     def _follow(self, state: dict[str, str]) -> None:
         self._lsn = state.get("lsn", "")
@@ -318,6 +365,11 @@ class ClusterSink:
         incomplete: list[int] = []
         repaired = 0
         groups: dict[int, _Group] = {}
+        # While a primary key change is applied (see _moves): the old key's slot's share,
+        # run after the rest of the change, and the index the change ends at.
+        after: dict[int, _Group] = {}
+        old_slot = -1
+        split_end = -1
         marks = batch.marks
         mark_at = 0
         ver = b""
@@ -328,43 +380,74 @@ class ClusterSink:
         feed: list[tuple[list[bytes], int]] = []
         diff_slot = -1
         diff_columns = b""
-        for index, (code, args) in enumerate(parse_ops(batch.buf, batch.args)):
+        ops = parse_ops(batch.buf, batch.args)
+        moves = _moves(ops, marks)
+        gone: dict[int, bytes] = {}  # a move written whole: the old key to delete
+
+        def group(slot: int) -> _Group:
+            target = after if slot == old_slot else groups
+            found = target.get(slot)
+            if found is None:
+                found = target[slot] = _Group()
+            return found
+
+        def flush(parts: dict[int, _Group]) -> None:
+            nonlocal repaired, incomplete
+            r, i = self._apply_rows(batch, parts)
+            repaired += r
+            incomplete += i
+
+        for index, (code, args) in enumerate(ops):
+            if index == split_end:
+                flush(groups)
+                flush(after)
+                groups, after, old_slot, split_end = {}, {}, -1, -1
+            if index in moves:
+                # A primary key change whose row kept an unchanged large column: what
+                # came before is applied, the old key's kept values are read, the new
+                # key is written whole, and only then the old key goes (so a crash
+                # anywhere leaves the row's values in one of the two keys).
+                flush(groups)
+                groups = {}
+                at, split_end = moves[index]
+                old_key = ops[at][1][1]
+                old_slot = key_slot(old_key)
+                ops[at] = self._complete_move(ops[at][1])
+                if ops[at][0] == b"r":
+                    gone[at] = old_key
             while mark_at < len(marks) and marks[mark_at][0] <= index:
                 _, commit, seq = marks[mark_at]
                 ver = version(parse_lsn(commit), seq) if commit else b""
                 mark_at += 1
             if code == b"t":
-                r, i = self._apply_rows(batch, groups)
-                repaired += r
-                incomplete += i
+                flush(groups)
                 groups = {}
                 self._truncate(args, ver)
                 continue
             if code in (b"h", b"r", b"s"):
+                if index in gone:
+                    old = gone[index]
+                    group(key_slot(old)).add(b"d", ver, [old], [old], index)
                 slot = key_slot(args[0])
-                groups.setdefault(slot, _Group()).add(code, ver, args, args[:1], index)
+                group(slot).add(code, ver, args, args[:1], index)
                 if code != b"s":
                     last_row_slot = slot
             elif code == b"d":
                 for key in args:
-                    slot = key_slot(key)
-                    groups.setdefault(slot, _Group()).add(code, ver, [key], [key], index)
+                    group(key_slot(key)).add(code, ver, [key], [key], index)
             elif code == b"p":
                 key, moved_from = args[0], args[1]
                 if moved_from:
-                    # The old key is in another slot: it goes; the patch then finds its
-                    # kept fields missing and the row is fetched again.
-                    old = key_slot(moved_from)
-                    groups.setdefault(old, _Group()).add(
-                        b"d", ver, [moved_from], [moved_from], index
-                    )
+                    # The old key's kept values could not be read (it is gone): it goes,
+                    # the patch finds its kept fields missing and the row is fetched again.
+                    group(key_slot(moved_from)).add(b"d", ver, [moved_from], [moved_from], index)
                 patch = [key, b"", *args[2:]] if moved_from else args
                 slot = key_slot(key)
-                groups.setdefault(slot, _Group()).add(code, ver, patch, [key], index)
+                group(slot).add(code, ver, patch, [key], index)
                 last_row_slot = slot
             elif code == b"w":
                 slot = key_slot(args[1])
-                groups.setdefault(slot, _Group()).add(code, ver, args, args[1:2], index)
+                group(slot).add(code, ver, args, args[1:2], index)
                 watching[slot] = None
                 ncols = int(args[2])
                 if ncols:
@@ -372,7 +455,7 @@ class ClusterSink:
                     diff_columns = b",".join(args[3 : 3 + ncols])
             elif code == b"u":
                 for slot in watching:
-                    groups.setdefault(slot, _Group()).add(code, ver, [], [], index)
+                    group(slot).add(code, ver, [], [], index)
                 watching = {}
                 for f in range(0, len(args), 7):
                     stream, maxlen, op, row_id, commit_lsn, place, cols = args[f : f + 7]
@@ -390,18 +473,19 @@ class ClusterSink:
                 diff_slot = -1
             elif code == b"a":
                 if last_row_slot >= 0:
-                    groups.setdefault(last_row_slot, _Group()).add(code, ver, args, [], index)
+                    group(last_row_slot).add(code, ver, args, [], index)
             else:
                 raise RedisUnavailable(f"cluster mode cannot apply operation {code!r}")
-        r, i = self._apply_rows(batch, groups)
-        repaired += r
-        incomplete += i
+        flush(groups)
+        flush(after)
         if feed:
             self._append_feed(feed)
         if self._primary_names() != self._primaries:
             # A failover: the promoted replica may lack writes. A new session's claim
             # finds which slots (their counts) and repairs them before going on.
             raise RedisLost("the Redis Cluster's primaries changed (a failover)")
+        if failpoints.ACTIVE:
+            failpoints.hit("cluster_checkpoint")
         lsn = state.get("lsn")
         self._checkpoint(state, lsn)
         if lsn is not None:
@@ -466,6 +550,28 @@ class ClusterSink:
             self.apply_deltas(deltas)
             self._run([("DEL", outbox_key(slot, self._outboxes)) for slot in outboxes])
         return repaired, incomplete
+
+    def _complete_move(self, args: list[bytes]) -> tuple[bytes, list[bytes]]:
+        """A primary key change's patch (``p``, old key in ``args[1]``) as a whole write
+        (``r``) of the new key, with the unchanged columns' values read from the old key;
+        the patch itself when the old key does not hold them all (then it is fetched)."""
+        nset = int(args[2])
+        set_pairs = args[3 : 3 + 2 * nset]
+        j = 3 + 2 * nset
+        j += 1 + int(args[j])
+        kept = args[j + 1 : j + 1 + int(args[j])]
+        if not kept:
+            return b"p", args
+        try:
+            values = self._one("HMGET", args[1], *kept)
+        except (RedisRejected, ApplyFailed):
+            return b"p", args  # not a hash: the patch path replaces it
+        if any(v is None for v in values):
+            return b"p", args
+        whole = [args[0], *set_pairs]
+        for name, value in zip(kept, values, strict=True):
+            whole += [name, value]
+        return b"r", whole
 
     def _append_feed(self, feed: list[tuple[list[bytes], int]]) -> None:
         """Phase 2b: the change feed entries (contract 6c), in the batch's order per stream.
@@ -713,6 +819,21 @@ def _no_script(result: Any) -> bool:
     return isinstance(result, redis.exceptions.NoScriptError) or (
         isinstance(result, redis.ResponseError) and str(result).startswith("NOSCRIPT")
     )
+
+
+def _moves(
+    ops: list[tuple[bytes, list[bytes]]], marks: list[tuple[int, bytes, int]]
+) -> dict[int, tuple[int, int]]:
+    """The primary key changes with kept (unchanged) columns: for each, the index its
+    change starts at -> (the patch's index, the index the change ends before)."""
+    starts = [m[0] for m in marks]
+    out: dict[int, tuple[int, int]] = {}
+    for at, (code, args) in enumerate(ops):
+        if code == b"p" and args[1]:
+            first = max((m for m in starts if m <= at), default=0)
+            end = min((m for m in starts if m > at), default=len(ops))
+            out[first] = (at, end)
+    return out
 
 
 def _pairs(values: dict[str, str]) -> list[str]:

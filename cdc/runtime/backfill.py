@@ -90,6 +90,8 @@ class Request:
     ids: set[str] | None  # None: the whole table
     reason: str
     after: str | None = None  # whole-table progress (last primary key done)
+    # What the requester waits on (see Backfill.pending): a repair recorded in cdc:state.
+    tags: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -146,7 +148,9 @@ class Backfill:
                 return
         self.queue.append(Request(table, None, reason, after))
 
-    def request_rows(self, table: TrackedTable, ids: list[str], reason: str) -> None:
+    def request_rows(self, table: TrackedTable, ids: list[str], reason: str, tag: str = "") -> None:
+        """Fetch ``ids`` again; ``tag``: :meth:`pending` tells when they are written."""
+        tags = {tag} if tag else set()
         open_request = self.window.request if self.window is not None else None
         for queued in self.queue:
             # Not into the open window's request: its ids were read already, and the
@@ -155,8 +159,14 @@ class Backfill:
                 continue
             if queued.table.name == table.name and queued.ids is not None:
                 queued.ids.update(ids)
+                queued.tags |= tags
                 return
-        self.queue.append(Request(table, set(ids), reason))
+        self.queue.append(Request(table, set(ids), reason, tags=tags))
+
+    def pending(self, tag: str) -> bool:
+        """Whether rows requested with ``tag`` are still to be written (a window that
+        read them stays queued until its rows go into a batch)."""
+        return any(tag in request.tags for request in self.queue)
 
     def progress_marker(self) -> str:
         """What an interrupted rebuild needs to resume (stored in ``cdc:state``)."""

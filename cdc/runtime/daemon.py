@@ -141,6 +141,8 @@ class Daemon:
         self.redis_url = settings.redis
         # Cluster mode: what each hash slot has seen from this daemon, across sessions.
         self.ledger = SlotLedger()  # pure (cdc.transform.cluster_script)
+        # This session repaired slots (their record in cdc:state waits for the rows).
+        self._repairing = False
         self.metrics.info.info(
             {"slot": settings.slot, "publication": settings.publication, "plugin": settings.plugin}
         )
@@ -325,6 +327,7 @@ class Daemon:
                 rebuilding=rebuilding,
                 on_schema_change=on_schema_change,
             )
+            pipeline.repair_pending = self._repairing
             self.readiness.set(True, "streaming")
             self.log.info(
                 "streaming",
@@ -425,8 +428,10 @@ class Daemon:
                     self.backfill.request_table(
                         by_name[item["table"]], "rebuild (resumed)", after=item.get("after")
                     )
+        self._repairing = False
         if not isinstance(sink, RedisSink) and sink.lost:
             self._repair_lost_slots(pg, sink)
+            self._repairing = True
         partial_lsn, partial_count = state.partial if state.partial else (None, 0)
         return Position(state.lsn, partial_lsn, partial_count), rebuilding
 

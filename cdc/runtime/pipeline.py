@@ -52,6 +52,7 @@ from cdc.transform.assemble import (
     TableTruncate,
     TxCommit,
 )
+from cdc.transform.cluster_script import REPAIR_FIELD, REPAIR_TAG
 from cdc.transform.core import BatchFull, Cut, Position, StreamCore
 from cdc.transform.plan import CommandBatch, Planner
 from schema.keys import TrackedTable
@@ -163,6 +164,8 @@ class Pipeline:
         self.sent_checkpoint: int = position.checkpoint
         self._inflight: _Sent | None = None
         self.rebuilding = rebuilding
+        # Cluster mode: a slot repair recorded in cdc:state waits for its rows (daemon).
+        self.repair_pending = False
         self._rebuild_marker = ""
         self._publish_warned = False
         self._last_status = 0.0
@@ -389,6 +392,10 @@ class Pipeline:
             "lsn": format_lsn(cut.checkpoint),
             "partial": format_partial(*cut.partial) if cut.partial else "",
         }
+        if self.repair_pending and not self.backfill.pending(REPAIR_TAG):
+            # The repaired slots' rows are in this batch (or none was needed).
+            state[REPAIR_FIELD] = ""
+            self.repair_pending = False
         marker: str | None = None
         if self.rebuilding:
             marker = self.backfill.progress_marker()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from cdc.postgres import catalog
 from cdc.runtime.backfill import Backfill
-from cdc.transform.cluster_script import key_slot
+from cdc.transform.cluster_script import REPAIR_TAG, key_slot
 from schema.keys import TrackedTable
 
 if TYPE_CHECKING:
@@ -80,7 +80,9 @@ def repair_slots(
         for view in table.views:
             report.views_rebuilt += _rebuild_views(client, pg, table, view.column, lost_set)
         if ids[table.name]:
-            backfill.request_rows(table, sorted(ids[table.name]), "slots lost in a failover")
+            backfill.request_rows(
+                table, sorted(ids[table.name]), "slots lost in a failover", REPAIR_TAG
+            )
             report.rows += len(ids[table.name])
     return report
 

@@ -9,6 +9,10 @@ hash tag that hashes to ``s``), a hash with
 - ``v``: the version of the last change applied to a key of this slot: the change's
   commit LSN and its place in the transaction, ``%016X%08X`` (fixed width, so Lua
   compares them as strings);
+- ``w``: the version of the last view delta applied to a key of this slot (each delta
+  carries its change's version): with ``v``, what tells a replayed ``TRUNCATE`` that the
+  slot already has changes made after it (a view key is written from another slot's
+  row, so ``v`` alone would not show it, and the replay would empty it for good);
 - ``n``: how many of the daemon's scripts ran in this slot. Every script answers the
   count it found and adds one; the daemon remembers the highest it caused
   (:class:`~cdc.cache.cluster_sink.SlotLedger`), so a slot found below it lost writes:
@@ -44,6 +48,13 @@ from cdc.transform.script import LUA_EPOCH, LUA_VIEW_WRITE
 SLOTS: Final = 16384
 FENCE_PREFIX: Final = "cdc:fence:"
 OUTBOX_PREFIX: Final = "cdc:outbox:"
+
+# cdc:state fields of cluster mode: the primaries' node ids at the last claim, and the
+# slots whose repair is not finished (the pipeline clears it once their rows are written).
+SHARDS_FIELD: Final = "shards"
+REPAIR_FIELD: Final = "repair_slots"
+# The tag of the backfill requests of a slot repair (:meth:`Backfill.pending`).
+REPAIR_TAG: Final = "slot-repair"
 
 _tags: list[str] = []
 
@@ -103,6 +114,35 @@ def version(lsn: int, seq: int) -> bytes:
     return b"%016X%08X" % (lsn, seq)
 
 
+def slot_ranges(slots: list[int]) -> str:
+    """``[0, 1, 2, 7]`` as ``"0-2,7"`` (slots sorted), for ``cdc:state``."""
+    parts: list[str] = []
+    start = prev = -2
+    for slot in [*sorted(set(slots)), -2]:
+        if slot == prev + 1:
+            prev = slot
+            continue
+        if start >= 0:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = slot
+    return ",".join(parts)
+
+
+def parse_slot_ranges(text: str) -> set[int]:
+    """What :func:`slot_ranges` wrote (a malformed part is ignored: at worst a slot is
+    not repaired again, which ``cdc verify`` reports)."""
+    out: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if last else lo
+        except ValueError:
+            continue
+        out.update(range(max(lo, 0), min(hi, SLOTS - 1) + 1))
+    return out
+
+
 class SlotLedger:
     """How many of this daemon's scripts each slot has seen (its ``n``), across sessions:
     a slot whose ``n`` is found lower lost writes (a failover to a lagging replica)."""
@@ -149,8 +189,12 @@ local function failure(r)
   return nil
 end
 
+-- The delta's op carries the version of the change it comes from (the view script
+-- records the highest per slot, so a replayed TRUNCATE knows the slot is past it).
+local cur = ''
+
 local function delta(op, key, member, score)
-  deltas[#deltas + 1] = op
+  deltas[#deltas + 1] = op .. cur
   deltas[#deltas + 1] = key
   deltas[#deltas + 1] = member
   deltas[#deltas + 1] = score
@@ -269,6 +313,7 @@ while i <= n do
   local last = a + tonumber(ARGV[i + 2]) - 1
   if ver == '' or ver > pos then
     local r = 0
+    cur = ver
     if op == 'h' then
       r = redis.pcall('HSET', ARGV[a], unpack(ARGV, a + 1, last))
       local e = failure(r)
@@ -329,17 +374,21 @@ names`` pairs); view changes become outbox deltas ``<kind><+|-> key member score
 VIEW_SCRIPT: Final = (
     b"""#!lua
 -- View deltas for one slot. KEYS: fence, the view keys. ARGV[1]: the fence token, then
--- (op key member score) quadruples.
-local head = redis.call('HMGET', KEYS[1], 'f', 'n')
+-- (op key member score) quadruples; op is <kind><+|-> followed by its change's version.
+local head = redis.call('HMGET', KEYS[1], 'f', 'n', 'w')
 if not head[1] then return {'lost'} end
 if head[1] ~= ARGV[1] then return {'fenced'} end
 redis.call('HINCRBY', KEYS[1], 'n', 1)
 local runs = tonumber(head[2] or '0')
+local seen = head[3] or ''
+local top = seen
 """
     + LUA_VIEW_WRITE
     + b"""
 for p = 2, #ARGV, 4 do
-  local op, key, member = ARGV[p], ARGV[p + 1], ARGV[p + 2]
+  local op, key, member = string.sub(ARGV[p], 1, 2), ARGV[p + 1], ARGV[p + 2]
+  local ver = string.sub(ARGV[p], 3)
+  if ver > top then top = ver end
   local r
   if op == 'z+' then r = view_write('ZADD', key, ARGV[p + 3], member)
   elseif op == 's+' then r = view_write('SADD', key, member)
@@ -350,19 +399,23 @@ for p = 2, #ARGV, 4 do
     return {'failed', r.err, runs}
   end
 end
+if top ~= seen then redis.call('HSET', KEYS[1], 'w', top) end
 return {'ok', '', runs}
 """
 )
 
 TRUNCATE_SCRIPT: Final = b"""#!lua
 -- TRUNCATE in one slot. KEYS: fence, the keys to remove. ARGV: fence token, version.
-local head = redis.call('HMGET', KEYS[1], 'f', 'v', 'n')
+local head = redis.call('HMGET', KEYS[1], 'f', 'v', 'n', 'w')
 if not head[1] then return {'lost'} end
 if head[1] ~= ARGV[1] then return {'fenced'} end
 local runs = tonumber(head[3] or '0')
 redis.call('HINCRBY', KEYS[1], 'n', 1)
--- Past it: the slot got later changes, so this TRUNCATE was applied here already.
-if ARGV[2] ~= '' and (head[2] or '') > ARGV[2] then return {'ok', 0, runs} end
+-- At or past it (a row change, or a view delta, of this TRUNCATE or later reached the
+-- slot): this TRUNCATE was applied here already, and what came after must stay.
+if ARGV[2] ~= '' and ((head[2] or '') >= ARGV[2] or (head[4] or '') >= ARGV[2]) then
+  return {'ok', 0, runs}
+end
 local n = 0
 for k = 2, #KEYS, 500 do
   n = n + redis.call('UNLINK', unpack(KEYS, k, math.min(k + 499, #KEYS)))
