@@ -28,7 +28,7 @@ import redis
 from schema.lsn import parse_lsn
 from schema.redis_url import cluster_url, redis_client
 from tests.cluster import RedisCluster, replica_of, reshard
-from tests.helpers import ROOT, Daemon, assert_converged, running, text, wait_for
+from tests.helpers import ROOT, Daemon, assert_converged, fence, running, text, wait_for
 from writer import Writer
 from writer.reader import AsyncCacheReader, CacheReader
 
@@ -225,7 +225,8 @@ def test_cluster_reshard_while_streaming(
     database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster
 ) -> None:
     """Slots (with their keys, fences and outboxes) move between primaries while writes
-    stream: the daemon follows MOVED/ASK (and retries TRYAGAIN) and converges."""
+    and a TRUNCATE stream: the daemon follows MOVED/ASK (and retries TRYAGAIN) and
+    converges."""
     seed(database_url)
     daemon = make_daemon(REDIS_URL=cluster.url)
     sampler = Sampler(cluster.url)
@@ -235,6 +236,8 @@ def test_cluster_reshard_while_streaming(
         load.start()
         load.wait(50)
         first, second, third = cluster.ports
+        # A TRUNCATE while slots (and their keys) move: its scan must not miss a key.
+        load.truncate_at = load.commits + 3
         reshard(first, second, 3000)
         load.wait(20)
         reshard(third, first, 2000)
@@ -551,11 +554,15 @@ def test_cluster_change_feed(
 
 
 def _crash_before_checkpoint(
-    make_daemon: Callable[..., Daemon], url: str, hold: Path, change: Callable[[], None]
+    make_daemon: Callable[..., Daemon],
+    url: str,
+    hold: Path,
+    change: Callable[[], None],
+    **env: str,
 ) -> None:
     """Run ``change`` under a daemon held after every slot applied it but before
-    ``cdc:state`` moved, kill it there (-9), and start a new one: it replays the change."""
-    daemon = make_daemon(REDIS_URL=url, CDC_FAILPOINTS=f"cluster_checkpoint=pause:{hold}")
+    ``cdc:state`` moved, and kill it there (-9): the next daemon replays the change."""
+    daemon = make_daemon(REDIS_URL=url, CDC_FAILPOINTS=f"cluster_checkpoint=pause:{hold}", **env)
     with running(daemon):
         hold.touch()
         change()
@@ -676,3 +683,73 @@ def test_cluster_failover_while_the_daemon_is_down_is_repaired_by_the_next(
         for k, v in redis_client(cluster.url, decode_responses=True).hgetall("cdc:state").items()
         if v
     }
+
+
+def test_cluster_feed_names_the_columns_of_each_update_after_a_partial_replay(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """Two updates of a row are applied and the daemon dies before its checkpoint; a
+    third update commits while it is down. The replay skips the first two in the row's
+    slot (applied already) and applies the third: its feed entry must name the column
+    the third changed, not get the names of another update of the same row."""
+    seed(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE tickets SET assignee_id = 'a1' WHERE id = 't1'")
+
+    def two_updates() -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE tickets SET title = 'first' WHERE id = 't1'")
+            conn.execute("UPDATE tickets SET status = 'closed' WHERE id = 't1'")
+
+    _crash_before_checkpoint(
+        make_daemon, cluster.url, tmp_path / "hold", two_updates, CDC_CHANGE_FEED="1"
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE tickets SET assignee_id = NULL WHERE id = 't1'")
+    with running(make_daemon(REDIS_URL=cluster.url, CDC_CHANGE_FEED="1")):
+        assert_converged(database_url, cluster.url)
+    client = redis_client(cluster.url, decode_responses=True)
+    raw: Any = client.xrange("changes:tickets")
+    updates = [f for _, f in raw if f["op"] == "update" and f["id"] == "t1"]
+    assert updates[-1]["columns"] == "assignee_id", updates
+    assert {u["columns"] for u in updates} >= {"title", "status"}, updates
+
+
+def test_cluster_failover_of_a_quiet_primary_is_repaired_without_traffic(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster_with_replicas: RedisCluster
+) -> None:
+    """The writes stop, then a primary that lost some of them to its replica fails over.
+    Nothing more is written, so no command meets the dead node: the daemon must still
+    see the new primary (it reads the slot map while idle) and repair its slots."""
+    cluster = cluster_with_replicas
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url, CDC_REDIS_TIMEOUT="1")
+    load = Workload(database_url, seed=17)
+    client = redis_client(cluster.url)
+    with running(daemon):
+        assert_converged(database_url, cluster.url)
+        state_node = client.get_node_from_key("cdc:state")  # type: ignore[attr-defined]
+        victim = next(p for p in cluster.primary_ports() if p != state_node.port)
+        replica = replica_of(victim)
+        load.start()
+        load.wait(20)
+
+        # The other primaries keep serving while one is down (else every node answers
+        # CLUSTERDOWN for a moment, and that makes redis-py read the slot map anyway).
+        for port in cluster.ports:
+            cluster.node(port).config_set("cluster-require-full-coverage", "no")
+
+        def quiet() -> None:
+            load.stop()
+            fence(database_url, cluster.url)  # the daemon has applied everything
+
+        _lose_recent_writes(cluster, client, victim, replica, load, quiet)
+
+        def repaired() -> bool:
+            return any(e.get("event") == "repairing the lost slots" for e in daemon.events())
+
+        wait_for(repaired, 60, "the daemon to repair the quiet shard")
+        client = redis_client(cluster.url)
+        for key in list(client.scan_iter(match="junk:*")):
+            client.delete(key)
+        assert_converged(database_url, cluster.url)

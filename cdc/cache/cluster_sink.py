@@ -54,8 +54,10 @@ from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
 from cdc.cache.sink import ApplyResult, InFlight, RedisSink, _refused, owner_label
 from cdc.errors import ApplyFailed, Fenced, RedisLost, RedisRejected, RedisUnavailable
 from cdc.transform.cluster_script import (
+    OUTBOX_TRIM_SCRIPT,
     REPAIR_FIELD,
     ROW_SCRIPT,
+    SCRIPTS,
     SHARDS_FIELD,
     SLOTS,
     TRUNCATE_SCRIPT,
@@ -89,6 +91,10 @@ _RETRY = (
     "OOM",
 )
 _ATTEMPTS = 80
+# Scans of a TRUNCATE (see ClusterSink._truncate); the session restarts after that many.
+_TRUNCATE_PASSES = 8
+# Seconds between reads of the slot map while streaming (ClusterSink._refresh_topology).
+_TOPOLOGY_EVERY = 1.0
 # redis-py's own types for them (their text has lost the code: "The cluster is down").
 _TRANSIENT_TYPES = (
     redis.exceptions.ClusterError,
@@ -178,6 +184,7 @@ class ClusterSink:
         # Changed columns of updates, per slot, from the row scripts (for the feed).
         self._changed: dict[int, list[bytes]] = {}
         self.lost_slots = 0
+        self._topology_at = 0.0
 
     # -- connection and state ----------------------------------------------------------------
 
@@ -377,7 +384,7 @@ class ClusterSink:
         watching: dict[int, None] = {}
         # Change feed entries (XADD arguments), in the batch's order, and for each update
         # entry the slot whose script reports its changed columns.
-        feed: list[tuple[list[bytes], int]] = []
+        feed: list[tuple[list[bytes], int, bytes]] = []
         diff_slot = -1
         diff_columns = b""
         ops = parse_ops(batch.buf, batch.args)
@@ -469,7 +476,7 @@ class ClusterSink:
                         b"columns",
                         diff_columns if update else cols,
                     ]
-                    feed.append((entry, diff_slot if update else -1))
+                    feed.append((entry, diff_slot if update else -1, ver))
                 diff_slot = -1
             elif code == b"a":
                 if last_row_slot >= 0:
@@ -480,6 +487,7 @@ class ClusterSink:
         flush(after)
         if feed:
             self._append_feed(feed)
+        self._refresh_topology()
         if self._primary_names() != self._primaries:
             # A failover: the promoted replica may lack writes. A new session's claim
             # finds which slots (their counts) and repairs them before going on.
@@ -530,7 +538,7 @@ class ClusterSink:
         repaired = 0
         incomplete: list[int] = []
         deltas: list[bytes] = []
-        outboxes: list[int] = []
+        outboxes: dict[int, int] = {}
         for slot, reply in zip(slots, replies, strict=True):
             g = groups[slot]
             _status(reply)
@@ -545,10 +553,10 @@ class ClusterSink:
             repaired += int(reply[3])
             if reply[4]:
                 deltas += reply[4]
-                outboxes.append(slot)
+                outboxes[slot] = len(reply[4])
         if deltas:
             self.apply_deltas(deltas)
-            self._run([("DEL", outbox_key(slot, self._outboxes)) for slot in outboxes])
+            self._trim_outboxes(outboxes)
         return repaired, incomplete
 
     def _complete_move(self, args: list[bytes]) -> tuple[bytes, list[bytes]]:
@@ -573,24 +581,25 @@ class ClusterSink:
             whole += [name, value]
         return b"r", whole
 
-    def _append_feed(self, feed: list[tuple[list[bytes], int]]) -> None:
+    def _append_feed(self, feed: list[tuple[list[bytes], int, bytes]]) -> None:
         """Phase 2b: the change feed entries (contract 6c), in the batch's order per stream.
 
         At least once: a batch applied again after a crash (its rows skipped by their
         versions) appends its entries again, with the same ``lsn`` and ``seq``. An
-        update's ``columns`` are the ones its slot's script found changed; for an update
-        that script skipped (already applied), every cached column."""
-        changed: dict[tuple[int, bytes], list[bytes]] = {}
-        for slot, pairs in self._changed.items():
-            for k in range(0, len(pairs), 2):
-                changed.setdefault((slot, pairs[k]), []).append(pairs[k + 1])
+        update's ``columns`` are the ones its slot's script found changed (matched by
+        the change's version); for an update that script skipped (already applied),
+        every cached column."""
+        changed: dict[tuple[int, bytes, bytes], bytes] = {}
+        for slot, found in self._changed.items():
+            for k in range(0, len(found), 3):
+                changed[(slot, found[k], found[k + 1])] = found[k + 2]
         self._changed = {}
         commands: list[tuple[Any, ...]] = []
-        for entry, slot in feed:
+        for entry, slot, ver in feed:
             if slot >= 0:
-                found = changed.get((slot, entry[8]))
-                if found:
-                    entry[-1] = found.pop(0)
+                names = changed.get((slot, entry[8], ver))
+                if names is not None:
+                    entry[-1] = names
             commands.append(("XADD", *entry))
         self._run(commands)
 
@@ -627,41 +636,76 @@ class ClusterSink:
         client = self._redis()
         keys = list(client.scan_iter(match=self._outboxes + "{*", count=1000))
         deltas: list[bytes] = []
+        delivered: dict[int, int] = {}
         for key in keys:
-            deltas += self._run([("LRANGE", key, 0, -1)])[0]
+            found = self._run([("LRANGE", key, 0, -1)])[0]
+            deltas += found
+            delivered[key_slot(key)] = len(found)
         if deltas:
             self.apply_deltas(deltas)
-        if keys:
-            self._run([("DEL", key) for key in keys])
+        self._trim_outboxes(delivered)
         return len(keys)
 
+    def _trim_outboxes(self, delivered: dict[int, int]) -> None:
+        """Drop from each slot's outbox the entries delivered, only while this daemon
+        holds the slot's fence: a daemon taken over must not drop its successor's."""
+        assert self.fence is not None
+        commands: list[tuple[Any, ...]] = [
+            (
+                OUTBOX_TRIM_SCRIPT,
+                2,
+                fence_key(slot, self._fences),
+                outbox_key(slot, self._outboxes),
+                self.fence,
+                count,
+            )
+            for slot, count in delivered.items()
+        ]
+        for reply in self._scripts(commands):
+            _status(reply)
+
     def _truncate(self, patterns: list[bytes], ver: bytes) -> None:
-        """Remove every key matching ``patterns`` on every primary, per slot."""
+        """Remove every key matching ``patterns`` on every primary, per slot.
+
+        The primaries are scanned one after another, so a key a reshard moves from a
+        primary not scanned yet to one scanned already is missed: the scan is repeated
+        until it finds nothing left (no key can be new: what follows the TRUNCATE is
+        applied after it), leaving out the slots whose script found the TRUNCATE
+        applied already (a replay: their keys are later changes)."""
         assert self.fence is not None
         client = self._redis()
-        by_slot: dict[int, list[bytes]] = {}
-        try:
-            for pattern in patterns:
-                for key in client.scan_iter(match=pattern, count=1000):
-                    by_slot.setdefault(key_slot(key), []).append(key)
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise RedisUnavailable(f"Redis Cluster scan failed: {type(exc).__name__}") from exc
-        commands: list[tuple[Any, ...]] = []
-        for slot, keys in by_slot.items():
-            commands.append(
-                (
-                    TRUNCATE_SCRIPT,
-                    1 + len(keys),
-                    fence_key(slot, self._fences),
-                    *keys,
-                    self.fence,
-                    ver,
+        past: set[int] = set()
+        for _ in range(_TRUNCATE_PASSES):
+            by_slot: dict[int, list[bytes]] = {}
+            try:
+                for pattern in patterns:
+                    for key in client.scan_iter(match=pattern, count=1000):
+                        slot = key_slot(key)
+                        if slot not in past:
+                            by_slot.setdefault(slot, []).append(key)
+            except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+                raise RedisUnavailable(f"Redis Cluster scan failed: {type(exc).__name__}") from exc
+            if not by_slot:
+                return
+            commands: list[tuple[Any, ...]] = []
+            for slot, keys in by_slot.items():
+                commands.append(
+                    (
+                        TRUNCATE_SCRIPT,
+                        1 + len(keys),
+                        fence_key(slot, self._fences),
+                        *keys,
+                        self.fence,
+                        ver,
+                    )
                 )
-            )
-        for slot, reply in zip(by_slot, self._scripts(commands), strict=True):
-            _status(reply)
-            if not self.ledger.note(slot, int(reply[2])):
-                raise RedisLost(f"hash slot {slot} lost writes (a primary failed over)")
+            for slot, reply in zip(by_slot, self._scripts(commands), strict=True):
+                _status(reply)
+                if not self.ledger.note(slot, int(reply[2])):
+                    raise RedisLost(f"hash slot {slot} lost writes (a primary failed over)")
+                if int(reply[1]) < 0:
+                    past.add(slot)
+        raise RedisUnavailable("TRUNCATE: keys kept appearing while the cluster resharded")
 
     def _checkpoint(self, state: dict[str, str], lsn: str | None) -> None:
         """Phase 3: the state hash, fenced and positioned (BATCH_SCRIPT without operations)."""
@@ -685,6 +729,17 @@ class ClusterSink:
             self.publish_refused = True
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    def _refresh_topology(self) -> None:
+        """Read the slot map again at most every :data:`_TOPOLOGY_EVERY` seconds: redis-py
+        reads it only when a command meets ``MOVED`` or a dead node, so a failover of a
+        primary no batch writes to would go unseen (and its lost writes unrepaired)."""
+        now = time.monotonic()
+        if now < self._topology_at:
+            return
+        self._topology_at = now + _TOPOLOGY_EVERY
+        with contextlib.suppress(redis.RedisError, redis.exceptions.RedisClusterException):
+            self._redis().nodes_manager.initialize(disconnect_startup_nodes_pools=False)
 
     def _primary_names(self) -> frozenset[str]:
         client = self._redis()
@@ -772,7 +827,7 @@ class ClusterSink:
         """Load the scripts on every primary (``EVALSHA`` then finds them)."""
         client = self._redis()
         for node in client.get_primaries():  # type: ignore[no-untyped-call]
-            for script in (ROW_SCRIPT, VIEW_SCRIPT, TRUNCATE_SCRIPT, BATCH_SCRIPT):
+            for script in SCRIPTS:
                 with contextlib.suppress(redis.RedisError, OSError):
                     node.redis_connection.script_load(script)
 

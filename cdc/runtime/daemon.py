@@ -468,6 +468,7 @@ class Daemon:
             rows=report.rows,
             lookup_or_view_keys_dropped=report.lookups_dropped,
             view_keys_rebuilt=report.views_rebuilt,
+            view_members_dropped=report.view_members_dropped,
         )
         sink.lost = []
 

@@ -11,7 +11,11 @@ writes; before streaming resumes this module brings exactly those slots' keys ba
   against the stream as any backfill window, so no key ever goes back);
 - lookup keys found in a lost slot are deleted (the backfill writes the right ones);
 - view keys in a lost slot are rebuilt from PostgreSQL (members and scores); the stream
-  and the backfill then keep them as usual (views converge, contract 6b and 7.8).
+  and the backfill then keep them as usual (views converge, contract 6b and 7.8);
+- the rows fetched again leave every view key of other slots: a row whose hash went
+  back in time may have been changed since on top of it, and the view deltas of such a
+  change start from the stale value, so the row may sit in a view it left. The stream
+  (from the row's current value) or the backfill puts it back where it belongs.
 
 Keys of other slots are not touched: a lost slot costs the rows it holds, not a rebuild.
 """
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING
 from cdc.postgres import catalog
 from cdc.runtime.backfill import Backfill
 from cdc.transform.cluster_script import REPAIR_TAG, key_slot
-from schema.keys import TrackedTable
+from schema.keys import TrackedTable, View, match_prefix
 
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
@@ -36,6 +40,7 @@ class RepairReport:
     rows: int = 0
     lookups_dropped: int = 0
     views_rebuilt: int = 0
+    view_members_dropped: int = 0
 
 
 def repair_slots(
@@ -79,6 +84,7 @@ def repair_slots(
                     ids[table.name].add(row_id)
         for view in table.views:
             report.views_rebuilt += _rebuild_views(client, pg, table, view.column, lost_set)
+            report.view_members_dropped += _drop_members(client, view, ids[table.name], lost_set)
         if ids[table.name]:
             backfill.request_rows(
                 table, sorted(ids[table.name]), "slots lost in a failover", REPAIR_TAG
@@ -116,3 +122,21 @@ def _rebuild_views(
                 client.sadd(key, *[str(m) for m, _ in chunk])
         rebuilt += 1
     return rebuilt
+
+
+def _drop_members(client: RedisCluster, view: View, ids: set[str], lost: set[int]) -> int:
+    """Remove ``ids`` from every key of ``view`` outside the lost slots (rebuilt)."""
+    if not ids:
+        return 0
+    members = sorted(ids)
+    dropped = 0
+    for key in client.scan_iter(match=match_prefix(view.key_prefix), count=1000):
+        if key_slot(key if isinstance(key, bytes) else str(key).encode()) in lost:
+            continue
+        for start in range(0, len(members), 1000):
+            chunk = members[start : start + 1000]
+            if view.sorted:
+                dropped += int(client.zrem(key, *chunk))
+            else:
+                dropped += int(client.srem(key, *chunk))
+    return dropped

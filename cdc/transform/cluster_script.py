@@ -43,7 +43,7 @@ from __future__ import annotations
 import binascii
 from typing import Final
 
-from cdc.transform.script import LUA_EPOCH, LUA_VIEW_WRITE
+from cdc.transform.script import BATCH_SCRIPT, LUA_EPOCH, LUA_VIEW_WRITE
 
 SLOTS: Final = 16384
 FENCE_PREFIX: Final = "cdc:fence:"
@@ -256,7 +256,8 @@ local function watch(a)
   watched[#watched + 1] = e
 end
 
--- An update's changed columns, for its change feed entry: id, names (comma separated).
+-- An update's changed columns, for its change feed entry: id, version, names (comma
+-- separated).
 local changed = {}
 
 local function note_changed(e)
@@ -269,6 +270,7 @@ local function note_changed(e)
     if was ~= is then names[#names + 1] = ARGV[e.cols + c - 1] end
   end
   changed[#changed + 1] = e.id
+  changed[#changed + 1] = cur
   changed[#changed + 1] = table.concat(names, ',')
 end
 
@@ -369,7 +371,7 @@ each with its change's version; ``''``: a load or backfill write, always applied
 ``p`` never carries a ``moved_from`` here (the sink deletes the old key in its own slot;
 the patch then finds its kept fields missing and the row is fetched again); ``u``'s feed
 entries are appended by the sink, this script answers an update's changed columns (``id
-names`` pairs); view changes become outbox deltas ``<kind><+|-> key member score``."""
+version names`` triplets); view changes become outbox deltas ``<kind><+|-> key member score``."""
 
 VIEW_SCRIPT: Final = (
     b"""#!lua
@@ -411,10 +413,11 @@ if not head[1] then return {'lost'} end
 if head[1] ~= ARGV[1] then return {'fenced'} end
 local runs = tonumber(head[3] or '0')
 redis.call('HINCRBY', KEYS[1], 'n', 1)
--- At or past it (a row change, or a view delta, of this TRUNCATE or later reached the
--- slot): this TRUNCATE was applied here already, and what came after must stay.
-if ARGV[2] ~= '' and ((head[2] or '') >= ARGV[2] or (head[4] or '') >= ARGV[2]) then
-  return {'ok', 0, runs}
+-- Past it (a row change or a view delta made after this TRUNCATE reached the slot): it
+-- was applied here already, and what came after must stay (answered as -1). At it (the
+-- slot's last change is this TRUNCATE): a key found now was missed by its scan.
+if ARGV[2] ~= '' and ((head[2] or '') > ARGV[2] or (head[4] or '') > ARGV[2]) then
+  return {'ok', -1, runs}
 end
 local n = 0
 for k = 2, #KEYS, 500 do
@@ -423,3 +426,15 @@ end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'v', ARGV[2]) end
 return {'ok', n, runs}
 """
+
+OUTBOX_TRIM_SCRIPT: Final = b"""#!lua
+-- Drop the first ARGV[2] entries of a slot's outbox (delivered). KEYS: fence, outbox.
+local f = redis.call('HGET', KEYS[1], 'f')
+if not f then return {'lost'} end
+if f ~= ARGV[1] then return {'fenced'} end
+redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
+return {'ok'}
+"""
+
+SCRIPTS: Final = (ROW_SCRIPT, VIEW_SCRIPT, TRUNCATE_SCRIPT, OUTBOX_TRIM_SCRIPT, BATCH_SCRIPT)
+"""What the sink loads on every primary."""
