@@ -6,12 +6,14 @@ another row; it then measures, from the kill, when the standby's ``/readyz`` ans
 and when that row is in Redis. The standby becomes the active daemon of the next run and
 a new standby is started. Prints each run and the median.
 
-Run: ``PYTHONPATH=. .venv/bin/python -m bench.takeover [runs]``.
+Run: ``PYTHONPATH=. .venv/bin/python -m bench.takeover [runs] [--cluster]``; with
+``--cluster`` Redis is a 3-primary Redis Cluster on loopback (tests/cluster.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import statistics
@@ -23,6 +25,7 @@ import psycopg
 import redis
 
 from bench.common import DaemonProcess, Stack, stack
+from schema.redis_url import redis_client
 
 
 def ready(daemon: DaemonProcess) -> bool:
@@ -50,13 +53,13 @@ def write(conn: psycopg.Connection[tuple[object, ...]], row: str) -> None:
     )
 
 
-def visible(client: redis.Redis, row: str) -> bool:
+def visible(client: redis.Redis | redis.RedisCluster, row: str) -> bool:
     return bool(client.exists("ticket:{" + row + "}"))
 
 
 def run(s: Stack, runs: int) -> list[tuple[float, float]]:
     out: list[tuple[float, float]] = []
-    client = redis.Redis.from_url(s.redis_url)
+    client = redis_client(s.redis_url)
     conn = psycopg.connect(s.database_url, autocommit=True)
     env = {"CDC_STANDBY": "true", "CDC_RETRY_MAX": "1"}
     active = DaemonProcess(s, "cdc_cache", **env).start().wait_ready()
@@ -95,9 +98,19 @@ def run(s: Stack, runs: int) -> list[tuple[float, float]]:
 
 
 def main() -> None:
-    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    runs = int(args[0]) if args else 5
     with stack() as s:
-        results = run(s, runs)
+        if "--cluster" in sys.argv:
+            from tests.cluster import RedisCluster
+
+            cluster = RedisCluster(s.directory / "cluster").start()
+            try:
+                results = run(dataclasses.replace(s, redis_url=cluster.url), runs)
+            finally:
+                cluster.stop()
+        else:
+            results = run(s, runs)
     print(
         f"median of {runs}: ready {statistics.median(r for r, _ in results):.3f} s,"
         f" write visible {statistics.median(v for _, v in results):.3f} s"

@@ -753,3 +753,32 @@ def test_cluster_failover_of_a_quiet_primary_is_repaired_without_traffic(
         for key in list(client.scan_iter(match="junk:*")):
             client.delete(key)
         assert_converged(database_url, cluster.url)
+
+
+def test_cluster_standby_takes_over_after_kill_9(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster
+) -> None:
+    """Item 5 in cluster mode: the hot standby acquires the slot when the active daemon
+    is killed (-9), claims every slot's fence (the old daemon's scripts would be
+    refused), and the cache converges (bench/takeover.py --cluster measures how soon)."""
+    seed(database_url)
+    first = make_daemon(REDIS_URL=cluster.url, CDC_STANDBY="true").start().wait_ready()
+    standby = make_daemon(REDIS_URL=cluster.url, CDC_STANDBY="true").start()
+    wait_for(lambda: "standby: waiting for the slot" in standby.log(), 30, "the standby")
+    load = Workload(database_url, seed=23).start()
+    try:
+        load.wait(20)
+        first.kill()
+        standby.wait_ready()
+        load.wait(40)
+    finally:
+        load.stop()
+    try:
+        assert_converged(database_url, cluster.url)
+        client = redis_client(cluster.url)
+        assert text(client.hget("cdc:state", "owner") or b"").endswith(f":{standby.pid}")
+        token = client.hget("cdc:state", "fence")
+        samples = [client.hget(f"cdc:fence:{{{t}}}", "f") for t in ("0", "1", "a", "ff")]
+        assert samples == [token] * 4
+    finally:
+        standby.stop()

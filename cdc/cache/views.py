@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from cdc.transform.script import LUA_EPOCH, LUA_VIEW_WRITE
-from schema.keys import VIEWS_STATE_FIELD, TrackedTable, View, match_prefix
+from schema.keys import VERSION_FIELD, VIEWS_STATE_FIELD, TrackedTable, View, match_prefix
 
 if TYPE_CHECKING:
     import redis  # for annotations: redis-py is imported only where a client is made
@@ -118,33 +118,53 @@ def _reconcile_cluster(
 ) -> int:
     """:func:`reconcile` on a Redis Cluster, where a view key and its members' rows are in
     different slots so no script sees both: member by member, reading the row then writing
-    the view (not atomic: a change the daemon applies in between is corrected by its own
-    view delta, which it applies after the row)."""
+    the view, then reading the row's version (``_v``) again. A change the daemon applies
+    after that second read is followed by its own view deltas (it writes the row first),
+    which correct the member; one applied in between shows as a new version, and the
+    member is done again from the row as it is now."""
     fixed = 0
     for value, row_id in pairs:
         key = view.key(value)
         if not row_id:
             fixed += int(client.unlink(key))
             continue
-        score_column = view.score or view.column
-        column, score = (
-            v.decode() if isinstance(v, bytes) else v
-            for v in client.hmget(table.key(row_id), [view.column, score_column])
-        )
-        if column is not None and column == value:
-            if view.sorted:
-                want = epoch_seconds(score)
-                have = client.zscore(key, row_id)
-                if have is None or float(have) != want:
-                    client.zadd(key, {row_id: want})
-                    fixed += 1
-            else:
-                fixed += int(client.sadd(key, row_id))
-        elif view.sorted:
-            fixed += int(client.zrem(key, row_id))
-        else:
-            fixed += int(client.srem(key, row_id))
+        row_key = table.key(row_id)
+        seen = client.hget(row_key, VERSION_FIELD)
+        for _ in range(_RECONCILE_TRIES):
+            fixed += _reconcile_member(client, table, view, key, value, row_id)
+            now = client.hget(row_key, VERSION_FIELD)
+            if now == seen:
+                break
+            seen = now
     return fixed
+
+
+# Rounds of one member while the daemon keeps changing its row (each round follows the
+# row's newest value; the daemon's deltas correct the member after the last).
+_RECONCILE_TRIES = 5
+
+
+def _reconcile_member(
+    client: RedisCluster, table: TrackedTable, view: View, key: str, value: str, row_id: str
+) -> int:
+    """One member of one view key made to agree with the row's cached hash."""
+    score_column = view.score or view.column
+    column, score = (
+        v.decode() if isinstance(v, bytes) else v
+        for v in client.hmget(table.key(row_id), [view.column, score_column])
+    )
+    if column is not None and column == value:
+        if view.sorted:
+            want = epoch_seconds(score)
+            have = client.zscore(key, row_id)
+            if have is None or float(have) != want:
+                client.zadd(key, {row_id: want})
+                return 1
+            return 0
+        return int(client.sadd(key, row_id))
+    if view.sorted:
+        return int(client.zrem(key, row_id))
+    return int(client.srem(key, row_id))
 
 
 def epoch_seconds(text: str | None) -> float:
