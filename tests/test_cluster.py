@@ -28,7 +28,16 @@ import redis
 from schema.lsn import parse_lsn
 from schema.redis_url import cluster_url, redis_client
 from tests.cluster import RedisCluster, replica_of, reshard
-from tests.helpers import ROOT, Daemon, assert_converged, fence, running, text, wait_for
+from tests.helpers import (
+    ROOT,
+    Daemon,
+    assert_converged,
+    fence,
+    running,
+    slot_confirmed,
+    text,
+    wait_for,
+)
 from writer import Writer
 from writer.reader import AsyncCacheReader, CacheReader
 
@@ -782,3 +791,52 @@ def test_cluster_standby_takes_over_after_kill_9(
         assert samples == [token] * 4
     finally:
         standby.stop()
+
+
+def test_cluster_min_replicas_holds_the_confirmation_until_the_shard_replica_has_it(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster_with_replicas: RedisCluster
+) -> None:
+    """``CDC_REDIS_MIN_REPLICAS=1`` on a cluster: one shard's replica is stopped; a row is
+    applied on that shard's primary but its LSN is not confirmed to PostgreSQL until
+    the replica is back and has it."""
+    cluster = cluster_with_replicas
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url, CDC_REDIS_MIN_REPLICAS="1", CDC_REDIS_TIMEOUT="1")
+    client = redis_client(cluster.url)
+    with running(daemon):
+        fence(database_url, cluster.url)
+        primary = client.get_node_from_key("ticket:{needs-replica}").port  # type: ignore[attr-defined]
+        replica = replica_of(primary)
+        cluster.pause(replica)
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                row = conn.execute(
+                    "INSERT INTO tickets (id, title) VALUES ('needs-replica', 'w')"
+                    " RETURNING pg_current_wal_insert_lsn()::text"
+                ).fetchone()
+            assert row is not None
+            written = parse_lsn(row[0])
+            wait_for(lambda: client.hget("ticket:{needs-replica}", "title"), 30, "the apply")
+
+            def refusals() -> int:
+                return sum(
+                    "CDC_REDIS_MIN_REPLICAS" in str(e.get("error", ""))
+                    for e in daemon.events()
+                    if e.get("event") == "connection problem"
+                )
+
+            wait_for(lambda: refusals() >= 2, 60, "WAIT to fall short twice")
+            assert (slot_confirmed(database_url, daemon.slot) or 0) < written
+        finally:
+            cluster.resume(replica)
+        wait_for(
+            lambda: (slot_confirmed(database_url, daemon.slot) or 0) >= written,
+            60,
+            "the confirmation once the replica is back",
+        )
+        on_replica = cluster.node(replica)
+        pipe = on_replica.pipeline(transaction=False)
+        pipe.execute_command("READONLY")
+        pipe.hget("ticket:{needs-replica}", "title")
+        assert pipe.execute()[1] == b"w"
+        assert_converged(database_url, cluster.url)

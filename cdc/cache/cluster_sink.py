@@ -175,7 +175,9 @@ class ClusterSink:
         self.timeout = timeout
         self.client: RedisCluster | None = None
         self.fence: str | None = None
-        self.min_replicas = 0
+        self.min_replicas = min_replicas
+        # WAIT gives up a little before the socket's own timeout would fire (as RedisSink).
+        self._wait_ms = max(1, int(timeout * 800))
         self._lsn = ""
         self._partial = ""
         self.publish_refused = False
@@ -245,6 +247,10 @@ class ClusterSink:
             self.ledger.accept(found)
         self._primaries = self._primary_names()
         self.deliver_outboxes()
+        if self.min_replicas:
+            # What this session resumes from (and will confirm) must be on the replicas,
+            # including batches a previous session applied but could not confirm.
+            self._wait_replicas()
         state = self.read_state()
         self._follow(state.extra)
         self.lost_slots = missing
@@ -496,6 +502,8 @@ class ClusterSink:
             failpoints.hit("cluster_checkpoint")
         lsn = state.get("lsn")
         self._checkpoint(state, lsn)
+        if self.min_replicas:
+            self._wait_replicas()
         if lsn is not None:
             self._lsn = lsn
         if "partial" in state:
@@ -729,6 +737,51 @@ class ClusterSink:
             self.publish_refused = True
 
     # -- plumbing -------------------------------------------------------------------------------
+
+    def _wait_replicas(self) -> None:
+        """``CDC_REDIS_MIN_REPLICAS`` in cluster mode: on every primary, one write
+        (``HSET`` of the fence key of a slot it serves) and ``WAIT n`` on the same
+        connection. A primary's replication stream is one sequence, so ``WAIT`` after the
+        connection's last write returns once the replicas have everything the primary
+        had before it, whichever connection wrote it: the batch and all before it. Too
+        few replicas: the batch stays applied but is not confirmed (the session restarts
+        and the next claim waits again), as on one node."""
+        client = self._redis()
+        owner: dict[str, int] = {}
+        for slot, nodes in client.nodes_manager.slots_cache.items():
+            owner.setdefault(nodes[0].name, slot)
+        wait = (b"WAIT", str(self.min_replicas).encode(), str(self._wait_ms).encode())
+        sent: list[tuple[Any, Any, str]] = []
+        try:
+            for node in client.get_primaries():  # type: ignore[no-untyped-call]
+                if node.name not in owner:
+                    continue
+                pool = node.redis_connection.connection_pool
+                conn = pool.get_connection()
+                sent.append((pool, conn, node.name))
+                mark = ("HSET", fence_key(owner[node.name], self._fences), "ack", "1")
+                conn.send_packed_command([_pack([mark, wait])], False)
+            short: list[str] = []
+            for _, conn, name in sent:
+                conn.read_response()
+                acked = conn.read_response()
+                if int(acked) < self.min_replicas:
+                    short.append(f"{name}: {int(acked)}")
+        except (redis.RedisError, OSError, ValueError) as exc:
+            for _, conn, _ in sent:
+                conn.disconnect()
+            raise RedisUnavailable(
+                f"WAIT for replicas failed (CDC_REDIS_MIN_REPLICAS): {type(exc).__name__}"
+            ) from exc
+        finally:
+            for pool, conn, _ in sent:
+                pool.release(conn)
+        if short:
+            raise RedisUnavailable(
+                f"only some Redis replicas acknowledged within {self._wait_ms} ms"
+                f" (CDC_REDIS_MIN_REPLICAS={self.min_replicas}; {', '.join(short)});"
+                " not confirming, retrying"
+            )
 
     def _refresh_topology(self) -> None:
         """Read the slot map again at most every :data:`_TOPOLOGY_EVERY` seconds: redis-py

@@ -261,8 +261,6 @@ def check_cluster(settings: Settings) -> None:
 
     from schema.redis_url import cluster_client
 
-    if settings.redis_min_replicas:
-        raise ConfigError("CDC_REDIS_MIN_REPLICAS is not supported on a Redis Cluster: unset it")
     url = as_cluster_url(settings.redis)
     try:
         client = cluster_client(
