@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot as redis_key_slot
 
-from cdc.cache.cluster_sink import parse_ops
+from cdc.cache.cluster_sink import _moves, parse_ops
 from cdc.transform.assemble import view_from_columns
 from cdc.transform.cluster_script import (
     SLOTS,
@@ -13,6 +13,8 @@ from cdc.transform.cluster_script import (
     fence_key,
     key_slot,
     outbox_key,
+    parse_slot_ranges,
+    slot_ranges,
     slot_tags,
     version,
 )
@@ -78,3 +80,30 @@ def test_cluster_urls() -> None:
         RedisTarget.parse("redis+cluster://a:7000/3")
     with pytest.raises(ValueError, match="host:port"):
         RedisTarget.parse("redis+cluster://a:notaport")
+
+
+def test_slot_ranges_round_trip_and_bad_parts_are_ignored() -> None:
+    slots = [0, 1, 2, 7, 9, 10, 16383]
+    assert slot_ranges(slots) == "0-2,7,9-10,16383"
+    assert slot_ranges([5, 3, 4, 4]) == "3-5"
+    assert slot_ranges([]) == ""
+    assert parse_slot_ranges(slot_ranges(slots)) == set(slots)
+    assert parse_slot_ranges(slot_ranges(list(range(SLOTS)))) == set(range(SLOTS))
+    assert parse_slot_ranges("") == set()
+    assert parse_slot_ranges("x,3,4-z,-1,16380-99999") == {3, 16380, 16381, 16382, 16383}
+
+
+def test_a_key_change_with_kept_columns_is_split_at_its_change_bounds() -> None:
+    def op(code: bytes, *args: bytes) -> tuple[bytes, list[bytes]]:
+        return code, list(args)
+
+    ops = [
+        op(b"h", b"ticket:{a}"),  # change 0
+        op(b"w", b"a", b"ticket:{a}", b"0", b"0"),  # change 1: a key change with kept columns
+        op(b"p", b"ticket:{b}", b"ticket:{a}", b"0", b"0", b"1", b"description"),
+        op(b"u"),
+        op(b"p", b"ticket:{c}", b"", b"0", b"0", b"1", b"description"),  # change 2: no move
+        op(b"p", b"ticket:{e}", b"ticket:{d}", b"0", b"0", b"1", b"description"),  # change 3
+    ]
+    marks = [(0, b"0/1", 0), (1, b"0/1", 1), (4, b"0/1", 2), (5, b"0/1", 3)]
+    assert _moves(ops, marks) == {1: (2, 4), 5: (5, 6)}
