@@ -836,7 +836,7 @@ def test_cluster_min_replicas_holds_the_confirmation_until_the_shard_replica_has
         )
         on_replica = cluster.node(replica)
         pipe = on_replica.pipeline(transaction=False)
-        pipe.execute_command("READONLY")
+        pipe.execute_command("READONLY")  # type: ignore[no-untyped-call]
         pipe.hget("ticket:{needs-replica}", "title")
         assert pipe.execute()[1] == b"w"
         assert_converged(database_url, cluster.url)
