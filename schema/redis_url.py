@@ -29,7 +29,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     import redis
@@ -415,10 +415,10 @@ def as_cluster_url(url: str) -> str:
     cluster URL stays as it is)."""
     if RedisTarget.parse(url).cluster:
         return url
-    scheme, _, rest = url.partition("://")
-    netloc, _, tail = rest.partition("/")
-    query = tail.partition("?")[2]
-    return f"{scheme}+cluster://{netloc}" + (f"/?{query}" if query else "")
+    # urlsplit, not text cuts: a query value may hold '/' (``ssl_ca_certs=/etc/ca.pem``)
+    # and the path (the db) may be absent. A cluster has only db 0: the path goes.
+    parts = urlsplit(url)
+    return urlunsplit((f"{parts.scheme}+cluster", parts.netloc, "", parts.query, ""))
 
 
 def redis_client(url: str, **kwargs: Any) -> redis.Redis:
