@@ -534,3 +534,30 @@ def test_cluster_change_feed(
                     assert op in ("delete", "truncate"), (table, row_id, op)
             updates = [e for e in entries if e["op"] == "update"]
             assert any(e["columns"] for e in updates)
+
+
+def test_async_reader_asks_a_node_url_without_blocking_calls(
+    cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncCacheReader on a plain redis:// URL of any node: it finds the cluster over
+    redis.asyncio (no sync redis-py call blocks its event loop) and reads from the slot
+    owners (a node that does not own ``cdc:state``'s slot would answer MOVED)."""
+    admin = redis_client(cluster.url)
+    admin.hset("cdc:state", "lsn", "0/1234")
+    admin.close()
+
+    def blocking(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a sync redis-py call from the async reader")
+
+    monkeypatch.setattr(redis.Redis, "execute_command", blocking)
+    monkeypatch.setattr(redis.Redis, "info", blocking)
+
+    async def read(port: int) -> int | None:
+        areader = AsyncCacheReader.connect(f"redis://127.0.0.1:{port}/0")
+        try:
+            return await areader.applied_position()
+        finally:
+            await areader.close()
+
+    for port in cluster.ports:
+        assert asyncio.run(read(port)) == parse_lsn("0/1234"), port

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import redis
 from redis.crc import key_slot as redis_key_slot
 
 from cdc.cache.cluster_sink import parse_ops
+from cdc.errors import RedisLost
+from cdc.runtime import daemon as daemon_module
+from cdc.runtime.daemon import Daemon
+from cdc.settings import load_settings
 from cdc.transform.assemble import view_from_columns
 from cdc.transform.cluster_script import (
     SLOTS,
@@ -17,6 +24,7 @@ from cdc.transform.cluster_script import (
     version,
 )
 from cdc.transform.plan import CommandBatch, Planner
+from devstack.servers import free_port
 from schema.keys import TICKETS
 from schema.redis_url import RedisTarget
 
@@ -78,3 +86,35 @@ def test_cluster_urls() -> None:
         RedisTarget.parse("redis+cluster://a:7000/3")
     with pytest.raises(ValueError, match="host:port"):
         RedisTarget.parse("redis+cluster://a:notaport")
+
+
+def _daemon_on(url: str) -> Daemon:
+    settings = load_settings(database_url="postgresql://127.0.0.1:1/x", redis_url=url)
+    daemon = Daemon(settings)
+    daemon.redis_url = url
+    return daemon
+
+
+def test_clearing_the_cache_of_an_unreachable_cluster_is_redis_lost() -> None:
+    """redis-py's cluster client raises RedisClusterException (not a RedisError) when no
+    node answers: the rebuild's clear turns it into RedisLost like any Redis failure."""
+    with pytest.raises(RedisLost, match="RedisClusterException"):
+        _daemon_on(f"redis+cluster://127.0.0.1:{free_port()}")._clear_tracked_keys()
+
+
+def test_a_cluster_error_while_clearing_the_cache_is_redis_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slot with no node (a RedisClusterException subclass) during the scans."""
+
+    class Client:
+        def close(self) -> None:
+            pass
+
+    def scan(client: object, prefix: str) -> Iterator[list[bytes]]:
+        raise redis.exceptions.SlotNotCoveredError("slot 7 is not covered by the cluster")
+
+    monkeypatch.setattr(daemon_module, "redis_client", lambda url, **kwargs: Client())
+    monkeypatch.setattr(daemon_module, "scan_keys", scan)
+    with pytest.raises(RedisLost, match="SlotNotCoveredError"):
+        _daemon_on("redis+cluster://127.0.0.1:7000")._clear_tracked_keys()

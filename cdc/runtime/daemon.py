@@ -615,14 +615,20 @@ class Daemon:
     def _clear_tracked_keys(self) -> None:
         import redis  # only here: redis-py costs 65-110 ms of every start
 
-        client = redis_client(self.redis_url, socket_timeout=self.settings.redis_timeout)
+        # In cluster mode redis-py raises RedisClusterException (not a RedisError) when
+        # the cluster cannot be reached or a slot has no node, at construction too.
+        failures = (redis.RedisError, redis.exceptions.RedisClusterException)
+        try:
+            client = redis_client(self.redis_url, socket_timeout=self.settings.redis_timeout)
+        except failures as exc:
+            raise RedisLost(f"cannot clear the stale cache: {type(exc).__name__}: {exc}") from None
         try:
             for table in self.tables:
                 for prefix in table.owned_prefixes:
                     for keys in scan_keys(client, prefix):
                         client.unlink(*keys)
-        except redis.RedisError as exc:
-            raise RedisLost(f"cannot clear the stale cache: {exc}") from None
+        except failures as exc:
+            raise RedisLost(f"cannot clear the stale cache: {type(exc).__name__}: {exc}") from None
         finally:
             client.close()
 
