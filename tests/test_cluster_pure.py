@@ -10,6 +10,7 @@ from redis.crc import key_slot as redis_key_slot
 
 from cdc.cache.cluster_sink import parse_ops
 from cdc.errors import RedisLost
+from cdc.ops.checks import cluster_problem
 from cdc.runtime import daemon as daemon_module
 from cdc.runtime.daemon import Daemon
 from cdc.settings import load_settings
@@ -118,3 +119,37 @@ def test_a_cluster_error_while_clearing_the_cache_is_redis_lost(
     monkeypatch.setattr(daemon_module, "scan_keys", scan)
     with pytest.raises(RedisLost, match="SlotNotCoveredError"):
         _daemon_on("redis+cluster://127.0.0.1:7000")._clear_tracked_keys()
+
+
+def test_cluster_problems_are_found_among_the_causes() -> None:
+    """redis-py's RedisCluster wraps what a node answered: refused credentials and
+    permissions are configuration (exit 2) wherever they sit in the chain."""
+
+    def wrapped(cause: BaseException) -> redis.exceptions.RedisClusterException:
+        try:
+            try:
+                raise cause
+            except redis.ResponseError:
+                raise redis.exceptions.RedisClusterException("not enabled") from None
+        except (redis.exceptions.RedisClusterException, redis.AuthenticationError) as inner:
+            outer = redis.exceptions.RedisClusterException("cannot be connected")
+            outer.__cause__ = inner
+            return outer
+
+    wrong = wrapped(redis.AuthenticationError("invalid username-password pair"))
+    assert cluster_problem(wrong) == "the Redis Cluster refused the credentials in REDIS_URL"
+    command = wrapped(
+        redis.exceptions.NoPermissionError(
+            "this user has no permissions to run the 'cluster|slots' command"
+        )
+    )
+    assert cluster_problem(command) == (
+        "the Redis user may not run CLUSTER SLOTS on the Redis Cluster: grant it"
+        ' +cluster|slots on every node (README "TLS and ACL")'
+    )
+    key = cluster_problem(
+        wrapped(redis.exceptions.NoPermissionError("No permissions to access a key"))
+    )
+    assert key is not None
+    assert key.startswith("the Redis user lacks a permission on the Redis Cluster (NOPERM)")
+    assert cluster_problem(redis.exceptions.RedisClusterException("cannot be connected")) is None

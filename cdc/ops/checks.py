@@ -340,11 +340,15 @@ def cluster_problem(exc: BaseException) -> str | None:
         ):
             return "the Redis Cluster refused the credentials in REDIS_URL"
         if isinstance(current, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
-            command = text.split("'")[1] if text.count("'") >= 2 else "a command"
-            shown = command.replace("|", " ").upper()
+            if text.count("'") < 2:  # a key or channel: no command named
+                return (
+                    "the Redis user lacks a permission on the Redis Cluster (NOPERM): grant"
+                    ' it the daemon\'s keys and commands on every node (README "TLS and ACL")'
+                )
+            command = text.split("'")[1]
             return (
-                f"the Redis user may not run {shown} on the Redis Cluster: grant it"
-                f' +{command.lower()} on every node (README "TLS and ACL")'
+                f"the Redis user may not run {command.replace('|', ' ').upper()} on the Redis"
+                f' Cluster: grant it +{command.lower()} on every node (README "TLS and ACL")'
             )
         current = current.__cause__ or current.__context__
     return tls_problem(exc)
