@@ -172,3 +172,21 @@ def test_wrong_password_on_a_cluster_is_exit_2(
     for shown in (wrong, encoded, quote(wrong), wrong.split("/", 1)[1].split(" ", maxsplit=1)[0]):
         assert shown not in log
     assert "Traceback" not in log
+
+
+def test_wrong_password_on_a_cluster_for_the_one_shot_commands(
+    database_url: str, cluster: RedisCluster, slot_name: str
+) -> None:
+    """``cdc verify`` and ``cdc slot reset`` refuse the same way (exit 2, one line)."""
+    add_user(cluster, "cdc", uuid.uuid4().hex, DAEMON_ACL_RULES + CLUSTER_ACL_RULES)
+    wrong = f"Wr0ng/{uuid.uuid4().hex[:8]}"
+    url = f"redis+cluster://cdc:{quote(wrong, safe='')}@127.0.0.1:{cluster.ports[0]}"
+    for args in (("verify",), ("slot", "reset", "--yes")):
+        done = cdc(database_url, url, slot_name, *args)
+        output = done.stdout + done.stderr
+        assert done.returncode == 2, output
+        assert output.strip().splitlines()[-1].startswith("cdc: "), output
+        assert "refused the credentials" in output, output
+        assert wrong not in output
+        assert quote(wrong, safe="") not in output
+        assert "Traceback" not in output

@@ -8,9 +8,8 @@ import pytest
 import redis
 from redis.crc import key_slot as redis_key_slot
 
-from cdc.cache.cluster_sink import parse_ops
+from cdc.cache.cluster_sink import cluster_problem, parse_ops
 from cdc.errors import RedisLost
-from cdc.ops.checks import cluster_problem
 from cdc.runtime import daemon as daemon_module
 from cdc.runtime.daemon import Daemon
 from cdc.settings import load_settings

@@ -51,7 +51,7 @@ from redis.cluster import RedisCluster
 
 from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
 from cdc.cache.sink import ApplyResult, InFlight, RedisSink, _refused, owner_label
-from cdc.errors import Fenced, RedisLost, RedisUnavailable
+from cdc.errors import ConfigError, Fenced, RedisLost, RedisUnavailable
 from cdc.transform.cluster_script import (
     ROW_SCRIPT,
     SLOTS,
@@ -68,7 +68,7 @@ from cdc.transform.plan import CommandBatch
 from cdc.transform.script import BATCH_SCRIPT
 from schema.keys import REGISTRY_KEY, STATE_KEY, TABLES_FIELD, applied_message
 from schema.lsn import parse_lsn
-from schema.redis_url import RedisTarget, cluster_client
+from schema.redis_url import RedisTarget, cluster_client, tls_problem
 
 # Errors a retry clears (slot moving, failover in progress, script cache empty...).
 _RETRY = (
@@ -137,6 +137,42 @@ def parse_ops(buf: bytes | bytearray, count: int) -> list[tuple[bytes, list[byte
     return ops
 
 
+def cluster_problem(exc: BaseException) -> str | None:
+    """What to fix when redis-py's cluster client failed for a configuration reason
+    (exit 2, never retried): refused credentials, a command the user may not run, TLS.
+
+    ``RedisCluster`` wraps what a node answered in ``RedisClusterException`` ("cannot be
+    connected", "cluster mode is not enabled"), so the causes are searched. Redis' texts
+    never hold the password; the URL is not repeated."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if "without any password configured" in text:
+            return (
+                "REDIS_URL has a password but the Redis Cluster has none set for that user:"
+                " remove it from REDIS_URL, or set one on every node (requirepass / ACL)"
+            )
+        if isinstance(current, redis.AuthenticationError) or text.startswith(
+            ("WRONGPASS", "NOAUTH", "invalid username-password", "Authentication required")
+        ):
+            return "the Redis Cluster refused the credentials in REDIS_URL"
+        if isinstance(current, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
+            if text.count("'") < 2:  # a key or channel: no command named
+                return (
+                    "the Redis user lacks a permission on the Redis Cluster (NOPERM): grant"
+                    ' it the daemon\'s keys and commands on every node (README "TLS and ACL")'
+                )
+            command = text.split("'")[1]
+            return (
+                f"the Redis user may not run {command.replace('|', ' ').upper()} on the Redis"
+                f' Cluster: grant it +{command.lower()} on every node (README "TLS and ACL")'
+            )
+        current = current.__cause__ or current.__context__
+    return tls_problem(exc)
+
+
 class ClusterSink:
     """:class:`RedisSink`'s interface over a Redis Cluster (see the module's docstring).
 
@@ -184,6 +220,8 @@ class ClusterSink:
             self.client.ping()
             self.load_scripts()
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            if problem := cluster_problem(exc):
+                raise ConfigError(problem) from None  # never retried (as RedisSink's)
             raise RedisUnavailable(f"cannot reach the Redis Cluster: {type(exc).__name__}") from exc
 
     def close(self) -> None:

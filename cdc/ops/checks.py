@@ -265,6 +265,7 @@ def check_cluster(
     (one line, exit 2)."""
     import redis  # only in cluster mode: redis-py costs 65-110 ms of every start
 
+    from cdc.cache.cluster_sink import cluster_problem
     from schema.redis_url import cluster_client
 
     if settings.redis_min_replicas:
@@ -314,44 +315,6 @@ def check_cluster(
             raise ConfigError(problem) from None
         name = type(exc).__name__
         raise RedisUnavailable(f"cannot reach the Redis Cluster: {name}") from None
-
-
-def cluster_problem(exc: BaseException) -> str | None:
-    """What to fix when redis-py's cluster client failed for a configuration reason
-    (exit 2, never retried): refused credentials, a command the user may not run, TLS.
-
-    ``RedisCluster`` wraps what a node answered in ``RedisClusterException`` ("cannot be
-    connected", "cluster mode is not enabled"), so the causes are searched. Redis' texts
-    never hold the password; the URL is not repeated."""
-    import redis
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        text = str(current)
-        if "without any password configured" in text:
-            return (
-                "REDIS_URL has a password but the Redis Cluster has none set for that user:"
-                " remove it from REDIS_URL, or set one on every node (requirepass / ACL)"
-            )
-        if isinstance(current, redis.AuthenticationError) or text.startswith(
-            ("WRONGPASS", "NOAUTH", "invalid username-password", "Authentication required")
-        ):
-            return "the Redis Cluster refused the credentials in REDIS_URL"
-        if isinstance(current, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
-            if text.count("'") < 2:  # a key or channel: no command named
-                return (
-                    "the Redis user lacks a permission on the Redis Cluster (NOPERM): grant"
-                    ' it the daemon\'s keys and commands on every node (README "TLS and ACL")'
-                )
-            command = text.split("'")[1]
-            return (
-                f"the Redis user may not run {command.replace('|', ' ').upper()} on the Redis"
-                f' Cluster: grant it +{command.lower()} on every node (README "TLS and ACL")'
-            )
-        current = current.__cause__ or current.__context__
-    return tls_problem(exc)
 
 
 def _cluster_uses(state: str) -> list[tuple[str, ...]]:
