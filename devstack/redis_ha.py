@@ -8,7 +8,8 @@
   master; start two or three for a real quorum.
 * :data:`DAEMON_ACL_RULES` is the least-privilege ACL of the daemon: its key prefixes
   (contract section 6b), its channels and the commands it sends, nothing else. The README
-  prints :func:`acl_setuser` of it, and a test checks that the two agree.
+  prints :func:`acl_setuser` of it, and a test checks that the two agree;
+  :data:`CLUSTER_ACL_RULES` is what cluster mode needs besides (:func:`acl_cluster_additions`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ import redis
 from devstack.servers import RedisServer, ServerError, _wait_port, free_port
 
 __all__ = [
+    "CLUSTER_ACL_RULES",
     "DAEMON_ACL_RULES",
     "SentinelGroup",
     "SentinelServer",
     "TlsFiles",
+    "acl_cluster_additions",
     "acl_setuser",
     "make_tls_files",
     "tls_server_args",
@@ -91,9 +94,31 @@ DAEMON_ACL_RULES: tuple[str, ...] = (
 )
 
 
+# What cluster mode sends besides (README "TLS and ACL"): the per-slot scripts count their
+# runs (HINCRBY) and keep view deltas in outboxes (RPUSH, LRANGE at a claim), and redis-py's
+# RedisCluster reads the topology with CLUSTER SLOTS and the commands' key positions with
+# COMMAND.
+CLUSTER_ACL_RULES: tuple[str, ...] = (
+    "+hincrby",
+    "+rpush",
+    "+lrange",
+    "+ltrim",
+    "+cluster|slots",
+    "+cluster|myid",
+    "+cluster|getkeysinslot",
+    "+command",
+)
+
+
 def acl_setuser(user: str, password: str) -> str:
     """The ``ACL SETUSER`` line for the daemon's user (as printed in the README)."""
     return " ".join(["ACL SETUSER", user, "on", f">{password}", *DAEMON_ACL_RULES])
+
+
+def acl_cluster_additions(user: str) -> str:
+    """The ``ACL SETUSER`` line that adds what cluster mode needs (README, run on every
+    node after :func:`acl_setuser`'s)."""
+    return " ".join(["ACL SETUSER", user, *CLUSTER_ACL_RULES])
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ verify, snapshot sweeps) and the writer's ``CacheReader`` agree on every form
     ``rediss+sentinel://`` speaks TLS to the Sentinels and the master alike.
 ``redis+cluster://[user:password@]host:port[,host:port…]``
     a Redis Cluster: any of the nodes named lets the client discover the topology
-    (``rediss+cluster://`` for TLS). A plain ``redis://`` URL of a node whose ``INFO
-    cluster`` says ``cluster_enabled:1`` means the same (:func:`cluster_url`).
+    (``rediss+cluster://`` for TLS). A plain ``redis://`` URL of a node whose ``HELLO``
+    says ``mode cluster`` means the same (:func:`cluster_url`).
 
-Nothing here opens a connection except :func:`redis_client`; :meth:`RedisTarget.describe`
-is the only text of a URL that may be logged (no password, no query).
+Nothing here opens a connection except the clients and the cluster probes;
+:meth:`RedisTarget.describe` is the only text of a URL that may be logged (no password, no
+query).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     import redis
@@ -383,9 +384,11 @@ def cluster_client(url: str, **kwargs: Any) -> RedisCluster:
 
 
 def cluster_url(url: str, timeout: float = 2.0) -> str:
-    """``url`` itself, or, for a ``redis://`` URL of a node with ``cluster_enabled:1``,
-    the ``redis+cluster://`` URL of that node (so every part of the daemon sees one form).
-    A node that cannot be asked leaves the URL as it is (the checks report why)."""
+    """``url`` itself, or, for a ``redis://`` URL of a Redis Cluster node, the
+    ``redis+cluster://`` URL of that node (so every part of the daemon sees one form).
+    A node that cannot be asked leaves the URL as it is (the checks report why).
+
+    Blocking: asyncio callers ask :func:`async_is_cluster_node` instead."""
     import redis
 
     target = RedisTarget.parse(url)
@@ -402,12 +405,57 @@ def cluster_url(url: str, timeout: float = 2.0) -> str:
             },
         )
         try:
-            enabled = int(client.info("cluster").get("cluster_enabled", 0))
+            clustered = is_cluster_node(client)
         finally:
             client.close()
     except redis.RedisError:
         return url
-    return as_cluster_url(url) if enabled else url
+    return as_cluster_url(url) if clustered else url
+
+
+def is_cluster_node(client: redis.Redis) -> bool:
+    """Whether ``client``'s node is one of a Redis Cluster: ``HELLO``'s ``mode``, which
+    Redis answers for any user (an ACL user without ``INFO`` is still recognised);
+    ``INFO cluster`` before Redis 6.2. Raises redis-py's errors.
+
+    ``HELLO`` without a protocol version: with one it would switch the pooled connection's
+    protocol under redis-py (which speaks RESP3 by default) and garble later replies."""
+    import redis
+
+    try:
+        mode = node_mode(client.execute_command("HELLO"))  # type: ignore[no-untyped-call]
+    except redis.ResponseError:
+        mode = None  # before Redis 6.2: no HELLO without arguments
+    if mode is None:
+        return bool(int(client.info("cluster").get("cluster_enabled", 0)))
+    return mode == "cluster"
+
+
+async def async_is_cluster_node(client: redis.asyncio.Redis) -> bool:
+    """:func:`is_cluster_node` on ``redis.asyncio`` (``AsyncCacheReader``: its event loop
+    never waits on a blocking socket)."""
+    import redis
+
+    try:
+        mode = node_mode(await client.execute_command("HELLO"))  # type: ignore[no-untyped-call]
+    except redis.ResponseError:
+        mode = None
+    if mode is None:
+        return bool(int((await client.info("cluster")).get("cluster_enabled", 0)))
+    return mode == "cluster"
+
+
+def node_mode(hello: Any) -> str | None:
+    """``HELLO``'s ``mode`` (``standalone``, ``cluster``, ``sentinel``), from its RESP2
+    (flat list) or RESP3 (map) reply, as bytes or text; None when it has none."""
+    if isinstance(hello, (list, tuple)):
+        hello = dict(zip(hello[0::2], hello[1::2], strict=False))
+    if not isinstance(hello, dict):
+        return None
+    mode = hello.get(b"mode", hello.get("mode"))
+    if isinstance(mode, bytes):
+        return mode.decode()
+    return mode if isinstance(mode, str) else None
 
 
 def as_cluster_url(url: str) -> str:
@@ -415,10 +463,10 @@ def as_cluster_url(url: str) -> str:
     cluster URL stays as it is)."""
     if RedisTarget.parse(url).cluster:
         return url
-    scheme, _, rest = url.partition("://")
-    netloc, _, tail = rest.partition("/")
-    query = tail.partition("?")[2]
-    return f"{scheme}+cluster://{netloc}" + (f"/?{query}" if query else "")
+    # urlsplit, not text cuts: a query value may hold '/' (``ssl_ca_certs=/etc/ca.pem``)
+    # and the path (the db) may be absent. A cluster has only db 0: the path goes.
+    parts = urlsplit(url)
+    return urlunsplit((f"{parts.scheme}+cluster", parts.netloc, "", parts.query, ""))
 
 
 def redis_client(url: str, **kwargs: Any) -> redis.Redis:

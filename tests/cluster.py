@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from devstack.redis_ha import TlsFiles, tls_server_args
 from tests.helpers import wait_for
 
 
@@ -42,20 +43,49 @@ def cluster_ports(n: int) -> list[int]:
 
 @dataclass
 class RedisCluster:
-    """``primaries`` primaries, each with ``replicas`` replicas."""
+    """``primaries`` primaries, each with ``replicas`` replicas; with ``tls``, every
+    node speaks TLS only (clients, replication and the cluster bus), client certificates
+    required."""
 
     root: Path
     primaries: int = 3
     replicas: int = 0
+    tls: TlsFiles | None = None
     ports: list[int] = field(default_factory=list)
     procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        nodes = ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        if self.tls is not None:
+            return f"rediss+cluster://{nodes}?{self.tls.client_query()}"
+        return "redis+cluster://" + nodes
 
     def node(self, port: int) -> redis.Redis:
+        if self.tls is not None:
+            return redis.Redis(
+                host="127.0.0.1",
+                port=port,
+                socket_timeout=5,
+                ssl=True,
+                ssl_ca_certs=str(self.tls.ca_cert),
+                ssl_certfile=str(self.tls.client_cert),
+                ssl_keyfile=str(self.tls.client_key),
+            )
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+    def _cli_tls(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--tls",
+            "--cacert",
+            str(self.tls.ca_cert),
+            "--cert",
+            str(self.tls.client_cert),
+            "--key",
+            str(self.tls.client_key),
+        ]
 
     def start_node(self, port: int) -> None:
         d = self.root / str(port)
@@ -64,8 +94,11 @@ class RedisCluster:
         self.procs[port] = subprocess.Popen(
             [
                 shutil.which("redis-server") or "redis-server",
-                "--port",
-                str(port),
+                *(
+                    [*tls_server_args(self.tls, port), "--tls-cluster", "yes"]
+                    if self.tls is not None
+                    else ["--port", str(port)]
+                ),
                 "--bind",
                 "127.0.0.1",
                 "--cluster-enabled",
@@ -87,7 +120,7 @@ class RedisCluster:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_for(lambda: _pings(port), 20, f"redis node {port}")
+        wait_for(lambda: self._pings(port), 20, f"redis node {port}")
 
     def start(self) -> RedisCluster:
         self.ports = cluster_ports(self.primaries * (1 + self.replicas))
@@ -96,6 +129,7 @@ class RedisCluster:
         subprocess.run(
             [
                 "redis-cli",
+                *self._cli_tls(),
                 "--cluster",
                 "create",
                 *[f"127.0.0.1:{p}" for p in self.ports],
@@ -130,6 +164,12 @@ class RedisCluster:
                     found.append(port)
         return found
 
+    def _pings(self, port: int) -> bool:
+        try:
+            return bool(self.node(port).ping())
+        except redis.RedisError:
+            return False
+
     def pause(self, port: int) -> None:
         self.procs[port].send_signal(signal.SIGSTOP)
 
@@ -163,13 +203,6 @@ class RedisCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
         self.procs.clear()
-
-
-def _pings(port: int) -> bool:
-    try:
-        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
 
 
 def wait_settled(seconds: float) -> None:

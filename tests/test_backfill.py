@@ -86,3 +86,42 @@ def test_a_window_waits_for_applied_transactions_its_snapshot_cannot_see(
     title = window.view.column_names.index("title")
     assert window.rows[b"t1"][title] == b"streamed"
     assert window.missing == {b"gone"}  # requested but absent: its key is deleted
+
+
+def test_a_refused_id_drops_only_itself_and_a_tag_waits_for_the_rest(
+    pg: Conn, database_url: str
+) -> None:
+    """One id PostgreSQL cannot take (a NUL byte) among a slot repair's: only it is
+    dropped; the others are written, and the repair's tag is pending until they are."""
+    _insert(pg, "t1", "t3")
+    backfill = Backfill(Planner(1 << 20), chunk=100)
+    backfill.request_rows(TICKETS, ["t1", "bad\x00", "t3"], "test", "slot-repair")
+    written: set[bytes] = set()
+    with psycopg.connect(database_url, autocommit=True) as reader:
+        for _ in range(20):
+            if backfill.open(reader) is None:
+                continue
+            assert backfill.pending("slot-repair")
+            batch = CommandBatch()
+            backfill.flush(batch)
+            written |= _written_keys(batch)
+            if not backfill.busy:
+                break
+    assert written == {b"ticket:{t1}", b"ticket:{t3}"}
+    assert not backfill.pending("slot-repair")
+
+
+def test_a_window_abandoned_for_a_schema_change_keeps_its_ids_requested(
+    pg: Conn, database_url: str
+) -> None:
+    _insert(pg, "t1", "t2")
+    backfill = Backfill(Planner(1 << 20), chunk=100)
+    backfill.request_rows(TICKETS, ["t1", "t2", "gone"], "test", "slot-repair")
+    with psycopg.connect(database_url, autocommit=True) as reader:
+        assert backfill.open(reader) is not None
+        backfill.schema_changed(TICKETS)
+        assert backfill.pending("slot-repair")
+        window = backfill.open(reader)
+    assert window is not None
+    assert set(window.rows) == {b"t1", b"t2"}
+    assert window.missing == {b"gone"}

@@ -25,6 +25,7 @@ import psycopg
 import pytest
 import redis
 
+from devstack.redis_ha import TlsFiles, make_tls_files
 from schema.lsn import parse_lsn
 from schema.redis_url import cluster_url, redis_client
 from tests.cluster import RedisCluster, replica_of, reshard
@@ -571,7 +572,8 @@ def _crash_before_checkpoint(
 ) -> None:
     """Run ``change`` under a daemon held after every slot applied it but before
     ``cdc:state`` moved, and kill it there (-9): the next daemon replays the change."""
-    daemon = make_daemon(REDIS_URL=url, CDC_FAILPOINTS=f"cluster_checkpoint=pause:{hold}", **env)
+    env = {"REDIS_URL": url, **env, "CDC_FAILPOINTS": f"cluster_checkpoint=pause:{hold}"}
+    daemon = make_daemon(**env)
     with running(daemon):
         hold.touch()
         change()
@@ -611,13 +613,38 @@ def test_cluster_replayed_truncate_keeps_what_followed_it(
     assert members == counts["tickets"]
 
 
+# Tickets without views: a key change's first operation is then its patch.
+_NO_TICKET_VIEWS = """
+[[tables]]
+name = "agents"
+key = "agent:{id}"
+exclude = ["password_hash"]
+lookups = ["agent:username:{username}"]
+views = [{ key = "agents:status:{status}" }]
+
+[[tables]]
+name = "tickets"
+key = "ticket:{id}"
+"""
+
+
+@pytest.mark.parametrize("views", [True, False], ids=["views", "no-views"])
 def test_cluster_replayed_key_change_keeps_an_unchanged_large_column(
-    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster, tmp_path: Path
+    database_url: str,
+    make_daemon: Callable[..., Daemon],
+    cluster: RedisCluster,
+    tmp_path: Path,
+    views: bool,
 ) -> None:
     """``UPDATE … SET id`` of rows with a TOASTed description that the update leaves alone
     (pgoutput sends it as unchanged): the new key is in another slot, so the old key's
     value must reach it. The daemon dies before the checkpoint and the batch is replayed:
     every moved row must be whole, not missing until its next change."""
+    env = {"REDIS_URL": cluster.url}
+    if not views:
+        config = tmp_path / "cache.toml"
+        config.write_text(_NO_TICKET_VIEWS)
+        env["CDC_CONFIG"] = str(config)
     seed(database_url)
     big = "".join(f"{random.getrandbits(64):016x}" for _ in range(1200))  # not compressible
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -626,8 +653,8 @@ def test_cluster_replayed_key_change_keeps_an_unchanged_large_column(
                 "INSERT INTO tickets (id, title, description) VALUES (%s, 'big', %s)",
                 (f"big{i}", f"{i}:{big}"),
             )
-    with running(make_daemon(REDIS_URL=cluster.url)):
-        assert_converged(database_url, cluster.url)
+    with running(make_daemon(**env)):
+        fence(database_url, cluster.url)
 
     def move() -> None:
         with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
@@ -637,12 +664,17 @@ def test_cluster_replayed_key_change_keeps_an_unchanged_large_column(
                     (f"moved{i}", f"big{i}"),
                 )
 
-    _crash_before_checkpoint(make_daemon, cluster.url, tmp_path / "hold", move)
-    with running(make_daemon(REDIS_URL=cluster.url)):
-        counts = assert_converged(database_url, cluster.url)
-    assert counts["tickets"] >= 12
+    _crash_before_checkpoint(make_daemon, cluster.url, tmp_path / "hold", move, **env)
+    with running(make_daemon(**env)):
+        fence(database_url, cluster.url)
+        if views:
+            assert_converged(database_url, cluster.url)
     client = redis_client(cluster.url)
-    assert client.hget("ticket:{moved3}", "description") == f"3:{big}".encode()
+    for i in range(12):
+        fields = client.hgetall(f"ticket:{{moved{i}}}")
+        assert fields.get(b"description") == f"{i}:{big}".encode(), i
+        assert fields.get(b"status") == b"pending", i
+        assert not client.exists(f"ticket:{{big{i}}}"), i
 
 
 def test_cluster_failover_while_the_daemon_is_down_is_repaired_by_the_next(
@@ -840,3 +872,73 @@ def test_cluster_min_replicas_holds_the_confirmation_until_the_shard_replica_has
         pipe.hget("ticket:{needs-replica}", "title")
         assert pipe.execute()[1] == b"w"
         assert_converged(database_url, cluster.url)
+
+
+def test_async_reader_asks_a_node_url_without_blocking_calls(
+    cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncCacheReader on a plain redis:// URL of any node: it finds the cluster over
+    redis.asyncio (no sync redis-py call blocks its event loop) and reads from the slot
+    owners (a node that does not own ``cdc:state``'s slot would answer MOVED)."""
+    admin = redis_client(cluster.url)
+    admin.hset("cdc:state", "lsn", "0/1234")
+    admin.close()
+
+    def blocking(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a sync redis-py call from the async reader")
+
+    monkeypatch.setattr(redis.Redis, "execute_command", blocking)
+    monkeypatch.setattr(redis.Redis, "info", blocking)
+
+    async def read(port: int) -> int | None:
+        areader = AsyncCacheReader.connect(f"redis://127.0.0.1:{port}/0")
+        try:
+            return await areader.applied_position()
+        finally:
+            await areader.close()
+
+    for port in cluster.ports:
+        assert asyncio.run(read(port)) == parse_lsn("0/1234"), port
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls_files(tmp_path_factory.mktemp("cluster-tls"))
+
+
+def test_cluster_over_tls_with_client_certificates(
+    database_url: str,
+    make_daemon: Callable[..., Daemon],
+    writer: Writer,
+    tmp_path: Path,
+    tls_files: TlsFiles,
+) -> None:
+    """``rediss+cluster://`` with the CA and a client certificate in the query: every
+    node speaks TLS only (clients, replication, the cluster bus) and requires the
+    certificate. The daemon streams with kill -9 in between, the cache converges, and a
+    ``CacheReader`` on the same URL waits for a write's token."""
+    cluster = RedisCluster(tmp_path / "tls-cluster", tls=tls_files).start()
+    try:
+        seed(database_url)
+        daemon = make_daemon(REDIS_URL=cluster.url)
+        load = Workload(database_url, seed=29)
+        with running(daemon):
+            load.start()
+            load.wait(40)
+            daemon.kill()
+            daemon.start()
+            daemon.wait_ready(60)
+            load.wait(40)
+            load.stop()
+            assert_converged(database_url, cluster.url)
+            reader = CacheReader.connect(cluster.url)
+            try:
+                written = writer.create_ticket({"title": "over tls"})
+                ticket = reader.ticket(written.value.id, after=written.token, timeout=30)
+                assert ticket is not None
+                assert ticket.title == "over tls"
+            finally:
+                reader.close()
+        assert "ssl_keyfile" not in daemon.log()
+    finally:
+        cluster.stop()

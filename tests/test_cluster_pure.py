@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+import redis
 from redis.crc import key_slot as redis_key_slot
 
-from cdc.cache.cluster_sink import _moves, parse_ops
+from cdc.cache.cluster_sink import _moves, cluster_problem, parse_ops
+from cdc.errors import RedisLost
+from cdc.runtime import daemon as daemon_module
+from cdc.runtime.daemon import Daemon
+from cdc.settings import load_settings
 from cdc.transform.assemble import view_from_columns
 from cdc.transform.cluster_script import (
     SLOTS,
@@ -19,6 +26,7 @@ from cdc.transform.cluster_script import (
     version,
 )
 from cdc.transform.plan import CommandBatch, Planner
+from devstack.servers import free_port
 from schema.keys import TICKETS
 from schema.redis_url import RedisTarget
 
@@ -107,3 +115,69 @@ def test_a_key_change_with_kept_columns_is_split_at_its_change_bounds() -> None:
     ]
     marks = [(0, b"0/1", 0), (1, b"0/1", 1), (4, b"0/1", 2), (5, b"0/1", 3)]
     assert _moves(ops, marks) == {1: (2, 4), 5: (5, 6)}
+
+
+def _daemon_on(url: str) -> Daemon:
+    settings = load_settings(database_url="postgresql://127.0.0.1:1/x", redis_url=url)
+    daemon = Daemon(settings)
+    daemon.redis_url = url
+    return daemon
+
+
+def test_clearing_the_cache_of_an_unreachable_cluster_is_redis_lost() -> None:
+    """redis-py's cluster client raises RedisClusterException (not a RedisError) when no
+    node answers: the rebuild's clear turns it into RedisLost like any Redis failure."""
+    with pytest.raises(RedisLost, match="RedisClusterException"):
+        _daemon_on(f"redis+cluster://127.0.0.1:{free_port()}")._clear_tracked_keys()
+
+
+def test_a_cluster_error_while_clearing_the_cache_is_redis_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slot with no node (a RedisClusterException subclass) during the scans."""
+
+    class Client:
+        def close(self) -> None:
+            pass
+
+    def scan(client: object, prefix: str) -> Iterator[list[bytes]]:
+        raise redis.exceptions.SlotNotCoveredError("slot 7 is not covered by the cluster")
+
+    monkeypatch.setattr(daemon_module, "redis_client", lambda url, **kwargs: Client())
+    monkeypatch.setattr(daemon_module, "scan_keys", scan)
+    with pytest.raises(RedisLost, match="SlotNotCoveredError"):
+        _daemon_on("redis+cluster://127.0.0.1:7000")._clear_tracked_keys()
+
+
+def test_cluster_problems_are_found_among_the_causes() -> None:
+    """redis-py's RedisCluster wraps what a node answered: refused credentials and
+    permissions are configuration (exit 2) wherever they sit in the chain."""
+
+    def wrapped(cause: BaseException) -> redis.exceptions.RedisClusterException:
+        try:
+            try:
+                raise cause
+            except redis.ResponseError:
+                raise redis.exceptions.RedisClusterException("not enabled") from None
+        except (redis.exceptions.RedisClusterException, redis.AuthenticationError) as inner:
+            outer = redis.exceptions.RedisClusterException("cannot be connected")
+            outer.__cause__ = inner
+            return outer
+
+    wrong = wrapped(redis.AuthenticationError("invalid username-password pair"))
+    assert cluster_problem(wrong) == "the Redis Cluster refused the credentials in REDIS_URL"
+    command = wrapped(
+        redis.exceptions.NoPermissionError(
+            "this user has no permissions to run the 'cluster|slots' command"
+        )
+    )
+    assert cluster_problem(command) == (
+        "the Redis user may not run CLUSTER SLOTS on the Redis Cluster: grant it"
+        ' +cluster|slots on every node (README "TLS and ACL")'
+    )
+    key = cluster_problem(
+        wrapped(redis.exceptions.NoPermissionError("No permissions to access a key"))
+    )
+    assert key is not None
+    assert key.startswith("the Redis user lacks a permission on the Redis Cluster (NOPERM)")
+    assert cluster_problem(redis.exceptions.RedisClusterException("cannot be connected")) is None

@@ -8,7 +8,7 @@ from cdc.cache.sink import RedisSink
 from cdc.errors import ConfigError, RedisUnavailable
 from cdc.settings import load_settings
 from cdc.transform.plan import CommandBatch
-from schema.redis_url import RedisTarget, redis_client
+from schema.redis_url import RedisTarget, as_cluster_url, redis_client
 
 SECRET = "s3cr3t-pw"
 
@@ -169,3 +169,35 @@ def test_direct_urls_mean_what_they_mean_to_redis_py(url: str) -> None:
     if target.tls is not None:
         theirs = {k: v for k, v in theirs.items() if not k.startswith("ssl_") or "verify" in k}
     assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://u:{SECRET}@h:7000/0?ssl_ca_certs=/etc/ca.pem&socket_timeout=2",
+        f"redis://u:{SECRET}@h:7000?ssl_ca_certs=/etc/ca.pem&socket_timeout=2",
+        f"redis://u:{SECRET}@h:7000/?ssl_ca_certs=/etc/ca.pem&socket_timeout=2",
+    ],
+)
+def test_cluster_form_of_a_node_url_keeps_a_query_with_slashes(url: str) -> None:
+    """``as_cluster_url`` splits the URL as a URL: a '/' inside a query value (a file
+    path), with or without a db path, stays in the query."""
+    clustered = as_cluster_url(url)
+    assert (
+        clustered == f"redis+cluster://u:{SECRET}@h:7000?ssl_ca_certs=/etc/ca.pem&socket_timeout=2"
+    )
+    target = RedisTarget.parse(clustered)
+    assert target.cluster
+    assert target.hosts == (("h", 7000),)
+    assert (target.username, target.password) == ("u", SECRET)
+    assert target.options == {"socket_timeout": 2.0}  # ssl_* apply to rediss:// only
+
+
+def test_cluster_form_of_a_tls_node_url_keeps_its_tls_options() -> None:
+    url = "rediss://u:p%2Fq@h:7000?ssl_ca_certs=/etc/ca.pem&ssl_check_hostname=false"
+    target = RedisTarget.parse(as_cluster_url(url))
+    assert target.cluster
+    assert target.password == "p/q"
+    assert target.tls is not None
+    assert target.tls.ca_certs == "/etc/ca.pem"
+    assert target.tls.check_hostname is False

@@ -4,10 +4,12 @@ missed, read-your-writes under concurrent writers, list reads over the views."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from devstack.servers import RedisServer, free_port
@@ -328,3 +330,43 @@ def test_a_reader_whose_acl_has_no_registry_waits_on_cdc_state(tmp_path: Path) -
                 return await areader.wait("0/20", timeout=30, table="tickets")
 
         assert run(async_wait()) is True
+
+
+def test_async_reader_connect_opens_no_connection_and_probes_on_the_loop() -> None:
+    """AsyncCacheReader.connect does no I/O (it used to ask the node with a blocking INFO,
+    stalling the event loop for up to socket_timeout); the cluster probe runs at the first
+    read, as a coroutine: a task of the same loop accepts (and drops) its connection while
+    the read is in flight."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    events: list[str] = []
+
+    async def drop_connections() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            events.append("accepted")
+            conn.close()
+
+    async def main() -> None:
+        reader = AsyncCacheReader.connect(f"redis://127.0.0.1:{port}/0", socket_timeout=10)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # connect() opened nothing
+        acceptor = asyncio.create_task(drop_connections())
+        try:
+            with pytest.raises((redis.RedisError, OSError)):
+                await reader.applied_position()
+            events.append("read failed")
+        finally:
+            acceptor.cancel()
+            await reader.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
+    assert events[0] == "accepted", events
+    assert events[-1] == "read failed", events

@@ -48,7 +48,14 @@ from redis.exceptions import RedisClusterException
 from schema import keys
 from schema.keys import TABLES_FIELD
 from schema.models import Agent, Ticket
-from schema.redis_url import async_redis_client, cluster_url, redis_client
+from schema.redis_url import (
+    RedisTarget,
+    as_cluster_url,
+    async_is_cluster_node,
+    async_redis_client,
+    cluster_url,
+    redis_client,
+)
 from writer.db import AsyncDatabase, Database
 from writer.errors import Unavailable
 from writer.feed import AsyncFeed, Feed
@@ -305,6 +312,11 @@ class AsyncCacheReader:
         self._states: dict[str, str] = {}
         self._owns_pool = False
         self._cluster = isinstance(client, AsyncRedisCluster)
+        # A redis:// URL that may name a Redis Cluster node, with the client options: the
+        # node is asked at the first read (async), so connect() does no I/O and never
+        # blocks the event loop.
+        self._probe: tuple[str, dict[str, Any]] | None = None
+        self._probing = asyncio.Lock()
 
     @classmethod
     def connect(
@@ -316,17 +328,42 @@ class AsyncCacheReader:
         socket_timeout: float = 5.0,
     ) -> AsyncCacheReader:
         """:meth:`CacheReader.connect` for asyncio: the same URL forms (one parser), the
-        same bounded socket waits."""
-        client = async_redis_client(
-            cluster_url(redis_url, socket_timeout),
-            decode_responses=True,
-            max_connections=max_connections,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-        )
-        reader = cls(client, database)
+        same bounded socket waits. Opens no connection: whether a ``redis://`` node is
+        one of a Redis Cluster is asked over ``redis.asyncio`` at the first read."""
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "max_connections": max_connections,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+        }
+        target = RedisTarget.parse(redis_url)
+        reader = cls(async_redis_client(redis_url, **options), database)
         reader._owns_pool = True
+        if not (target.cluster or target.sentinel):
+            reader._probe = (redis_url, options)
         return reader
+
+    async def _resolve(self) -> None:
+        """A ``redis://`` URL of a Redis Cluster node means the cluster (as for the
+        daemon): asked once, before the first command. A node that cannot be asked now is
+        asked again at the next read (this one goes to the node and falls back as usual)."""
+        async with self._probing:  # uncontended after the first read: no wait
+            if self._probe is None:
+                return
+            url, options = self._probe
+            try:
+                clustered = await async_is_cluster_node(self._redis)
+            except (redis.RedisError, OSError):
+                return
+            self._probe = None
+            if clustered:
+                for feed in list(self._feeds.values()):
+                    await feed.close()  # subscribed through the node (an earlier read)
+                self._feeds.clear()
+                single = self._redis
+                self._redis = async_redis_client(as_cluster_url(url), **options)
+                self._cluster = True
+                await single.aclose(close_connection_pool=True)
 
     async def close(self) -> None:
         for feed in list(self._feeds.values()):
@@ -343,6 +380,7 @@ class AsyncCacheReader:
         await self.close()
 
     async def applied_position(self, table: str | None = None) -> int | None:
+        await self._resolve()
         state = await self._locate(table)
         value = await self._redis.hget(state, "lsn") if state is not None else None
         return parse_lsn(str(value)) if value else None
@@ -369,6 +407,7 @@ class AsyncCacheReader:
 
     async def wait(self, token: str, timeout: float = 1.0, table: str | None = None) -> bool:
         """:meth:`CacheReader.wait`."""
+        await self._resolve()
         deadline = time.monotonic() + timeout
         tried: set[str] = set()
         while (state := await self._locate(table)) is not None and state not in tried:
@@ -451,6 +490,7 @@ class AsyncCacheReader:
         return await self._run(agents_with_status_plan(status, after, timeout))
 
     async def _run(self, plan: ReadPlan[T]) -> T:
+        await self._resolve()
         answer: Any = None
         while True:
             try:

@@ -38,6 +38,7 @@ replay idempotent.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import time
@@ -52,8 +53,9 @@ from redis.cluster import RedisCluster
 from cdc import failpoints
 from cdc.cache.checkpoint import FORMAT_FIELD, FORMAT_VERSION, CacheState
 from cdc.cache.sink import ApplyResult, InFlight, RedisSink, _refused, owner_label
-from cdc.errors import ApplyFailed, Fenced, RedisLost, RedisRejected, RedisUnavailable
+from cdc.errors import ConfigError, Fenced, RedisLost, RedisUnavailable
 from cdc.transform.cluster_script import (
+    MOVE_READ_SCRIPT,
     OUTBOX_TRIM_SCRIPT,
     REPAIR_FIELD,
     ROW_SCRIPT,
@@ -75,7 +77,7 @@ from cdc.transform.plan import CommandBatch
 from cdc.transform.script import BATCH_SCRIPT
 from schema.keys import REGISTRY_KEY, STATE_KEY, TABLES_FIELD, applied_message
 from schema.lsn import parse_lsn
-from schema.redis_url import RedisTarget, cluster_client
+from schema.redis_url import RedisTarget, cluster_client, tls_problem
 
 # Errors a retry clears (slot moving, failover in progress, script cache empty...).
 _RETRY = (
@@ -148,6 +150,42 @@ def parse_ops(buf: bytes | bytearray, count: int) -> list[tuple[bytes, list[byte
     return ops
 
 
+def cluster_problem(exc: BaseException) -> str | None:
+    """What to fix when redis-py's cluster client failed for a configuration reason
+    (exit 2, never retried): refused credentials, a command the user may not run, TLS.
+
+    ``RedisCluster`` wraps what a node answered in ``RedisClusterException`` ("cannot be
+    connected", "cluster mode is not enabled"), so the causes are searched. Redis' texts
+    never hold the password; the URL is not repeated."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if "without any password configured" in text:
+            return (
+                "REDIS_URL has a password but the Redis Cluster has none set for that user:"
+                " remove it from REDIS_URL, or set one on every node (requirepass / ACL)"
+            )
+        if isinstance(current, redis.AuthenticationError) or text.startswith(
+            ("WRONGPASS", "NOAUTH", "invalid username-password", "Authentication required")
+        ):
+            return "the Redis Cluster refused the credentials in REDIS_URL"
+        if isinstance(current, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
+            if text.count("'") < 2:  # a key or channel: no command named
+                return (
+                    "the Redis user lacks a permission on the Redis Cluster (NOPERM): grant"
+                    ' it the daemon\'s keys and commands on every node (README "TLS and ACL")'
+                )
+            command = text.split("'")[1]
+            return (
+                f"the Redis user may not run {command.replace('|', ' ').upper()} on the Redis"
+                f' Cluster: grant it +{command.lower()} on every node (README "TLS and ACL")'
+            )
+        current = current.__cause__ or current.__context__
+    return tls_problem(exc)
+
+
 class ClusterSink:
     """:class:`RedisSink`'s interface over a Redis Cluster (see the module's docstring).
 
@@ -198,6 +236,8 @@ class ClusterSink:
             self.client.ping()
             self.load_scripts()
         except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            if problem := cluster_problem(exc):
+                raise ConfigError(problem) from None  # never retried (as RedisSink's)
             raise RedisUnavailable(f"cannot reach the Redis Cluster: {type(exc).__name__}") from exc
 
     def close(self) -> None:
@@ -346,6 +386,12 @@ class ClusterSink:
         """Replace the state hash, and start every slot's position afresh (a load or
         rebuild rewrites the keys); pending outboxes are dropped with the views."""
         assert self.fence is not None
+        # The end of a load (no "loading", no "rebuild" to come): what the load wrote
+        # must still be there, so the primaries and fences are compared with the state
+        # its start recorded; at the start of a load or rebuild every key is rewritten
+        # after this, and the primaries are recorded afresh.
+        settled = "loading" not in fields and "rebuild" not in fields
+        before = self.read_state() if settled else CacheState()
         values = {"fence": self.fence, **self._own_fields()}
         self._one("DEL", self.state_key)
         self._one("HSET", self.state_key, *_pairs({**values, **fields}))
@@ -354,13 +400,13 @@ class ClusterSink:
         for s in range(SLOTS):
             commands.append(("HDEL", fence_key(s, self._fences), "v", "w"))
             commands.append(("HSET", fence_key(s, self._fences), "f", self.fence))
-        self._run(commands)
+        replies = self._run(commands)
         outboxes = list(self._redis().scan_iter(match=self._outboxes + "{*", count=1000))
         self._run([("DEL", key) for key in outboxes])
         self._follow(fields)
-        # Every key is rewritten: no slot is left to repair, and these are the primaries.
-        self.lost = []
-        self._suspect(CacheState())
+        # A fence key created now was gone: its slot lost what the load wrote there.
+        self.lost = [s for s in range(SLOTS) if settled and replies[2 * s + 1] == 1]
+        self._suspect(before)
 
     def _follow(self, state: dict[str, str]) -> None:
         self._lsn = state.get("lsn", "")
@@ -410,7 +456,7 @@ class ClusterSink:
             repaired += r
             incomplete += i
 
-        for index, (code, args) in enumerate(ops):
+        for index in range(len(ops)):
             if index == split_end:
                 flush(groups)
                 flush(after)
@@ -428,6 +474,8 @@ class ClusterSink:
                 ops[at] = self._complete_move(ops[at][1])
                 if ops[at][0] == b"r":
                     gone[at] = old_key
+            # Read after the move's rewrite: the patch itself when its change starts with it.
+            code, args = ops[index]
             while mark_at < len(marks) and marks[mark_at][0] <= index:
                 _, commit, seq = marks[mark_at]
                 ver = version(parse_lsn(commit), seq) if commit else b""
@@ -578,12 +626,22 @@ class ClusterSink:
         kept = args[j + 1 : j + 1 + int(args[j])]
         if not kept:
             return b"p", args
-        try:
-            values = self._one("HMGET", args[1], *kept)
-        except (RedisRejected, ApplyFailed):
-            return b"p", args  # not a hash: the patch path replaces it
-        if any(v is None for v in values):
-            return b"p", args
+        assert self.fence is not None
+        old = args[1]
+        slot = key_slot(old)
+        # The old slot's run count, read with the values: a slot that went back in time (a
+        # failover) must not hand its stale values to a key in a slot no repair covers.
+        (reply,) = self._scripts(
+            [(MOVE_READ_SCRIPT, 2, fence_key(slot, self._fences), old, self.fence, *kept)]
+        )
+        _status(reply)
+        if int(reply[1]) < self.ledger.runs.get(slot, 0):
+            raise RedisLost(f"hash slot {slot} lost writes (a primary failed over)")
+        if self._primary_names() != self._primaries:
+            raise RedisLost("the Redis Cluster's primaries changed (a failover)")
+        values = reply[2]
+        if not isinstance(values, list) or any(v is None for v in values):
+            return b"p", args  # gone, incomplete or not a hash: the patch path fetches it
         whole = [args[0], *set_pairs]
         for name, value in zip(kept, values, strict=True):
             whole += [name, value]
@@ -934,12 +992,13 @@ def _moves(
 ) -> dict[int, tuple[int, int]]:
     """The primary key changes with kept (unchanged) columns: for each, the index its
     change starts at -> (the patch's index, the index the change ends before)."""
-    starts = [m[0] for m in marks]
+    starts = sorted(m[0] for m in marks)
     out: dict[int, tuple[int, int]] = {}
     for at, (code, args) in enumerate(ops):
         if code == b"p" and args[1]:
-            first = max((m for m in starts if m <= at), default=0)
-            end = min((m for m in starts if m > at), default=len(ops))
+            k = bisect.bisect_right(starts, at)
+            first = starts[k - 1] if k else 0
+            end = starts[k] if k < len(starts) else len(ops)
             out[first] = (at, end)
     return out
 

@@ -12,8 +12,9 @@ from cdc.errors import ConfigError, RedisUnavailable
 from cdc.postgres import catalog
 from cdc.settings import Settings
 from cdc.telemetry import logs
+from cdc.transform.cluster_script import fence_key, key_prefixes, outbox_key
 from schema.keys import REGISTRY_KEY, STATE_KEY, TRACKED_TABLES, TrackedTable
-from schema.redis_url import RedisTarget, as_cluster_url, probe_tls, tls_problem
+from schema.redis_url import RedisTarget, as_cluster_url, node_mode, probe_tls, tls_problem
 
 log = logs.get("cdc.ops.checks")
 
@@ -254,11 +255,17 @@ def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> tuple[
         conn.close()
 
 
-def check_cluster(settings: Settings) -> None:
-    """Cluster mode (README "Redis Cluster"): every primary must not evict, and what the
-    cluster mode cannot keep is refused (one line, exit 2)."""
+def check_cluster(
+    settings: Settings,
+    tables: tuple[TrackedTable, ...] = TRACKED_TABLES,
+    state: str = STATE_KEY,
+) -> None:
+    """Cluster mode (README "Redis Cluster"): the credentials, the user's permissions on
+    every primary, no primary evicting, and what the cluster mode cannot keep is refused
+    (one line, exit 2)."""
     import redis  # only in cluster mode: redis-py costs 65-110 ms of every start
 
+    from cdc.cache.cluster_sink import cluster_problem
     from schema.redis_url import cluster_client
 
     url = as_cluster_url(settings.redis)
@@ -269,8 +276,24 @@ def check_cluster(settings: Settings) -> None:
             socket_connect_timeout=settings.redis_timeout,
         )
         try:
+            uses = _uses(settings, tables, state) + _cluster_uses(state)
+            policy_unknown = False
             for node in client.get_primaries():  # type: ignore[no-untyped-call]
-                info = client.info("memory", target_nodes=node)
+                connection = node.redis_connection
+                try:
+                    refused = connection.eval(_PERMISSIONS_SCRIPT, 0, *_script_args(uses))
+                except redis.exceptions.NoPermissionError:
+                    raise ConfigError(_NO_EVAL) from None
+                except redis.ResponseError as exc:
+                    if "acl_check_cmd" not in str(exc) and "flags" not in str(exc):
+                        raise
+                    refused = None  # a Redis before 7.0 cannot be asked
+                _refuse(refused, f" on cluster node {node.host}:{node.port}")
+                try:
+                    info = connection.info("memory")
+                except redis.exceptions.NoPermissionError:
+                    policy_unknown = True
+                    continue
                 policy = str(info.get("maxmemory_policy", "noeviction"))
                 if policy not in SAFE_EVICTION:
                     raise ConfigError(
@@ -278,13 +301,39 @@ def check_cluster(settings: Settings) -> None:
                         f" {node.host}:{node.port}: set it to noeviction so cached rows are"
                         " never evicted"
                     )
+            if policy_unknown:
+                log.warning(
+                    "the Redis user may not run INFO: maxmemory-policy (must not evict) is"
+                    " not checked"
+                )
         finally:
             client.close()
-    except redis.AuthenticationError:
-        raise ConfigError("Redis refused the credentials in REDIS_URL") from None
     except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        if problem := cluster_problem(exc):
+            raise ConfigError(problem) from None
         name = type(exc).__name__
         raise RedisUnavailable(f"cannot reach the Redis Cluster: {name}") from None
+
+
+def _cluster_uses(state: str) -> list[tuple[str, ...]]:
+    """What cluster mode sends besides (:mod:`cdc.cache.cluster_sink`): each slot's fence
+    and run count, the view outboxes (trimmed once delivered), each primary's node id
+    (``cdc:state`` records them to see a promotion), and what redis-py's ``RedisCluster``
+    asks (the topology, the commands' key positions)."""
+    fences, outboxes = key_prefixes(state)
+    fence, outbox = fence_key(0, fences), outbox_key(0, outboxes)
+    return [
+        *((c, fence, *_VALUE) for c in ("HSET", "HMGET", "HDEL", "HINCRBY")),
+        ("HGET", fence, "f"),
+        ("RPUSH", outbox, "v"),
+        ("LRANGE", outbox, "0", "-1"),
+        ("LTRIM", outbox, "1", "-1"),
+        ("DEL", outbox),
+        ("CLUSTER", "SLOTS"),
+        ("CLUSTER", "MYID"),
+        ("CLUSTER", "GETKEYSINSLOT", "0", "1"),
+        ("COMMAND",),
+    ]
 
 
 def check_redis(
@@ -293,21 +342,21 @@ def check_redis(
     state: str = STATE_KEY,
 ) -> bool:
     """Redis answers, accepts the URL's credentials and does not evict; True when it is a
-    Redis Cluster (a ``redis+cluster://`` URL, or a node with ``cluster_enabled:1``).
+    Redis Cluster (a ``redis+cluster://`` URL, or a node whose ``HELLO`` says ``cluster``).
 
     Spoken over the daemon's own wire (:mod:`cdc.cache.wire`), not redis-py: importing
     redis-py costs 65-110 ms, a quarter of a restart, and nothing on the streaming path
     needs it (``make bench``, restart to ready)."""
     target = RedisTarget.parse(settings.redis)
     if target.cluster:
-        check_cluster(settings)
+        check_cluster(settings, tables, state)
         return True
     wire = RedisWire(target, settings.redis_timeout)
     try:
         wire.connect()
         wire.call(b"PING")
         if _check_info(wire):
-            check_cluster(settings)
+            check_cluster(settings, tables, state)
             return True
         _check_permissions(wire, settings, tables, state)
     except WireReplyError as exc:
@@ -336,27 +385,39 @@ _REFUSED_MARK = "credentials refused"
 
 def _check_info(wire: RedisWire) -> bool:
     """The eviction policy, when the user may run INFO; True when the node is one of a
-    Redis Cluster."""
+    Redis Cluster (asked with ``HELLO``, which every user may run)."""
+    cluster = _cluster_mode(wire)
     try:
         memory = _info(wire.call(b"INFO", b"memory"))
-        cluster = _info(wire.call(b"INFO", b"cluster"))
+        if cluster is None:
+            cluster = _info(wire.call(b"INFO", b"cluster")).get("cluster_enabled", "0") != "0"
     except WireReplyError as exc:
         if exc.code != "NOPERM":
             raise
         # A least-privilege ACL user (README "TLS and ACL") may not run INFO: say what
         # is not checked and go on (its permissions are still checked).
         log.warning(
-            "the Redis user may not run INFO: maxmemory-policy (must not evict) and"
-            " cluster mode are not checked"
+            "the Redis user may not run INFO: maxmemory-policy (must not evict) is not checked"
         )
-        return False
+        return bool(cluster)
     policy = memory.get("maxmemory_policy", "noeviction")
     if policy not in SAFE_EVICTION:
         raise ConfigError(
             f"Redis maxmemory-policy is {policy}: set it to noeviction"
             " so cached rows are never evicted"
         )
-    return cluster.get("cluster_enabled", "0") != "0"
+    return cluster
+
+
+def _cluster_mode(wire: RedisWire) -> bool | None:
+    """Whether the node is one of a Redis Cluster, from ``HELLO``'s ``mode`` (a command
+    no ACL can refuse: it needs no permission, unlike ``INFO``); None before Redis 6.2."""
+    try:
+        reply = wire.call(b"HELLO")
+    except WireReplyError:
+        return None
+    mode = node_mode(reply)
+    return None if mode is None else mode == "cluster"
 
 
 def _info(reply: bytes) -> dict[str, str]:
@@ -444,27 +505,38 @@ def _registered_others(
     return tuple(sorted({v.decode() for k, v in pairs if k in mine and v.decode() != state}))
 
 
-def _check_permissions(
-    wire: RedisWire, settings: Settings, tables: tuple[TrackedTable, ...], state: str
-) -> None:
-    uses = _uses(settings, tables, state, _registered_others(wire, tables, state))
-    args = [part for use in uses for part in (str(len(use)), *use)]
-    try:
-        refused = wire.call(b"EVAL", _PERMISSIONS_SCRIPT, b"0", *(a.encode() for a in args))
-    except WireReplyError as exc:
-        if exc.code == "NOPERM":
-            raise ConfigError(
-                "the Redis user may not run EVAL: the daemon applies every batch as a script"
-                " (+@scripting)"
-            ) from None
-        if "acl_check_cmd" in str(exc) or "flags" in str(exc):
-            return  # a Redis before 7.0 cannot be asked; the script's replies still say
-        raise
+_NO_EVAL = (
+    "the Redis user may not run EVAL: the daemon applies every batch as a script (+@scripting)"
+)
+
+
+def _script_args(uses: list[tuple[str, ...]]) -> list[bytes]:
+    """:data:`_PERMISSIONS_SCRIPT`'s arguments: each use as its length, then its words."""
+    return [part.encode() for use in uses for part in (str(len(use)), *use)]
+
+
+def _refuse(refused: list[bytes] | None, where: str = "") -> None:
+    """The permission script's answer: the first refused use, as one line (exit 2)."""
     if refused:
         first = refused[0].decode()
         command, _, key = first.partition(" ")
         more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
         raise ConfigError(
-            f"the Redis user may not run {command} on {key.split('{', 1)[0]}*{more}: grant"
-            f' it the daemon\'s keys and commands (README "TLS and ACL")'
+            f"the Redis user may not run {command} on {key.split('{', 1)[0]}*{more}{where}:"
+            f' grant it the daemon\'s keys and commands (README "TLS and ACL")'
         )
+
+
+def _check_permissions(
+    wire: RedisWire, settings: Settings, tables: tuple[TrackedTable, ...], state: str
+) -> None:
+    uses = _uses(settings, tables, state, _registered_others(wire, tables, state))
+    try:
+        refused = wire.call(b"EVAL", _PERMISSIONS_SCRIPT, b"0", *_script_args(uses))
+    except WireReplyError as exc:
+        if exc.code == "NOPERM":
+            raise ConfigError(_NO_EVAL) from None
+        if "acl_check_cmd" in str(exc) or "flags" in str(exc):
+            return  # a Redis before 7.0 cannot be asked; the script's replies still say
+        raise
+    _refuse(refused)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg import errors as pgerrors
 
 from cdc import failpoints
 from cdc.cache.views import members, reconcile
-from cdc.errors import ConfigError, PostgresUnavailable
+from cdc.errors import ConfigError, PostgresUnavailable, RedisUnavailable
 from cdc.ops.checks import publication_mirror
 from cdc.postgres import catalog
 from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
@@ -42,7 +42,10 @@ from schema.keys import (
     state_key,
 )
 from schema.lsn import lsn_bytes, parse_lsn
-from schema.redis_url import cluster_url, redis_client
+from schema.redis_url import RedisTarget, cluster_url, redis_client
+
+if TYPE_CHECKING:
+    import redis
 
 CHUNK = 1000
 # How long --repair waits for the running daemon to re-read the rows it was given.
@@ -160,7 +163,7 @@ class Verifier:
         self.tables = tables
         self.state_key = state_key
         url = cluster_url(settings.redis, settings.redis_timeout)
-        self.redis = redis_client(url, socket_timeout=max(settings.redis_timeout, 10))
+        self.redis = _client(url, max(settings.redis_timeout, 10))
         # On a Redis Cluster the scans go over every primary; reads of several keys are
         # split by slot.
         self.cluster = is_cluster(self.redis)
@@ -607,6 +610,24 @@ def _dedupe(
             seen.add((table.name, ident))
             out.append((table, view, ident))
     return out
+
+
+def _client(url: str, timeout: float) -> redis.Redis:
+    """redis-py's client for ``url``. A cluster client connects at once: a node refusing
+    the credentials (or a permission, or TLS) is configuration (exit 2, one line), an
+    unreachable cluster a peer that is down, never a traceback."""
+    if not RedisTarget.parse(url).cluster:
+        return redis_client(url, socket_timeout=timeout)
+    import redis
+
+    from cdc.cache.cluster_sink import cluster_problem
+
+    try:
+        return redis_client(url, socket_timeout=timeout)
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        if problem := cluster_problem(exc):
+            raise ConfigError(problem) from None
+        raise RedisUnavailable(f"cannot reach the Redis Cluster: {type(exc).__name__}") from None
 
 
 def verify(settings: Settings, repair: bool = False) -> Report:

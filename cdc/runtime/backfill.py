@@ -211,6 +211,11 @@ class Backfill:
         window = self.window
         if window is not None and window.view.tracked.name == table.name:
             self.window = None
+            ids = window.request.ids
+            if ids is not None:
+                # The window's ids left the request when it opened: they are read again.
+                ids.update(k.decode() for k in window.rows)
+                ids.update(k.decode() for k in window.missing)
         # Rows already re-read with the old columns must be read again: start over.
         self.queue = deque(
             req for req in self.queue if not (req.table.name == table.name and req.ids is None)
@@ -249,8 +254,20 @@ class Backfill:
             )
             return None
         except (psycopg.DataError, UnicodeError) as bad:
-            # Ids PostgreSQL cannot take (a request written into the WAL by anyone):
-            # drop the request, never stop the stream for it.
+            # Ids PostgreSQL cannot take (a request written into the WAL by anyone): never
+            # stop the stream for them. Several ids: try each of the chunk on its own, so
+            # only the refused ones are dropped (a repair waits on the others).
+            failed = self.queue[0]
+            if failed.ids is not None and len(failed.ids) > 1:
+                chunk = sorted(failed.ids)[: self.chunk]
+                failed.ids.difference_update(chunk)
+                if not failed.ids:
+                    self.queue.popleft()
+                for row_id in reversed(chunk):
+                    self.queue.appendleft(
+                        Request(failed.table, {row_id}, failed.reason, tags=set(failed.tags))
+                    )
+                return None
             dropped = self.queue.popleft()
             self.log.warning(
                 "dropped a backfill request PostgreSQL refused",

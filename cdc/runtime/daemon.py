@@ -397,7 +397,13 @@ class Daemon:
                 sink.claim({"slot": name}, record=False)  # source, tables: once rebuilt
                 confirmed = Lsn(created.consistent_point)
                 return self._rebuild(sink, state, confirmed, lost, "slot_lost", source_id, identity)
-            return self._first_start(source, sink, source_id, identity), False
+            position = self._first_start(source, sink, source_id, identity)
+            self._repairing = False
+            if not isinstance(sink, RedisSink) and sink.lost:
+                # A shard failed over (or lost its data) while the snapshot loaded.
+                self._repair_lost_slots(pg, sink)
+                self._repairing = True
+            return position, False
         confirmed = slot.confirmed_flush_lsn or Lsn(0)
         # TIMELINE_HISTORY cannot follow START_REPLICATION on this connection: read it now.
         history = source.timeline_history(system.timeline)
@@ -621,14 +627,20 @@ class Daemon:
     def _clear_tracked_keys(self) -> None:
         import redis  # only here: redis-py costs 65-110 ms of every start
 
-        client = redis_client(self.redis_url, socket_timeout=self.settings.redis_timeout)
+        # In cluster mode redis-py raises RedisClusterException (not a RedisError) when
+        # the cluster cannot be reached or a slot has no node, at construction too.
+        failures = (redis.RedisError, redis.exceptions.RedisClusterException)
+        try:
+            client = redis_client(self.redis_url, socket_timeout=self.settings.redis_timeout)
+        except failures as exc:
+            raise RedisLost(f"cannot clear the stale cache: {type(exc).__name__}: {exc}") from None
         try:
             for table in self.tables:
                 for prefix in table.owned_prefixes:
                     for keys in scan_keys(client, prefix):
                         client.unlink(*keys)
-        except redis.RedisError as exc:
-            raise RedisLost(f"cannot clear the stale cache: {exc}") from None
+        except failures as exc:
+            raise RedisLost(f"cannot clear the stale cache: {type(exc).__name__}: {exc}") from None
         finally:
             client.close()
 

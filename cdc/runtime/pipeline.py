@@ -444,7 +444,9 @@ class Pipeline:
             tracked = self.tables.get(table)
             if tracked is not None:
                 self.metrics.errors.labels(kind="incomplete_row").inc()
-                self.backfill.request_rows(tracked, [row_id.decode()], "incomplete row")
+                # During a slot repair, its record waits for these rows too.
+                tag = REPAIR_TAG if self.repair_pending else ""
+                self.backfill.request_rows(tracked, [row_id.decode()], "incomplete row", tag)
         for table, size in batch.oversized:
             self.metrics.errors.labels(kind="oversized_row").inc()
             self.log.warning("row too large to cache; key dropped", table=table, bytes=size)

@@ -8,7 +8,9 @@ writes; before streaming resumes this module brings exactly those slots' keys ba
 - row keys: every row whose key is in a lost slot (from PostgreSQL), every row key
   found there (it may belong to a row deleted since), and every agent whose username
   lookup is in a lost slot, are fetched again by the online backfill (by id, ordered
-  against the stream as any backfill window, so no key ever goes back);
+  against the stream as any backfill window, so no key ever goes back); the row keys
+  found there are deleted first (readers fall back to PostgreSQL until they are back),
+  so no streamed patch keeps a stale column of them;
 - lookup keys found in a lost slot are deleted (the backfill writes the right ones);
 - view keys in a lost slot are rebuilt from PostgreSQL (members and scores); the stream
   and the backfill then keep them as usual (views converge, contract 6b and 7.8);
@@ -62,7 +64,11 @@ def repair_slots(
                 for table in tables:
                     row_id = table.key_id(key)
                     if row_id is not None:
+                        # Gone until the backfill writes it: a change streamed meanwhile
+                        # must not patch the stale hash (an unchanged large column would
+                        # keep its old value), it finds the key missing and fetches it.
                         ids[table.name].add(row_id)
+                        doomed.append(raw)
                     elif key.startswith(table.owned_prefixes):
                         doomed.append(raw)  # a lookup or view key
             if doomed:
@@ -125,18 +131,26 @@ def _rebuild_views(
 
 
 def _drop_members(client: RedisCluster, view: View, ids: set[str], lost: set[int]) -> int:
-    """Remove ``ids`` from every key of ``view`` outside the lost slots (rebuilt)."""
+    """Remove ``ids`` from every key of ``view`` outside the lost slots (rebuilt): each key
+    is read once (``SSCAN``/``ZSCAN``) and only the members to drop are removed."""
     if not ids:
         return 0
-    members = sorted(ids)
     dropped = 0
     for key in client.scan_iter(match=match_prefix(view.key_prefix), count=1000):
         if key_slot(key if isinstance(key, bytes) else str(key).encode()) in lost:
             continue
-        for start in range(0, len(members), 1000):
-            chunk = members[start : start + 1000]
+        if view.sorted:
+            found = [m for m, _ in client.zscan_iter(key, count=1000) if _text(m) in ids]
+        else:
+            found = [m for m in client.sscan_iter(key, count=1000) if _text(m) in ids]
+        for start in range(0, len(found), 1000):
+            chunk = found[start : start + 1000]
             if view.sorted:
                 dropped += int(client.zrem(key, *chunk))
             else:
                 dropped += int(client.srem(key, *chunk))
     return dropped
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -387,10 +387,14 @@ local top = seen
 """
     + LUA_VIEW_WRITE
     + b"""
+-- The slot's delta version first: a run that fails part-way has applied some deltas.
 for p = 2, #ARGV, 4 do
-  local op, key, member = string.sub(ARGV[p], 1, 2), ARGV[p + 1], ARGV[p + 2]
   local ver = string.sub(ARGV[p], 3)
   if ver > top then top = ver end
+end
+if top ~= seen then redis.call('HSET', KEYS[1], 'w', top) end
+for p = 2, #ARGV, 4 do
+  local op, key, member = string.sub(ARGV[p], 1, 2), ARGV[p + 1], ARGV[p + 2]
   local r
   if op == 'z+' then r = view_write('ZADD', key, ARGV[p + 3], member)
   elseif op == 's+' then r = view_write('SADD', key, member)
@@ -401,7 +405,6 @@ for p = 2, #ARGV, 4 do
     return {'failed', r.err, runs}
   end
 end
-if top ~= seen then redis.call('HSET', KEYS[1], 'w', top) end
 return {'ok', '', runs}
 """
 )
@@ -436,5 +439,23 @@ redis.call('LTRIM', KEYS[2], tonumber(ARGV[2]), -1)
 return {'ok'}
 """
 
-SCRIPTS: Final = (ROW_SCRIPT, VIEW_SCRIPT, TRUNCATE_SCRIPT, OUTBOX_TRIM_SCRIPT, BATCH_SCRIPT)
+MOVE_READ_SCRIPT: Final = b"""#!lua
+-- The kept fields of a key whose row moved, with its slot's run count.
+-- KEYS: fence, the old key. ARGV: fence token, the field names.
+local head = redis.call('HMGET', KEYS[1], 'f', 'n')
+if not head[1] then return {'lost'} end
+if head[1] ~= ARGV[1] then return {'fenced'} end
+local r = redis.pcall('HMGET', KEYS[2], unpack(ARGV, 2))
+if type(r) == 'table' and r.err then r = false end
+return {'ok', tonumber(head[2] or '0'), r}
+"""
+
+SCRIPTS: Final = (
+    ROW_SCRIPT,
+    VIEW_SCRIPT,
+    TRUNCATE_SCRIPT,
+    OUTBOX_TRIM_SCRIPT,
+    MOVE_READ_SCRIPT,
+    BATCH_SCRIPT,
+)
 """What the sink loads on every primary."""
