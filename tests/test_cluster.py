@@ -942,3 +942,41 @@ def test_cluster_over_tls_with_client_certificates(
         assert "ssl_keyfile" not in daemon.log()
     finally:
         cluster.stop()
+
+
+def test_cluster_failover_and_failback_while_no_daemon_runs_are_repaired(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster_with_replicas: RedisCluster
+) -> None:
+    """The daemon dies with its writes on a primary only; the primary dies, its replica
+    is promoted without them, the old primary comes back as its replica (losing them
+    too) and takes over again by a manual failover: the same node id as before, so only
+    its replication id (new at each promotion) shows what happened. The next daemon
+    repairs that shard and the cache converges."""
+    cluster = cluster_with_replicas
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url, CDC_REDIS_TIMEOUT="1")
+    load = Workload(database_url, seed=31)
+    client = redis_client(cluster.url)
+    with running(daemon):
+        assert_converged(database_url, cluster.url)
+        state_node = client.get_node_from_key("cdc:state")  # type: ignore[attr-defined]
+        victim = next(p for p in cluster.primary_ports() if p != state_node.port)
+        replica = replica_of(victim)
+        load.start()
+        load.wait(20)
+        _lose_recent_writes(cluster, client, victim, replica, load, daemon.kill)
+    load.stop()
+    cluster.start_node(victim)  # back as the promoted replica's replica
+    wait_for(lambda: victim not in cluster.primary_ports(), 30, "the old primary to rejoin")
+    wait_for(cluster.synced, 60, "the old primary to resynchronize")
+    cluster.node(victim).execute_command("CLUSTER", "FAILOVER")  # type: ignore[no-untyped-call]
+    wait_for(lambda: victim in cluster.primary_ports(), 60, "the failback")
+    wait_for(cluster.healthy, 60, "the cluster to be ok again")
+    third = make_daemon(REDIS_URL=cluster.url)
+    with running(third):
+        client = redis_client(cluster.url)
+        for key in list(client.scan_iter(match="junk:*")):
+            client.delete(key)
+        assert_converged(database_url, cluster.url)
+        repairs = [e for e in third.events() if e.get("event") == "repairing the lost slots"]
+    assert repairs, "the failback hid the lost writes"

@@ -320,21 +320,34 @@ class ClusterSink:
         self._one("HSET", self.state_key, *_pairs(fields))
 
     def _shard_ids(self) -> dict[str, list[int]]:
-        """Each primary's node id (``CLUSTER MYID``) and the slots it serves: a promoted
-        replica, unlike a restarted or resharded primary, has a new id."""
+        """Each primary's identity and the slots it serves: its node id (``CLUSTER
+        MYID``: a promoted replica, unlike a restarted or resharded primary, has a new
+        one) and, where the user may run ``INFO``, its replication id (new at every
+        promotion, so a failback to the old primary is seen too)."""
         client = self._redis()
         by_name: dict[str, list[int]] = {}
         for slot, nodes in client.nodes_manager.slots_cache.items():
             by_name.setdefault(nodes[0].name, []).append(slot)
         out: dict[str, list[int]] = {}
         for node in client.get_primaries():  # type: ignore[no-untyped-call]
+            connection = node.redis_connection
             try:
-                node_id = node.redis_connection.execute_command("CLUSTER", "MYID")
+                identity = _text(connection.execute_command("CLUSTER", "MYID"))
             except (redis.RedisError, OSError) as exc:
                 raise RedisUnavailable(
                     f"cannot ask {node.name} for its node id: {type(exc).__name__}"
                 ) from exc
-            out[_text(node_id)] = by_name.get(node.name, [])
+            try:
+                replid = connection.info("replication").get("master_replid")
+            except redis.ResponseError:  # NOPERM: INFO is not needed otherwise
+                replid = None
+            except (redis.RedisError, OSError) as exc:
+                raise RedisUnavailable(
+                    f"cannot ask {node.name} for its replication id: {type(exc).__name__}"
+                ) from exc
+            if replid:
+                identity += "/" + _text(replid)
+            out[identity] = by_name.get(node.name, [])
         return out
 
     def registry(self) -> dict[str, str]:
