@@ -320,7 +320,17 @@ class Pipeline:
         checks both, so a loss on an idle server is rebuilt within a second or so
         rather than at the next write or keepalive."""
         self._last_probe = now
-        self.sink.receive(self.sink.send(CommandBatch(), {}))
+        state: dict[str, str] = {}
+        # A slot repair whose last rows went out with no batch to carry its record.
+        self._end_repair(state)
+        self.sink.receive(self.sink.send(CommandBatch(), state))
+
+    def _end_repair(self, state: dict[str, str]) -> None:
+        """Clear a slot repair's record (cluster mode) with the batch that writes its
+        last rows: none of its backfill requests is left."""
+        if self.repair_pending and not self.backfill.pending(REPAIR_TAG):
+            state[REPAIR_FIELD] = ""
+            self.repair_pending = False
 
     def _tick(self, now: float) -> None:
         """An open backfill window is written once the stream passed its high water, and a
@@ -392,10 +402,7 @@ class Pipeline:
             "lsn": format_lsn(cut.checkpoint),
             "partial": format_partial(*cut.partial) if cut.partial else "",
         }
-        if self.repair_pending and not self.backfill.pending(REPAIR_TAG):
-            # The repaired slots' rows are in this batch (or none was needed).
-            state[REPAIR_FIELD] = ""
-            self.repair_pending = False
+        self._end_repair(state)  # the repaired slots' rows are in this batch
         marker: str | None = None
         if self.rebuilding:
             marker = self.backfill.progress_marker()
