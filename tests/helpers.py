@@ -448,3 +448,20 @@ class Load:
                 self._stop.wait(0.2)
         if conn is not None:
             conn.close()
+
+
+def run_cdc(
+    database_url: str, redis_url: str, slot: str, *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``cdc <args>`` as a user runs it: only the environment given (no CDC_* of ours)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
+    clean.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url, "CDC_SLOT": slot, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "cdc", *args],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +28,10 @@ from schema.lsn import parse_lsn
 from schema.redis_url import cluster_url, redis_client
 from tests.cluster import RedisCluster, replica_of, reshard
 from tests.helpers import (
-    ROOT,
     Daemon,
     assert_converged,
     fence,
+    run_cdc,
     running,
     slot_confirmed,
     text,
@@ -320,17 +318,7 @@ def test_cluster_verify_repair_and_reset(
     go over every primary, repairs and the reload write per slot."""
 
     def cdc(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-        env.update({"DATABASE_URL": database_url, "REDIS_URL": cluster.url, "CDC_SLOT": slot_name})
-        return subprocess.run(
-            [sys.executable, "-m", "cdc", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        return run_cdc(database_url, cluster.url, slot_name, *args)
 
     seed(database_url)
     daemon = make_daemon(REDIS_URL=cluster.url)
@@ -371,6 +359,14 @@ def cluster_with_replicas(tmp_path: Path) -> Iterator[RedisCluster]:
         yield c
     finally:
         c.stop()
+
+
+def _victim(cluster: RedisCluster, client: Any) -> tuple[int, int]:
+    """A primary that does not hold ``cdc:state`` (its loss is a shard's, not the
+    checkpoint's), and its replica."""
+    state_node = client.get_node_from_key("cdc:state")
+    victim = next(p for p in cluster.primary_ports() if p != state_node.port)
+    return victim, replica_of(victim)
 
 
 def _lose_recent_writes(
@@ -427,9 +423,7 @@ def test_cluster_failover_repairs_only_the_lost_slots(
     client = redis_client(cluster.url)
     with running(daemon):
         assert_converged(database_url, cluster.url)
-        state_node = client.get_node_from_key("cdc:state")  # type: ignore[attr-defined]
-        victim = next(p for p in cluster.primary_ports() if p != state_node.port)
-        replica = replica_of(victim)
+        victim, replica = _victim(cluster, client)
         load.start()
         load.wait(20)
         _lose_recent_writes(cluster, client, victim, replica, load)
@@ -695,9 +689,7 @@ def test_cluster_failover_while_the_daemon_is_down_is_repaired_by_the_next(
     client = redis_client(cluster.url)
     with running(daemon):
         assert_converged(database_url, cluster.url)
-        state_node = client.get_node_from_key("cdc:state")  # type: ignore[attr-defined]
-        victim = next(p for p in cluster.primary_ports() if p != state_node.port)
-        replica = replica_of(victim)
+        victim, replica = _victim(cluster, client)
         load.start()
         load.wait(20)
         _lose_recent_writes(cluster, client, victim, replica, load, daemon.kill)
@@ -772,9 +764,7 @@ def test_cluster_failover_of_a_quiet_primary_is_repaired_without_traffic(
     client = redis_client(cluster.url)
     with running(daemon):
         assert_converged(database_url, cluster.url)
-        state_node = client.get_node_from_key("cdc:state")  # type: ignore[attr-defined]
-        victim = next(p for p in cluster.primary_ports() if p != state_node.port)
-        replica = replica_of(victim)
+        victim, replica = _victim(cluster, client)
         load.start()
         load.wait(20)
 
@@ -962,9 +952,7 @@ def test_cluster_failover_and_failback_while_no_daemon_runs_are_repaired(
     client = redis_client(cluster.url)
     with running(daemon):
         assert_converged(database_url, cluster.url)
-        state_node = client.get_node_from_key("cdc:state")  # type: ignore[attr-defined]
-        victim = next(p for p in cluster.primary_ports() if p != state_node.port)
-        replica = replica_of(victim)
+        victim, replica = _victim(cluster, client)
         load.start()
         load.wait(20)
         _lose_recent_writes(cluster, client, victim, replica, load, daemon.kill)

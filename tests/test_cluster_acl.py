@@ -12,9 +12,6 @@ start with exit code 2 and one line that never shows the password in any form.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +23,7 @@ import redis
 from devstack.redis_ha import CLUSTER_ACL_RULES, DAEMON_ACL_RULES, acl_cluster_additions
 from schema.redis_url import cluster_url
 from tests.cluster import RedisCluster
-from tests.helpers import ROOT, Daemon, assert_converged, running
+from tests.helpers import ROOT, Daemon, assert_converged, run_cdc, running
 from tests.test_cluster import Workload, seed
 
 
@@ -57,22 +54,6 @@ def refusals(cluster: RedisCluster) -> list[str]:
             found.append(f"{port}: {entry.get('object')} ({entry.get('reason')})")
         node.close()
     return found
-
-
-def cdc(
-    database_url: str, redis_url: str, slot: str, *args: str
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-    env.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url, "CDC_SLOT": slot})
-    return subprocess.run(
-        [sys.executable, "-m", "cdc", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_readme_prints_the_cluster_acl_additions() -> None:
@@ -110,7 +91,7 @@ def test_daemon_on_a_cluster_as_the_readme_acl_user(
         assert load.commits > load.truncate_at
         assert_converged(database_url, cluster.url)
         assert daemon.ready()
-    done = cdc(database_url, node_url, slot_name, "verify")
+    done = run_cdc(database_url, node_url, slot_name, "verify")
     assert done.returncode == 0, done.stdout + done.stderr
     log = daemon.log()
     # INFO alone may be refused: the eviction check is then skipped with a warning.
@@ -182,7 +163,7 @@ def test_wrong_password_on_a_cluster_for_the_one_shot_commands(
     wrong = f"Wr0ng/{uuid.uuid4().hex[:8]}"
     url = f"redis+cluster://cdc:{quote(wrong, safe='')}@127.0.0.1:{cluster.ports[0]}"
     for args in (("verify",), ("slot", "reset", "--yes")):
-        done = cdc(database_url, url, slot_name, *args)
+        done = run_cdc(database_url, url, slot_name, *args)
         output = done.stdout + done.stderr
         assert done.returncode == 2, output
         assert output.strip().splitlines()[-1].startswith("cdc: "), output

@@ -41,7 +41,7 @@ from schema.keys import (
     state_key,
     ticket_status_key,
 )
-from tests.helpers import ROOT, Daemon, Load, assert_converged, fence, text, wait_for
+from tests.helpers import ROOT, Daemon, Load, assert_converged, fence, run_cdc, text, wait_for
 from writer import AsyncCacheReader, CacheReader, Writer
 from writer.db import Database
 
@@ -220,23 +220,12 @@ class Sampler:
 
 
 def cdc(database_url: str, redis_url: str, daemon: Daemon, *args: str) -> Any:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-    env.update(
-        {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "CDC_SLOT": daemon.slot,
-            "CDC_PUBLICATION": daemon.env["CDC_PUBLICATION"],
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "cdc", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    return run_cdc(
+        database_url,
+        redis_url,
+        daemon.slot,
+        *args,
+        CDC_PUBLICATION=daemon.env["CDC_PUBLICATION"],
     )
 
 

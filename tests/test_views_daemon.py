@@ -7,10 +7,8 @@ or in none. The comparison is :func:`tests.helpers.view_problems` (inside
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +17,7 @@ import psycopg
 import pytest
 import redis
 
-from tests.helpers import FENCE_ID, ROOT, Daemon, assert_converged, running, wait_for
+from tests.helpers import FENCE_ID, Daemon, assert_converged, run_cdc, running, wait_for
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 STATUSES = ("open", "in_progress", "pending", "resolved", "closed")
@@ -90,17 +88,7 @@ def cdc(
     database_url: str, redis_url: str, slot_name: str
 ) -> Callable[..., subprocess.CompletedProcess[str]]:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CDC_")}
-        env.update({"DATABASE_URL": database_url, "REDIS_URL": redis_url, "CDC_SLOT": slot_name})
-        return subprocess.run(
-            [sys.executable, "-m", "cdc", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        return run_cdc(database_url, redis_url, slot_name, *args)
 
     return run
 
