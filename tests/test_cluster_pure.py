@@ -181,3 +181,15 @@ def test_cluster_problems_are_found_among_the_causes() -> None:
     assert key is not None
     assert key.startswith("the Redis user lacks a permission on the Redis Cluster (NOPERM)")
     assert cluster_problem(redis.exceptions.RedisClusterException("cannot be connected")) is None
+
+
+def test_a_primary_is_known_by_both_ids_or_by_its_node_id_where_one_side_lacks_the_other() -> None:
+    from cdc.cache.cluster_sink import _known
+
+    recorded = {"n1/r1", "n2"}  # n2 recorded before replication ids (or without INFO)
+    assert _known("n1/r1", recorded)
+    assert not _known("n1/r9", recorded)  # promoted again: a new replication id
+    assert _known("n2/r2", recorded)  # the upgrade must not repair every slot
+    assert _known("n1", recorded)  # INFO refused now
+    assert not _known("n3/r3", recorded)
+    assert not _known("n3", recorded)

@@ -305,19 +305,23 @@ class ClusterSink:
         counts would tell may have died since) and the slots of a repair not finished;
         record them (``repair_slots``) and the primaries (``shards``) in the state
         before the repair starts, so a daemon dying during it leaves it to the next."""
+        self._one("HSET", self.state_key, *_pairs(self._suspect_fields(state)))
+
+    def _suspect_fields(self, state: CacheState) -> dict[str, str]:
+        """:meth:`_suspect`'s record, :attr:`lost` updated, not written."""
         current = self._shard_ids()
         suspect = set(self.lost) | parse_slot_ranges(state.extra.get(REPAIR_FIELD, ""))
         recorded = state.extra.get(SHARDS_FIELD)
         if recorded:
             known = set(recorded.split(","))
-            for node_id, slots in current.items():
-                if node_id not in known:
+            for identity, slots in current.items():
+                if not _known(identity, known):
                     suspect.update(slots)
         self.lost = sorted(suspect)
         fields = {SHARDS_FIELD: ",".join(sorted(current))}
         if self.lost:
             fields[REPAIR_FIELD] = slot_ranges(self.lost)
-        self._one("HSET", self.state_key, *_pairs(fields))
+        return fields
 
     def _shard_ids(self) -> dict[str, list[int]]:
         """Each primary's identity and the slots it serves: its node id (``CLUSTER
@@ -405,21 +409,23 @@ class ClusterSink:
         # after this, and the primaries are recorded afresh.
         settled = "loading" not in fields and "rebuild" not in fields
         before = self.read_state() if settled else CacheState()
-        values = {"fence": self.fence, **self._own_fields()}
-        self._one("DEL", self.state_key)
-        self._one("HSET", self.state_key, *_pairs({**values, **fields}))
-        self._register()
         commands: list[tuple[Any, ...]] = []
         for s in range(SLOTS):
             commands.append(("HDEL", fence_key(s, self._fences), "v", "w"))
             commands.append(("HSET", fence_key(s, self._fences), "f", self.fence))
         replies = self._run(commands)
+        # A fence key created now was gone: its slot lost what the load wrote there.
+        self.lost = [s for s in range(SLOTS) if settled and replies[2 * s + 1] == 1]
+        # The new state and what it must repair in one write: a crash can leave the old
+        # state (a load still to do) or none (a rebuild), never one that forgot a loss.
+        record = self._suspect_fields(before)
+        values = {"fence": self.fence, **self._own_fields()}
+        self._one("DEL", self.state_key)
+        self._one("HSET", self.state_key, *_pairs({**values, **fields, **record}))
+        self._register()
         outboxes = list(self._redis().scan_iter(match=self._outboxes + "{*", count=1000))
         self._run([("DEL", key) for key in outboxes])
         self._follow(fields)
-        # A fence key created now was gone: its slot lost what the load wrote there.
-        self.lost = [s for s in range(SLOTS) if settled and replies[2 * s + 1] == 1]
-        self._suspect(before)
 
     def _follow(self, state: dict[str, str]) -> None:
         self._lsn = state.get("lsn", "")
@@ -1014,6 +1020,16 @@ def _moves(
             end = starts[k] if k < len(starts) else len(ops)
             out[first] = (at, end)
     return out
+
+
+def _known(identity: str, known: set[str]) -> bool:
+    """Whether a primary (``<node id>/<replication id>``, or the node id alone where
+    ``INFO`` is refused) is one recorded: by both ids, or by the node id where either
+    side has it alone (a state recorded before replication ids, or ``INFO`` refused)."""
+    if identity in known:
+        return True
+    node_id, _, replid = identity.partition("/")
+    return node_id in known or (not replid and any(k.partition("/")[0] == node_id for k in known))
 
 
 def _pairs(values: dict[str, str]) -> list[str]:

@@ -166,6 +166,7 @@ class Pipeline:
         self.rebuilding = rebuilding
         # Cluster mode: a slot repair recorded in cdc:state waits for its rows (daemon).
         self.repair_pending = False
+        self._repair_quiet = 0
         self._rebuild_marker = ""
         self._publish_warned = False
         self._last_status = 0.0
@@ -322,13 +323,20 @@ class Pipeline:
         self._last_probe = now
         state: dict[str, str] = {}
         # A slot repair whose last rows went out with no batch to carry its record.
-        self._end_repair(state)
+        self._end_repair(state, settled=True)  # only with nothing in flight
         self.sink.receive(self.sink.send(CommandBatch(), state))
 
-    def _end_repair(self, state: dict[str, str]) -> None:
-        """Clear a slot repair's record (cluster mode) with the batch that writes its
-        last rows: none of its backfill requests is left."""
-        if self.repair_pending and not self.backfill.pending(REPAIR_TAG):
+    def _end_repair(self, state: dict[str, str], settled: bool = False) -> None:
+        """Clear a slot repair's record (cluster mode) once none of its backfill requests
+        is left and the batch that wrote the last of them is acknowledged (``settled``:
+        nothing in flight; else the third batch in a row that finds none left): a row of
+        that batch found incomplete (its key deleted by the repair) is requested under
+        the repair's tag at the acknowledgement, and holds the record."""
+        if not self.repair_pending or self.backfill.pending(REPAIR_TAG):
+            self._repair_quiet = 0
+            return
+        self._repair_quiet += 1
+        if settled or self._repair_quiet >= 3:
             state[REPAIR_FIELD] = ""
             self.repair_pending = False
 
@@ -402,7 +410,7 @@ class Pipeline:
             "lsn": format_lsn(cut.checkpoint),
             "partial": format_partial(*cut.partial) if cut.partial else "",
         }
-        self._end_repair(state)  # the repaired slots' rows are in this batch
+        self._end_repair(state)
         marker: str | None = None
         if self.rebuilding:
             marker = self.backfill.progress_marker()
