@@ -307,6 +307,7 @@ class PostgresServer:
         slot: str = "standby1",
         port: int | None = None,
         synchronized: bool = True,
+        synchronous: bool = False,
     ) -> PostgresServer:
         """A physical standby of this (running) server, started, in ``directory``.
 
@@ -314,7 +315,10 @@ class PostgresServer:
         ``hot_standby_feedback=on``; on 17+ it also synchronizes failover slots
         (``sync_replication_slots=on``, which needs ``dbname`` in ``primary_conninfo``),
         and with ``synchronized`` this server gets ``synchronized_standby_slots = slot``
-        so no logical consumer gets ahead of the standby."""
+        so no logical consumer gets ahead of the standby. With ``synchronous`` this server
+        also gets ``synchronous_standby_names = slot``: a commit returns only once the
+        standby has flushed it, so a promotion loses no acknowledged transaction (with
+        asynchronous replication the last commits before a crash may never reach it)."""
         import psycopg
 
         with psycopg.connect(self.url(), autocommit=True) as conn:
@@ -370,11 +374,13 @@ class PostgresServer:
         if self.major >= 17:
             settings["sync_replication_slots"] = "on"
         standby.set(**settings)
-        if synchronized and self.major >= 17:
-            with psycopg.connect(self.url(), autocommit=True) as conn:
-                conn.execute(f"ALTER SYSTEM SET synchronized_standby_slots = '{slot}'")
-                conn.execute("SELECT pg_reload_conf()")
         standby.start()
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            if synchronized and self.major >= 17:
+                conn.execute(f"ALTER SYSTEM SET synchronized_standby_slots = '{slot}'")
+            if synchronous:
+                conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{slot}'")
+            conn.execute("SELECT pg_reload_conf()")
         return standby
 
     def promote(self, timeout: float = 60.0) -> None:

@@ -306,10 +306,11 @@ class PostgresPair:
 def postgres_pair(work_dir: Path) -> Iterator[Callable[..., PostgresPair]]:
     """Build a :class:`PostgresPair` of a given major (skipped when its binaries are
     missing); ``synchronized``: the primary lists the standby's slot in
-    ``synchronized_standby_slots`` (17+)."""
+    ``synchronized_standby_slots`` (17+); ``synchronous``: the primary names the standby
+    in ``synchronous_standby_names``, so no acknowledged commit is lost by a promotion."""
     made: list[PostgresPair] = []
 
-    def make(major: int, synchronized: bool = True) -> PostgresPair:
+    def make(major: int, synchronized: bool = True, synchronous: bool = False) -> PostgresPair:
         try:
             bin_dir = postgres_bin_dir(major)
         except ServerError as exc:
@@ -322,7 +323,9 @@ def postgres_pair(work_dir: Path) -> Iterator[Callable[..., PostgresPair]]:
             with psycopg.connect(primary.url(), autocommit=True) as conn:
                 conn.execute("CREATE DATABASE app")
             migrate(primary.url("app"))
-            standby = primary.standby(base / f"pg{major}-standby", synchronized=synchronized)
+            standby = primary.standby(
+                base / f"pg{major}-standby", synchronized=synchronized, synchronous=synchronous
+            )
         except BaseException:
             primary.destroy()
             raise
