@@ -123,6 +123,14 @@ def test_a_user_without_the_cluster_additions_is_refused_at_start(
     assert daemon.wait_exit(60) == 2, daemon.log()
     last = daemon.log().strip().splitlines()[-1]
     assert last.startswith("cdc: the Redis user may not run HINCRBY on cdc:fence:*"), last
+    # Everything but the scans a lost-slot repair makes of the view keys.
+    scans = ("-sscan", "-zscan")
+    add_user(cluster, "cdc", password, (*DAEMON_ACL_RULES, *CLUSTER_ACL_RULES, *scans))
+    daemon = make_daemon(REDIS_URL=url)
+    daemon.start()
+    assert daemon.wait_exit(60) == 2, daemon.log()
+    last = daemon.log().strip().splitlines()[-1]
+    assert last.startswith("cdc: the Redis user may not run ") and "SCAN on " in last, last
     assert password not in daemon.log()
     for port in cluster.ports:  # nothing written: no slot was claimed
         assert cluster.node(port).dbsize() == 0

@@ -276,7 +276,7 @@ def check_cluster(
             socket_connect_timeout=settings.redis_timeout,
         )
         try:
-            uses = _uses(settings, tables, state) + _cluster_uses(state)
+            uses = _uses(settings, tables, state) + _cluster_uses(state, tables)
             policy_unknown = False
             for node in client.get_primaries():  # type: ignore[no-untyped-call]
                 connection = node.redis_connection
@@ -315,14 +315,21 @@ def check_cluster(
         raise RedisUnavailable(f"cannot reach the Redis Cluster: {name}") from None
 
 
-def _cluster_uses(state: str) -> list[tuple[str, ...]]:
+def _cluster_uses(state: str, tables: tuple[TrackedTable, ...]) -> list[tuple[str, ...]]:
     """What cluster mode sends besides (:mod:`cdc.cache.cluster_sink`): each slot's fence
     and run count, the view outboxes (trimmed once delivered), each primary's node id
-    (``cdc:state`` records them to see a promotion), and what redis-py's ``RedisCluster``
-    asks (the topology, the commands' key positions)."""
+    (``cdc:state`` records them to see a promotion), the scans of view keys a lost-slot
+    repair drops members from, and what redis-py's ``RedisCluster`` asks (the topology,
+    the commands' key positions)."""
     fences, outboxes = key_prefixes(state)
     fence, outbox = fence_key(0, fences), outbox_key(0, outboxes)
+    scans = [
+        ("ZSCAN" if view.sorted else "SSCAN", view.key("x"), "0")
+        for table in tables
+        for view in table.views
+    ]
     return [
+        *scans,
         *((c, fence, *_VALUE) for c in ("HSET", "HMGET", "HDEL", "HINCRBY")),
         ("HGET", fence, "f"),
         ("RPUSH", outbox, "v"),
