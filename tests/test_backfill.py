@@ -111,6 +111,28 @@ def test_a_refused_id_drops_only_itself_and_a_tag_waits_for_the_rest(
     assert not backfill.pending("slot-repair")
 
 
+def test_a_refused_id_among_many_is_found_by_halving(pg: Conn, database_url: str) -> None:
+    """One bad id in a chunk of 512: the chunk is halved until only it is left, so the
+    others are written in a few queries (one query per id would take over 500)."""
+    ids = [f"t{i:03}" for i in range(511)]
+    _insert(pg, *ids)
+    backfill = Backfill(Planner(1 << 20), chunk=512)
+    backfill.request_rows(TICKETS, [*ids[:200], "bad\x00", *ids[200:]], "test", "slot-repair")
+    written: set[bytes] = set()
+    queries = 0
+    with psycopg.connect(database_url, autocommit=True) as reader:
+        while backfill.busy and queries < 600:
+            queries += 1
+            if backfill.open(reader) is None:
+                continue
+            batch = CommandBatch()
+            backfill.flush(batch)
+            written |= _written_keys(batch)
+    assert written == {f"ticket:{{{i}}}".encode() for i in ids}
+    assert not backfill.pending("slot-repair")
+    assert queries <= 2 * 10 + 2, queries
+
+
 def test_a_window_abandoned_for_a_schema_change_keeps_its_ids_requested(
     pg: Conn, database_url: str
 ) -> None:

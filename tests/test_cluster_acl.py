@@ -130,7 +130,8 @@ def test_a_user_without_the_cluster_additions_is_refused_at_start(
     daemon.start()
     assert daemon.wait_exit(60) == 2, daemon.log()
     last = daemon.log().strip().splitlines()[-1]
-    assert last.startswith("cdc: the Redis user may not run ") and "SCAN on " in last, last
+    assert last.startswith("cdc: the Redis user may not run "), last
+    assert "SCAN on " in last, last
     assert password not in daemon.log()
     for port in cluster.ports:  # nothing written: no slot was claimed
         assert cluster.node(port).dbsize() == 0

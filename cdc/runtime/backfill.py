@@ -255,18 +255,22 @@ class Backfill:
             return None
         except (psycopg.DataError, UnicodeError) as bad:
             # Ids PostgreSQL cannot take (a request written into the WAL by anyone): never
-            # stop the stream for them. Several ids: try each of the chunk on its own, so
-            # only the refused ones are dropped (a repair waits on the others).
+            # stop the stream for them. Several ids: the chunk is tried again in halves,
+            # and a half refused again is halved again, so only the refused ids are
+            # dropped (a repair waits on the others) and one bad id among a chunk of n
+            # costs about 2·log2(n) queries, not n.
             failed = self.queue[0]
             if failed.ids is not None and len(failed.ids) > 1:
                 chunk = sorted(failed.ids)[: self.chunk]
                 failed.ids.difference_update(chunk)
                 if not failed.ids:
                     self.queue.popleft()
-                for row_id in reversed(chunk):
-                    self.queue.appendleft(
-                        Request(failed.table, {row_id}, failed.reason, tags=set(failed.tags))
-                    )
+                middle = (len(chunk) + 1) // 2
+                for half in (chunk[middle:], chunk[:middle]):
+                    if half:
+                        self.queue.appendleft(
+                            Request(failed.table, set(half), failed.reason, tags=set(failed.tags))
+                        )
                 return None
             dropped = self.queue.popleft()
             self.log.warning(
