@@ -376,6 +376,17 @@ def redis_state(redis_url: str) -> dict[str, str]:
         client.close()
 
 
+def wait_rebuilt(url: str, redis_url: str) -> None:
+    """Until an online rebuild is done. Each backfill window waits for the stream to pass
+    the WAL position it was read at, so keep writing (fences) meanwhile."""
+
+    def done() -> bool:
+        fence(url, redis_url)
+        return not redis_state(redis_url).get("rebuild")
+
+    wait_for(done, 90, "the rebuild to finish")
+
+
 def slot_confirmed(database_url: str, slot: str) -> int | None:
     with psycopg.connect(database_url) as conn:
         row = conn.execute(

@@ -9,6 +9,7 @@ outside the allowed prefixes) and a sampler asserting each key's ``_v`` never go
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
@@ -439,6 +440,85 @@ def test_cluster_failover_repairs_only_the_lost_slots(
     total = counts["tickets"] + counts["agents"]
     assert 0 < repairs[0]["slots"] <= 16384 // 3 + 1
     assert 0 < repairs[0]["rows"] < total * 0.6
+
+
+def _repairs(daemon: Daemon) -> list[dict[str, Any]]:
+    return [e for e in daemon.events() if e.get("event") == "repairing the lost slots"]
+
+
+def test_cluster_manual_failover_while_running_costs_no_repair(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster_with_replicas: RedisCluster
+) -> None:
+    """``CLUSTER FAILOVER`` (a rolling upgrade's step) loses nothing: the promoted
+    replica has a new node id, but every slot's script count is what this daemon
+    counted, so no slot is repaired (no row key deleted and fetched again) while writes
+    go on, and the cache converges with no ``_v`` going back."""
+    cluster = cluster_with_replicas
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url, CDC_REDIS_TIMEOUT="1")
+    load = Workload(database_url, seed=41)
+    client = redis_client(cluster.url)
+    sampler = Sampler(cluster.url)
+    with running(daemon):
+        assert_converged(database_url, cluster.url)
+        _, replica = _victim(cluster, client)
+        sampler.start()
+        load.start()
+        load.wait(30)
+        cluster.node(replica).execute_command("CLUSTER", "FAILOVER")  # type: ignore[no-untyped-call]
+        wait_for(lambda: replica in cluster.primary_ports(), 60, "the manual failover")
+        wait_for(cluster.healthy, 60, "the cluster to be ok again")
+
+        def followed() -> bool:
+            return any("primaries changed" in str(e.get("reason", "")) for e in daemon.events())
+
+        wait_for(followed, 60, "the daemon to see the new primary")
+        load.wait(40)
+        load.stop()
+        assert_converged(database_url, cluster.url)
+        sampler.stop()
+        assert _repairs(daemon) == [], daemon.log()
+        assert daemon.metric("cdc_rebuilds_total", 'reason="slots_lost"') == 0
+    assert sampler.samples > 0
+    assert not sampler.regressions, sampler.regressions[:5]
+
+
+def test_cluster_primary_restarted_from_its_rdb_costs_no_repair(
+    database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster
+) -> None:
+    """A primary saved and restarted (same node id, new replication id) holds all it had.
+    The daemon's next session (its walsender is terminated) claims again, finds every
+    slot's count as it left it, and repairs nothing."""
+    seed(database_url)
+    daemon = make_daemon(REDIS_URL=cluster.url, CDC_REDIS_TIMEOUT="1")
+    load = Workload(database_url, seed=43)
+    client = redis_client(cluster.url)
+    with running(daemon):
+        assert_converged(database_url, cluster.url)
+        state_port = client.get_node_from_key("cdc:state").port  # type: ignore[attr-defined]
+        victim = next(p for p in cluster.primary_ports() if p != state_port)
+        replid = cluster.node(victim).info("replication")["master_replid"]
+        load.start()
+        load.wait(20)
+        with contextlib.suppress(redis.ConnectionError):
+            cluster.node(victim).shutdown(save=True)
+        cluster.procs.pop(victim).wait(10)
+        cluster.start_node(victim)
+        assert cluster.node(victim).info("replication")["master_replid"] != replid
+        wait_for(cluster.healthy, 60, "the cluster to be ok again")
+        load.wait(20)
+        sessions = daemon.log().count('"streaming"')
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+                " WHERE database = current_database() AND active_pid IS NOT NULL"
+            )
+        wait_for(lambda: daemon.log().count('"streaming"') > sessions, 60, "a new session")
+        load.wait(20)
+        load.stop()
+        assert_converged(database_url, cluster.url)
+        assert _repairs(daemon) == [], daemon.log()
+        assert daemon.metric("cdc_rebuilds_total", 'reason="slots_lost"') == 0
 
 
 def test_cluster_drain_rate_next_to_single_node(

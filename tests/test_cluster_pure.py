@@ -72,8 +72,13 @@ def test_the_ledger_finds_slots_that_went_back() -> None:
     assert ledger.note(9, 7)
     assert not ledger.note(5, 0)  # the slot forgot two runs
     assert ledger.lost({5: 2, 9: 3}) == [9]
-    ledger.accept({5: 2, 9: 3})
-    assert ledger.lost({5: 2, 9: 3}) == []
+    assert not ledger.complete
+    ledger.accept({5: 2, 9: 3, 11: 0}, "token")
+    assert (ledger.complete, ledger.token) == (True, "token")
+    assert ledger.lost({5: 2, 9: 3, 11: 0}) == []
+    assert ledger.lost({5: 2, 9: 3}) == []  # a slot never written is not lost
+    assert ledger.note(11, 0)
+    assert ledger.lost({5: 2, 9: 3}) == [11]  # ... once written, it is
 
 
 def test_cluster_urls() -> None:

@@ -35,6 +35,7 @@ from tests.helpers import (
     redis_state,
     running,
     wait_for,
+    wait_rebuilt,
 )
 from tests.plugins.servers import PostgresPair
 
@@ -154,17 +155,6 @@ def timeline(url: str) -> int:
 
 def rebuild_events(daemon: Daemon) -> list[dict[str, Any]]:
     return [e for e in daemon.events() if e.get("event") == "the cache must be rebuilt"]
-
-
-def wait_rebuilt(url: str, redis_url: str) -> None:
-    """Until the online rebuild is done. Each backfill window waits for the stream to pass
-    the WAL position it was read at, so keep writing (fences) meanwhile."""
-
-    def done() -> bool:
-        fence(url, redis_url)
-        return not redis_state(redis_url).get("rebuild")
-
-    wait_for(done, 90, "the rebuild to finish")
 
 
 @pytest.fixture

@@ -273,18 +273,22 @@ class ClusterSink:
         state returned is then empty, so the daemon rebuilds."""
         token = uuid.uuid4().hex
         values = {"fence": token, **self._own_fields(record)}
+        # The counts this process took are to be trusted only if no other daemon (or a
+        # lost cdc:state) came between its last session and this one.
+        previous = self._one("HGET", self.state_key, "fence")
+        trusted = self.ledger.complete and _text(previous or "") == self.ledger.token
         self._one("HSET", self.state_key, *_pairs({**values, **fields}))
         self._register(record)
-        added = self._run([("HSET", fence_key(s, self._fences), "f", token) for s in range(SLOTS)])
+        commands: list[tuple[Any, ...]] = []
+        for s in range(SLOTS):
+            commands.append(("HSET", fence_key(s, self._fences), "f", token))
+            commands.append(("HGET", fence_key(s, self._fences), "n"))
+        replies = self._run(commands)
         self.fence = token
-        missing = sum(1 for r in added if r == 1)
-        self.lost = []
-        if self.ledger.runs:
-            slots = sorted(self.ledger.runs)
-            counts = self._run([("HGET", fence_key(s, self._fences), "n") for s in slots])
-            found = {s: int(c or 0) for s, c in zip(slots, counts, strict=True)}
-            self.lost = self.ledger.lost(found)
-            self.ledger.accept(found)
+        missing = sum(1 for r in replies[0::2] if r == 1)
+        found = {s: int(c or 0) for s, c in enumerate(replies[1::2])}
+        self.lost = self.ledger.lost(found)
+        self.ledger.accept(found, token)
         self._primaries = self._primary_names()
         self.deliver_outboxes()
         if self.min_replicas:
@@ -296,23 +300,24 @@ class ClusterSink:
         self.lost_slots = missing
         if missing and state.lsn is not None and not state.loading:
             return CacheState()
-        self._suspect(state)
+        self._suspect(state, trusted)
         return state
 
-    def _suspect(self, state: CacheState) -> None:
+    def _suspect(self, state: CacheState, counted: bool = False) -> None:
         """Add to :attr:`lost` every slot whose primary is not one the state names (a
         replica was promoted, maybe without the latest writes, and the daemon whose slot
-        counts would tell may have died since) and the slots of a repair not finished;
+        counts would tell may have died since; ``counted``: this process's counts of
+        every slot tell, see :class:`SlotLedger`) and the slots of a repair not finished;
         record them (``repair_slots``) and the primaries (``shards``) in the state
         before the repair starts, so a daemon dying during it leaves it to the next."""
-        self._one("HSET", self.state_key, *_pairs(self._suspect_fields(state)))
+        self._one("HSET", self.state_key, *_pairs(self._suspect_fields(state, counted)))
 
-    def _suspect_fields(self, state: CacheState) -> dict[str, str]:
+    def _suspect_fields(self, state: CacheState, counted: bool = False) -> dict[str, str]:
         """:meth:`_suspect`'s record, :attr:`lost` updated, not written."""
         current = self._shard_ids()
         suspect = set(self.lost) | parse_slot_ranges(state.extra.get(REPAIR_FIELD, ""))
         recorded = state.extra.get(SHARDS_FIELD)
-        if recorded:
+        if recorded and not counted:
             known = set(recorded.split(","))
             for identity, slots in current.items():
                 if not _known(identity, known):

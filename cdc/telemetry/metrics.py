@@ -139,7 +139,7 @@ class Metrics:
             self.backfill_rows.labels(table=table)
             for table_op in ("insert", "update", "delete", "truncate"):
                 self.changes.labels(table=table, op=table_op)
-        for reason in ("cache_lost", "promotion", "slot_lost", "slot_invalidated"):
+        for reason in ("cache_lost", "promotion", "slot_lost", "slot_invalidated", "slots_lost"):
             self.rebuilds.labels(reason=reason)
         for kind in (
             "postgres",

@@ -144,11 +144,20 @@ def parse_slot_ranges(text: str) -> set[int]:
 
 
 class SlotLedger:
-    """How many of this daemon's scripts each slot has seen (its ``n``), across sessions:
-    a slot whose ``n`` is found lower lost writes (a failover to a lagging replica)."""
+    """How many scripts each slot has seen (its ``n``), across this process's sessions:
+    a slot whose ``n`` is found lower lost writes (a failover to a lagging replica).
+
+    Every script that writes a slot counts in its ``n``, and a primary's replicas (and
+    its own RDB/AOF) hold a prefix of what it was sent, so once a claim has read every
+    slot's ``n`` (``complete``) the ledger names exactly the slots that lost writes since:
+    a failover that lost nothing (``CLUSTER FAILOVER``, a restart from a full RDB) then
+    costs no repair. ``token`` is the fence under which the counts were taken: a claim
+    that finds another fence (a daemon wrote in between) cannot trust them."""
 
     def __init__(self) -> None:
         self.runs: dict[int, int] = {}
+        self.complete = False
+        self.token: str | None = None
 
     def note(self, slot: int, found: int) -> bool:
         """Record a script run that found ``found``; False if the slot lost writes."""
@@ -160,10 +169,12 @@ class SlotLedger:
         """The slots whose count is below what this daemon caused."""
         return sorted(s for s, n in self.runs.items() if found.get(s, 0) < n)
 
-    def accept(self, found: dict[int, int]) -> None:
-        """After a repair: what the slots hold now is what to expect."""
-        for slot in list(self.runs):
-            self.runs[slot] = found.get(slot, 0)
+    def accept(self, found: dict[int, int], token: str) -> None:
+        """At a claim (fence ``token``) that read every slot's count: what the slots hold
+        now is what to expect (the lost ones are repaired)."""
+        self.runs = dict(found)
+        self.complete = True
+        self.token = token
 
 
 ROW_SCRIPT: Final = (
