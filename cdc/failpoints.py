@@ -10,6 +10,7 @@ before_send         a batch is ready and about to be sent to Redis (the one befo
 after_send          right after a batch was sent to Redis, before the next one
 record              each XLogData record before it is decoded
 cluster_checkpoint  cluster mode: every slot of a batch applied, ``cdc:state`` not yet moved
+cluster_counted     cluster mode: a claim read every slot's count, nothing recorded yet
 repair_write        ``cdc verify --repair`` read a row and is about to rewrite its key
 repair_hand_over    ``cdc verify --repair`` read what differs and is about to hand it to
                     the running daemon
@@ -17,7 +18,9 @@ repair_hand_over    ``cdc verify --repair`` read what differs and is about to ha
 
 Actions: ``pause:<path>`` blocks while the file ``<path>`` exists, after creating
 ``<path>.hit`` (so a test knows the daemon is held there); ``corrupt`` (``record``
-only) damages the first row change's tuple so that it cannot be decoded.
+only) damages the first row change's tuple so that it cannot be decoded;
+``fail:<path>`` raises :class:`~cdc.errors.RedisUnavailable` once, when the file
+``<path>`` exists (it is removed), as a Redis that stops answering there would.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ _done: set[str] = set()
 def hit(name: str) -> None:
     """Pass through fail point ``name`` (pauses there when asked to)."""
     action = _POINTS.get(name, "")
+    if action.startswith("fail:"):
+        path = Path(action[len("fail:") :])
+        if path.exists():
+            path.unlink()
+            from cdc.errors import RedisUnavailable
+
+            raise RedisUnavailable(f"fail point {name}")
     if action.startswith("pause:"):
         path = Path(action[len("pause:") :])
         if path.exists():

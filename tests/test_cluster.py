@@ -483,6 +483,43 @@ def test_cluster_manual_failover_while_running_costs_no_repair(
     assert not sampler.regressions, sampler.regressions[:5]
 
 
+def test_cluster_claim_failing_after_its_counts_still_repairs_the_lost_slots(
+    database_url: str,
+    make_daemon: Callable[..., Daemon],
+    cluster_with_replicas: RedisCluster,
+    tmp_path: Path,
+) -> None:
+    """A lossy failover while the daemon runs; its next claim reads the counts (which
+    show the loss) and then fails before it records the repair. The claim after that
+    must not take the counts it left as proof that nothing was lost."""
+    cluster = cluster_with_replicas
+    seed(database_url)
+    trip = tmp_path / "fail-claim"
+    daemon = make_daemon(
+        REDIS_URL=cluster.url,
+        CDC_REDIS_TIMEOUT="1",
+        CDC_FAILPOINTS=f"cluster_counted=fail:{trip}",
+    )
+    load = Workload(database_url, seed=47)
+    client = redis_client(cluster.url)
+    with running(daemon):
+        assert_converged(database_url, cluster.url)
+        victim, replica = _victim(cluster, client)
+        load.start()
+        load.wait(20)
+        trip.touch()
+        _lose_recent_writes(cluster, client, victim, replica, load)
+        load.wait(40)
+        load.stop()
+        wait_for(lambda: not trip.exists(), 60, "the claim to fail once")
+        client = redis_client(cluster.url)
+        for key in list(client.scan_iter(match="junk:*")):
+            client.delete(key)
+        assert_converged(database_url, cluster.url)
+    assert "fail point cluster_counted" in daemon.log()
+    assert _repairs(daemon), "the lost slots were not repaired"
+
+
 def test_cluster_primary_restarted_from_its_rdb_costs_no_repair(
     database_url: str, make_daemon: Callable[..., Daemon], cluster: RedisCluster
 ) -> None:

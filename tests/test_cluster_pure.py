@@ -72,13 +72,22 @@ def test_the_ledger_finds_slots_that_went_back() -> None:
     assert ledger.note(9, 7)
     assert not ledger.note(5, 0)  # the slot forgot two runs
     assert ledger.lost({5: 2, 9: 3}) == [9]
-    assert not ledger.complete
-    ledger.accept({5: 2, 9: 3, 11: 0}, "token")
-    assert (ledger.complete, ledger.token) == (True, "token")
+    layout = frozenset({"0-8191", "8192-16383"})
+    assert not ledger.trusts("", "", frozenset())
+    ledger.accept({5: 2, 9: 3, 11: 0})
+    assert ledger.complete
+    assert not ledger.trusts("", "", frozenset())  # not until the claim recorded it
+    ledger.trust("token", "", layout)
+    assert ledger.trusts("token", "", layout)
+    assert not ledger.trusts("other", "", layout)  # another daemon claimed
+    assert not ledger.trusts("token", "1", layout)  # verify --repair wrote
+    assert not ledger.trusts("token", "", frozenset({"0-8190", "8191-16383"}))  # a reshard
     assert ledger.lost({5: 2, 9: 3, 11: 0}) == []
     assert ledger.lost({5: 2, 9: 3}) == []  # a slot never written is not lost
     assert ledger.note(11, 0)
     assert ledger.lost({5: 2, 9: 3}) == [11]  # ... once written, it is
+    ledger.distrust()  # a repair or load wrote unscripted
+    assert not ledger.trusts("token", "", layout)
 
 
 def test_cluster_urls() -> None:

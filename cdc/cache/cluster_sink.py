@@ -63,6 +63,7 @@ from cdc.transform.cluster_script import (
     SHARDS_FIELD,
     SLOTS,
     TRUNCATE_SCRIPT,
+    UNCOUNTED_FIELD,
     VIEW_SCRIPT,
     SlotLedger,
     fence_key,
@@ -273,10 +274,13 @@ class ClusterSink:
         state returned is then empty, so the daemon rebuilds."""
         token = uuid.uuid4().hex
         values = {"fence": token, **self._own_fields(record)}
-        # The counts this process took are to be trusted only if no other daemon (or a
-        # lost cdc:state) came between its last session and this one.
-        previous = self._one("HGET", self.state_key, "fence")
-        trusted = self.ledger.complete and _text(previous or "") == self.ledger.token
+        # The primaries before the counts: a replica promoted in between is then new.
+        current = self._shard_ids()
+        layout = frozenset(slot_ranges(sorted(slots)) for slots in current.values())
+        fence, stamp = (
+            _text(v or "") for v in self._one("HMGET", self.state_key, "fence", UNCOUNTED_FIELD)
+        )
+        trusted = self.ledger.trusts(fence, stamp, layout)
         self._one("HSET", self.state_key, *_pairs({**values, **fields}))
         self._register(record)
         commands: list[tuple[Any, ...]] = []
@@ -288,7 +292,9 @@ class ClusterSink:
         missing = sum(1 for r in replies[0::2] if r == 1)
         found = {s: int(c or 0) for s, c in enumerate(replies[1::2])}
         self.lost = self.ledger.lost(found)
-        self.ledger.accept(found, token)
+        self.ledger.accept(found)
+        if failpoints.ACTIVE:
+            failpoints.hit("cluster_counted")
         self._primaries = self._primary_names()
         self.deliver_outboxes()
         if self.min_replicas:
@@ -300,21 +306,37 @@ class ClusterSink:
         self.lost_slots = missing
         if missing and state.lsn is not None and not state.loading:
             return CacheState()
-        self._suspect(state, trusted)
+        self._suspect(state, trusted, current)
+        # Only now that what it found is recorded: a claim that failed before would
+        # otherwise leave counts that hide its lost slots from the next one.
+        self.ledger.trust(token, stamp, layout)
         return state
 
-    def _suspect(self, state: CacheState, counted: bool = False) -> None:
+    def _suspect(
+        self,
+        state: CacheState,
+        counted: bool = False,
+        current: dict[str, list[int]] | None = None,
+    ) -> None:
         """Add to :attr:`lost` every slot whose primary is not one the state names (a
         replica was promoted, maybe without the latest writes, and the daemon whose slot
         counts would tell may have died since; ``counted``: this process's counts of
         every slot tell, see :class:`SlotLedger`) and the slots of a repair not finished;
         record them (``repair_slots``) and the primaries (``shards``) in the state
         before the repair starts, so a daemon dying during it leaves it to the next."""
-        self._one("HSET", self.state_key, *_pairs(self._suspect_fields(state, counted)))
+        fields = self._suspect_fields(state, counted, current)
+        self._one("HSET", self.state_key, *_pairs(fields))
 
-    def _suspect_fields(self, state: CacheState, counted: bool = False) -> dict[str, str]:
-        """:meth:`_suspect`'s record, :attr:`lost` updated, not written."""
-        current = self._shard_ids()
+    def _suspect_fields(
+        self,
+        state: CacheState,
+        counted: bool = False,
+        current: dict[str, list[int]] | None = None,
+    ) -> dict[str, str]:
+        """:meth:`_suspect`'s record, :attr:`lost` updated, not written (``current``:
+        the primaries, when already read)."""
+        if current is None:
+            current = self._shard_ids()
         suspect = set(self.lost) | parse_slot_ranges(state.extra.get(REPAIR_FIELD, ""))
         recorded = state.extra.get(SHARDS_FIELD)
         if recorded and not counted:
@@ -408,6 +430,7 @@ class ClusterSink:
         """Replace the state hash, and start every slot's position afresh (a load or
         rebuild rewrites the keys); pending outboxes are dropped with the views."""
         assert self.fence is not None
+        self.ledger.distrust()  # a load or rebuild writes and deletes keys unscripted
         # The end of a load (no "loading", no "rebuild" to come): what the load wrote
         # must still be there, so the primaries and fences are compared with the state
         # its start recorded; at the start of a load or rebuild every key is rewritten

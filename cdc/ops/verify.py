@@ -32,6 +32,7 @@ from cdc.postgres.rows import Row, existing_ids, iter_rows, rows_by_id
 from cdc.runtime.snapshot import is_cluster, scan_keys
 from cdc.settings import Settings
 from cdc.transform.assemble import REPAIR_PREFIX, TableView, repair_content, view_from_columns
+from cdc.transform.cluster_script import UNCOUNTED_FIELD
 from schema.keys import (
     RESERVED_FIELD_PREFIX,
     STATE_KEY,
@@ -187,6 +188,7 @@ class Verifier:
                 suspects = self._confirm(conn, suspects)
             report.differences = self._describe(conn, suspects)
             if repair and report.differences:
+                self._uncounted()
                 report.repaired = self._repair(conn, suspects)
             # Views after rows: a view is repaired from its rows' (repaired) hashes.
             found = self._view_differences(conn, report)
@@ -195,6 +197,7 @@ class Verifier:
                 found = self._view_differences(conn, Report())
             report.differences += _describe_views(found)
             if repair and found:
+                self._uncounted()
                 report.repaired += self._repair_views(found)
         except (pgerrors.LockNotAvailable, pgerrors.QueryCanceled) as exc:
             what = (
@@ -363,6 +366,13 @@ class Verifier:
                 for value, row_id in expected:
                     out.append(ViewDifference(table, view, value, row_id, "missing"))
         return out
+
+    def _uncounted(self) -> None:
+        """On a cluster, before writing: tell the daemon (``cdc:state``) that keys are
+        written outside its counting scripts, so its slot counts no longer prove that a
+        failover lost nothing (see :class:`cdc.transform.cluster_script.SlotLedger`)."""
+        if self.cluster:
+            self.redis.hincrby(self.state_key, UNCOUNTED_FIELD, 1)
 
     def _repair_views(self, found: list[ViewDifference]) -> int:
         """Each differing member made to agree with its row's hash (atomically per

@@ -462,6 +462,7 @@ class Daemon:
         from cdc.runtime.shard_repair import repair_slots
 
         assert sink.client is not None
+        self.ledger.distrust()  # the repair deletes and rebuilds keys unscripted
         self.log.warning("hash slots lost writes in a Redis Cluster failover", slots=len(sink.lost))
         self.metrics.rebuilds.labels(reason="slots_lost").inc()
         try:

@@ -53,6 +53,9 @@ OUTBOX_PREFIX: Final = "cdc:outbox:"
 # slots whose repair is not finished (the pipeline clears it once their rows are written).
 SHARDS_FIELD: Final = "shards"
 REPAIR_FIELD: Final = "repair_slots"
+# Bumped (HINCRBY) in cdc:state by writers whose writes no slot count records
+# (``cdc verify --repair`` on a cluster): the daemon's counts then prove nothing.
+UNCOUNTED_FIELD: Final = "uncounted"
 # The tag of the backfill requests of a slot repair (:meth:`Backfill.pending`).
 REPAIR_TAG: Final = "slot-repair"
 
@@ -148,16 +151,23 @@ class SlotLedger:
     a slot whose ``n`` is found lower lost writes (a failover to a lagging replica).
 
     Every script that writes a slot counts in its ``n``, and a primary's replicas (and
-    its own RDB/AOF) hold a prefix of what it was sent, so once a claim has read every
-    slot's ``n`` (``complete``) the ledger names exactly the slots that lost writes since:
-    a failover that lost nothing (``CLUSTER FAILOVER``, a restart from a full RDB) then
-    costs no repair. ``token`` is the fence under which the counts were taken: a claim
-    that finds another fence (a daemon wrote in between) cannot trust them."""
+    its own RDB/AOF) hold a prefix of what it was sent, so the counts a claim read of
+    every slot (``complete``) name exactly the slots that lost scripts since. They name
+    every lost write only while nothing wrote those slots outside a script, so a later
+    claim trusts them (:meth:`trusts`) only if, since the last claim that recorded what
+    it found (:meth:`trust`): no other daemon claimed (the fence is still ``token``),
+    this process made no such write (a repair, a load or rebuild: :meth:`distrust`),
+    no other writer said it made one (``cdc:state``'s :data:`UNCOUNTED_FIELD` is
+    ``stamp``) and no slot moved between primaries (``layout``: a reshard's ``MIGRATE``
+    writes keys in any order). Then a failover or restart that lost nothing costs no
+    repair; otherwise the primaries' identities decide, as for a new process."""
 
     def __init__(self) -> None:
         self.runs: dict[int, int] = {}
         self.complete = False
         self.token: str | None = None
+        self.stamp = ""
+        self.layout: frozenset[str] = frozenset()
 
     def note(self, slot: int, found: int) -> bool:
         """Record a script run that found ``found``; False if the slot lost writes."""
@@ -169,12 +179,27 @@ class SlotLedger:
         """The slots whose count is below what this daemon caused."""
         return sorted(s for s, n in self.runs.items() if found.get(s, 0) < n)
 
-    def accept(self, found: dict[int, int], token: str) -> None:
-        """At a claim (fence ``token``) that read every slot's count: what the slots hold
-        now is what to expect (the lost ones are repaired)."""
+    def accept(self, found: dict[int, int]) -> None:
+        """At a claim that read every slot's count: what the slots hold now is what to
+        expect (the lost ones are repaired). Not trusted until :meth:`trust`."""
         self.runs = dict(found)
         self.complete = True
-        self.token = token
+        self.token = None
+
+    def trust(self, token: str, stamp: str, layout: frozenset[str]) -> None:
+        """The claim under fence ``token`` recorded what it found (``repair_slots``)."""
+        self.token, self.stamp, self.layout = token, stamp, layout
+
+    def distrust(self) -> None:
+        """This process wrote slots outside the counting scripts."""
+        self.token = None
+
+    def trusts(self, fence: str, stamp: str, layout: frozenset[str]) -> bool:
+        return (
+            self.complete
+            and self.token is not None
+            and (fence, stamp, layout) == (self.token, self.stamp, self.layout)
+        )
 
 
 ROW_SCRIPT: Final = (
