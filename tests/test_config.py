@@ -127,6 +127,11 @@ def test_config_check_against_the_database(
     assert done.returncode == 0, done.stderr
     assert 'publication "cdc_cache" holds agents, tickets' in done.stdout
     assert "(ticket_comments: another publication's daemon)" in done.stdout
+    missing = DEFAULT + "\n[[tables]]\nname = 'ticket_coments'\nkey = 'comment:{id}'\n"
+    for args in (("config", "check"), ("run",)):
+        assert check(missing, *args) == (
+            'cdc: CDC_CONFIG: table "public.ticket_coments" does not exist'
+        )
     assert check(DEFAULT.replace("ticket:{id}", "ticket:{ticket_number}")) == (
         'cdc: CDC_CONFIG: the key of table "public.tickets" must be its primary key (id),'
         " not ticket_number"

@@ -72,7 +72,9 @@ def check_postgres(
                 f'role "{role.name}" lacks REPLICATION (ALTER ROLE "{role.name}" REPLICATION)'
             )
         published = catalog.publication_tables(conn, settings.publication)
-        tables = mirrored_tables(published, settings.publication, tables)
+        mirrored = mirrored_tables(published, settings.publication, tables)
+        _check_declared_exist(conn, tables, mirrored)
+        tables = mirrored
         for table in tables:
             check_table(conn, table, role.name, settings.publication)
         for warning in column_list_warnings(conn, settings, tables, role):
@@ -96,6 +98,16 @@ def check_postgres(
         return tables
     finally:
         conn.close()
+
+
+def _check_declared_exist(
+    conn: catalog.Conn, declared: tuple[TrackedTable, ...], mirrored: tuple[TrackedTable, ...]
+) -> None:
+    """A declared table the publication does not hold is another daemon's, but only if
+    it exists: a typo or a dropped table is refused, never silently left unmirrored."""
+    for table in declared:
+        if table not in mirrored and not catalog.replica_identity(conn, table).exists:
+            raise ConfigError(f'CDC_CONFIG: table "{table.qualified_name}" does not exist')
 
 
 def check_table(
@@ -245,7 +257,9 @@ def check_config(settings: Settings, tables: tuple[TrackedTable, ...]) -> tuple[
     conn = catalog.connect(settings.replication_conninfo, "PostgreSQL")
     try:
         published = catalog.publication_tables(conn, settings.publication)
-        tables = mirrored_tables(published, settings.publication, tables)
+        mirrored = mirrored_tables(published, settings.publication, tables)
+        _check_declared_exist(conn, tables, mirrored)
+        tables = mirrored
         for table in tables:
             if not catalog.replica_identity(conn, table).exists:
                 raise ConfigError(f'CDC_CONFIG: table "{table.qualified_name}" does not exist')
