@@ -74,7 +74,7 @@ def test_the_ledger_finds_slots_that_went_back() -> None:
     assert ledger.lost({5: 2, 9: 3}) == [9]
     layout = frozenset({"0-8191", "8192-16383"})
     assert not ledger.trusts("", "", frozenset())
-    ledger.accept({5: 2, 9: 3, 11: 0})
+    ledger.accept({5: 2, 9: 3, 11: 0}, {5: 3, 9: 4, 11: 1})
     assert ledger.complete
     assert not ledger.trusts("", "", frozenset())  # not until the claim recorded it
     ledger.trust("token", "", layout)
@@ -82,12 +82,27 @@ def test_the_ledger_finds_slots_that_went_back() -> None:
     assert not ledger.trusts("other", "", layout)  # another daemon claimed
     assert not ledger.trusts("token", "1", layout)  # verify --repair wrote
     assert not ledger.trusts("token", "", frozenset({"0-8190", "8191-16383"}))  # a reshard
-    assert ledger.lost({5: 2, 9: 3, 11: 0}) == []
-    assert ledger.lost({5: 2, 9: 3}) == []  # a slot never written is not lost
-    assert ledger.note(11, 0)
-    assert ledger.lost({5: 2, 9: 3}) == [11]  # ... once written, it is
+    assert ledger.lost({5: 3, 9: 4, 11: 1}) == []
+    assert ledger.lost({5: 3, 9: 4, 11: 0}) == [11]  # the claim's own count is missing
+    assert ledger.note(11, 1)
+    assert ledger.lost({5: 3, 9: 4, 11: 1}) == [11]
     ledger.distrust()  # a repair or load wrote unscripted
     assert not ledger.trusts("token", "", layout)
+
+
+def test_slots_a_failed_claim_found_lost_stay_lost_until_recorded() -> None:
+    ledger = SlotLedger()
+    ledger.accept({1: 0, 2: 0}, {1: 1, 2: 1})
+    ledger.trust("t1", "", frozenset())
+    assert ledger.note(1, 1)  # a script: 1 expects 2 now
+    # A failover lost it; the next claim finds 1 (counts 2 with its own) and fails.
+    assert ledger.lost({1: 1, 2: 1}) == [1]
+    ledger.accept({1: 1, 2: 1}, {1: 2, 2: 2})
+    # The claim after that finds what the failed one left: 1 is still lost.
+    assert ledger.lost({1: 2, 2: 2}) == [1]
+    ledger.accept({1: 2, 2: 2}, {1: 3, 2: 3})
+    ledger.trust("t3", "", frozenset())  # recorded (repair_slots) at last
+    assert ledger.lost({1: 3, 2: 3}) == []
 
 
 def test_cluster_urls() -> None:

@@ -274,27 +274,30 @@ class ClusterSink:
         state returned is then empty, so the daemon rebuilds."""
         token = uuid.uuid4().hex
         values = {"fence": token, **self._own_fields(record)}
-        # The primaries before the counts: a replica promoted in between is then new.
-        current = self._shard_ids()
-        layout = frozenset(slot_ranges(sorted(slots)) for slots in current.values())
+        # The primaries before and after the counts: if they differ (a failover during
+        # the claim), the counts prove nothing and the later ones are checked.
+        before = self._shard_ids()
         fence, stamp = (
             _text(v or "") for v in self._one("HMGET", self.state_key, "fence", UNCOUNTED_FIELD)
         )
-        trusted = self.ledger.trusts(fence, stamp, layout)
+        trusted = self.ledger.trusts(fence, stamp, _layout(before))
         self._one("HSET", self.state_key, *_pairs({**values, **fields}))
         self._register(record)
         commands: list[tuple[Any, ...]] = []
         for s in range(SLOTS):
             commands.append(("HSET", fence_key(s, self._fences), "f", token))
-            commands.append(("HGET", fence_key(s, self._fences), "n"))
+            commands.append(("HINCRBY", fence_key(s, self._fences), "n", 1))
         replies = self._run(commands)
         self.fence = token
         missing = sum(1 for r in replies[0::2] if r == 1)
-        found = {s: int(c or 0) for s, c in enumerate(replies[1::2])}
+        counted = {s: int(c) for s, c in enumerate(replies[1::2])}
+        found = {s: c - 1 for s, c in counted.items()}
         self.lost = self.ledger.lost(found)
-        self.ledger.accept(found)
+        self.ledger.accept(found, counted)
         if failpoints.ACTIVE:
             failpoints.hit("cluster_counted")
+        current = self._shard_ids()
+        trusted = trusted and current == before
         self._primaries = self._primary_names()
         self.deliver_outboxes()
         if self.min_replicas:
@@ -309,7 +312,7 @@ class ClusterSink:
         self._suspect(state, trusted, current)
         # Only now that what it found is recorded: a claim that failed before would
         # otherwise leave counts that hide its lost slots from the next one.
-        self.ledger.trust(token, stamp, layout)
+        self.ledger.trust(token, stamp, _layout(current))
         return state
 
     def _suspect(
@@ -1048,6 +1051,11 @@ def _moves(
             end = starts[k] if k < len(starts) else len(ops)
             out[first] = (at, end)
     return out
+
+
+def _layout(shards: dict[str, list[int]]) -> frozenset[str]:
+    """Which slots are served together (by one primary, whichever it is)."""
+    return frozenset(slot_ranges(sorted(slots)) for slots in shards.values())
 
 
 def _known(identity: str, known: set[str]) -> bool:

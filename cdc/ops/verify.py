@@ -190,6 +190,7 @@ class Verifier:
             if repair and report.differences:
                 self._uncounted()
                 report.repaired = self._repair(conn, suspects)
+                self._uncounted()  # and after: a claim may have read the first mark
             # Views after rows: a view is repaired from its rows' (repaired) hashes.
             found = self._view_differences(conn, report)
             if found:
@@ -199,6 +200,7 @@ class Verifier:
             if repair and found:
                 self._uncounted()
                 report.repaired += self._repair_views(found)
+                self._uncounted()
         except (pgerrors.LockNotAvailable, pgerrors.QueryCanceled) as exc:
             what = (
                 "a lock (CDC_LOCK_TIMEOUT)"

@@ -160,7 +160,13 @@ class SlotLedger:
     no other writer said it made one (``cdc:state``'s :data:`UNCOUNTED_FIELD` is
     ``stamp``) and no slot moved between primaries (``layout``: a reshard's ``MIGRATE``
     writes keys in any order). Then a failover or restart that lost nothing costs no
-    repair; otherwise the primaries' identities decide, as for a new process."""
+    repair; otherwise the primaries' identities decide, as for a new process.
+
+    A claim counts as a script in every slot (``HINCRBY n``): what any writer wrote
+    before it is vouched for by that count, so a replica promoted later without such a
+    write lacks the claim's count too. Slots a claim found lost stay lost
+    (``unrecorded``) until a claim has recorded them (``repair_slots``): a claim that
+    fails in between does not lower what the next one expects."""
 
     def __init__(self) -> None:
         self.runs: dict[int, int] = {}
@@ -168,6 +174,7 @@ class SlotLedger:
         self.token: str | None = None
         self.stamp = ""
         self.layout: frozenset[str] = frozenset()
+        self.unrecorded: set[int] = set()
 
     def note(self, slot: int, found: int) -> bool:
         """Record a script run that found ``found``; False if the slot lost writes."""
@@ -176,19 +183,24 @@ class SlotLedger:
         return found >= expected
 
     def lost(self, found: dict[int, int]) -> list[int]:
-        """The slots whose count is below what this daemon caused."""
-        return sorted(s for s, n in self.runs.items() if found.get(s, 0) < n)
+        """The slots whose count is below what this daemon caused, and those found so
+        by a claim that did not record them."""
+        below = {s for s, n in self.runs.items() if found.get(s, 0) < n}
+        return sorted(below | self.unrecorded)
 
-    def accept(self, found: dict[int, int]) -> None:
-        """At a claim that read every slot's count: what the slots hold now is what to
-        expect (the lost ones are repaired). Not trusted until :meth:`trust`."""
-        self.runs = dict(found)
+    def accept(self, found: dict[int, int], counted: dict[int, int]) -> None:
+        """At a claim: every slot's count as ``found`` before the claim's own, and
+        ``counted`` with it; the latter is what to expect from now on (the lost ones are
+        repaired). Not trusted until :meth:`trust`."""
+        self.unrecorded.update(self.lost(found))
+        self.runs = dict(counted)
         self.complete = True
         self.token = None
 
     def trust(self, token: str, stamp: str, layout: frozenset[str]) -> None:
         """The claim under fence ``token`` recorded what it found (``repair_slots``)."""
         self.token, self.stamp, self.layout = token, stamp, layout
+        self.unrecorded.clear()
 
     def distrust(self) -> None:
         """This process wrote slots outside the counting scripts."""
