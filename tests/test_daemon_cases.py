@@ -13,6 +13,7 @@ from tests.helpers import (
     Daemon,
     assert_converged,
     fence,
+    run_cdc,
     running,
     slot_confirmed,
     wait_for,
@@ -244,18 +245,44 @@ def test_untracked_writes_move_the_slot(
 
 
 def test_oversized_row_is_dropped_and_counted(
-    make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+    make_daemon: Callable[..., Daemon],
+    pg: Conn,
+    database_url: str,
+    redis_url: str,
+    slot_name: str,
 ) -> None:
     with running(make_daemon(CDC_MAX_ROW_BYTES="2000")) as daemon:
         pg.execute(
-            "INSERT INTO tickets (id, title, description) VALUES ('huge', 'h', repeat('x', 5000))"
+            "INSERT INTO tickets (id, title, description, status)"
+            " VALUES ('huge', 'h', repeat('x', 5000), 'open')"
         )
         pg.execute("INSERT INTO tickets (id, title) VALUES ('small', 's')")
         fence(database_url, redis_url)
         assert keys(redis_url, "ticket:{huge}") == 0
         assert keys(redis_url, "ticket:{small}") == 1
         wait_for(lambda: daemon.metric("cdc_errors_total", 'kind="oversized_row"') == 1)
+        # verify knows the same limit: a row left out for its size is no difference,
+        # and --repair does not write it.
+        for args in (("verify",), ("verify", "--repair")):
+            done = run_cdc(database_url, redis_url, slot_name, *args, CDC_MAX_ROW_BYTES="2000")
+            assert done.returncode == 0, done.stdout + done.stderr
+        assert keys(redis_url, "ticket:{huge}") == 0
         pg.execute("UPDATE tickets SET description = 'short now' WHERE id = 'huge'")
         fence(database_url, redis_url)
         assert keys(redis_url, "ticket:{huge}") == 1
         assert "xxxxxxxx" not in daemon.log()  # no row contents in logs
+        pg.execute("UPDATE tickets SET description = repeat('y', 5000) WHERE id = 'huge'")
+        fence(database_url, redis_url)
+    # With no daemon, a key left for a row now too large is extra, and --repair deletes
+    # it rather than writing the row.
+    redis.Redis.from_url(redis_url).hset("ticket:{huge}", "title", "stale")
+    done = run_cdc(database_url, redis_url, slot_name, "verify", CDC_MAX_ROW_BYTES="2000")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "extra     ticket:{huge}" in done.stdout, done.stdout
+    done = run_cdc(
+        database_url, redis_url, slot_name, "verify", "--repair", CDC_MAX_ROW_BYTES="2000"
+    )
+    assert "repaired 1" in done.stdout, done.stdout + done.stderr
+    assert keys(redis_url, "ticket:{huge}") == 0
+    done = run_cdc(database_url, redis_url, slot_name, "verify", CDC_MAX_ROW_BYTES="2000")
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -135,10 +135,23 @@ def actual_hash(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
     return {k: v for k, v in fields.items() if not k.startswith(reserved)}
 
 
+def too_large(view: TableView, row: Row, limit: int) -> bool:
+    """Whether the daemon leaves ``row`` out of the cache (``CDC_MAX_ROW_BYTES``: the
+    same sum of its cached values' bytes as :mod:`cdc.transform.plan` takes)."""
+    size = 0
+    for i, value in enumerate(row):
+        if value is not None and view.included[i]:
+            size += len(value)
+    return size > limit
+
+
 def compare(
-    view: TableView, row: Row | None, fields: dict[bytes, bytes]
+    view: TableView, row: Row | None, fields: dict[bytes, bytes], limit: int | None = None
 ) -> tuple[str, list[str]] | None:
-    """None when equal, else (kind, differing field names)."""
+    """None when equal, else (kind, differing field names). ``limit``: a row larger than
+    that is not cached (its key must be absent)."""
+    if row is not None and limit is not None and too_large(view, row, limit):
+        row = None
     if row is None:
         return ("extra", []) if fields else None
     if not fields:
@@ -161,6 +174,9 @@ class Verifier:
         """``tables``/``state_key``: the daemon's (:func:`verify` finds them from the
         publication, as the daemon does), so each daemon's cache is checked on its own."""
         self.settings = settings
+        self.limit = settings.max_row_bytes
+        # Per table, the ids of rows too large to cache (found by the row scan).
+        self.oversized: dict[str, set[str]] = {}
         self.tables = tables
         self.state_key = state_key
         url = cluster_url(settings.redis, settings.redis_timeout)
@@ -233,11 +249,14 @@ class Verifier:
                     replies = iter(pipe.execute())
                     for row in rows:
                         row_id = _pk(view, row)
-                        if compare(view, row, next(replies)) is not None:
+                        if compare(view, row, next(replies), self.limit) is not None:
                             suspects.append((table, view, row_id.decode()))
+                        large = too_large(view, row, self.limit)
+                        if large:  # not cached, nor its lookups and view members
+                            self.oversized.setdefault(table.name, set()).add(row_id.decode())
                         for index, position in enumerate(view.lookup_indexes):
                             value = row[position]
-                            if value is not None and next(replies) != row_id:
+                            if value is not None and next(replies) != row_id and not large:
                                 suspects.append((table, view, f"lookup:{index}:{value.decode()}"))
         finally:
             conn.autocommit = True
@@ -291,7 +310,7 @@ class Verifier:
                 continue
             rows = rows_by_id(conn, table, view.column_names, [ident])
             fields = self.redis.hgetall(view.key(ident.encode()))
-            if compare(view, rows[0] if rows else None, fields) is not None:  # type: ignore[arg-type]
+            if compare(view, rows[0] if rows else None, fields, self.limit) is not None:  # type: ignore[arg-type]
                 still.append((table, view, ident))
             elif rows:
                 for index, position in enumerate(view.lookup_indexes):
@@ -334,7 +353,7 @@ class Verifier:
                 continue
             rows = rows_by_id(conn, table, view.column_names, [ident])
             fields = self.redis.hgetall(view.key(ident.encode()))
-            found = compare(view, rows[0] if rows else None, fields)  # type: ignore[arg-type]
+            found = compare(view, rows[0] if rows else None, fields, self.limit)  # type: ignore[arg-type]
             if found is not None:
                 out.append(Difference(table.key(ident), found[0], found[1]))
         return out
@@ -348,10 +367,13 @@ class Verifier:
             for view in table.views:
                 score = f'extract(epoch from "{view.score}")::float8' if view.score else "NULL"
                 expected: dict[tuple[str, str], float | None] = {}
+                left_out = self.oversized.get(table.name, set())
                 for value, row_id, points in conn.execute(
                     f'SELECT "{view.column}"::text, "{table.primary_key}"::text, {score}'
                     f' FROM "{table.schema}"."{table.name}" WHERE "{view.column}" IS NOT NULL'
                 ).fetchall():
+                    if str(row_id) in left_out:
+                        continue
                     expected[(str(value), str(row_id))] = (
                         None if points is None else float(str(points))
                     )
@@ -519,7 +541,7 @@ class Verifier:
                 seen = self._token(key, VERSION_FIELD)
                 rows = rows_by_id(conn, table, view.column_names, [ident])
                 args = [seen, "hash"]
-                if rows:
+                if rows and not too_large(view, rows[0], self.limit):
                     version = self._version(seen)
                     mapping = dict(expected_hash(view, rows[0]))
                     mapping[VERSION_FIELD.encode()] = version
