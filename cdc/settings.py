@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         default=10_000, ge=1, validation_alias=_env("CDC_BATCH_MAX_CHANGES")
     )
     batch_max_bytes: int = Field(
-        default=16 << 20, ge=1024, validation_alias=_env("CDC_BATCH_MAX_BYTES")
+        default=16 << 20, ge=1, validation_alias=_env("CDC_BATCH_MAX_BYTES")
     )
     # A row bigger than this is not cached (its key is dropped; readers use PostgreSQL).
     max_row_bytes: int = Field(default=1 << 20, ge=1, validation_alias=_env("CDC_MAX_ROW_BYTES"))

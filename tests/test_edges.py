@@ -117,6 +117,27 @@ def test_a_backlog_drained_in_small_batches_never_shows_a_torn_transaction(
     assert len(sampler.values) > PAIRS + 1, (sampler.samples, len(sampler.values))
 
 
+def test_a_byte_limit_below_one_change_drains_change_by_change(
+    make_daemon: Callable[..., Daemon], pg: Conn, database_url: str, redis_url: str
+) -> None:
+    """CDC_BATCH_MAX_BYTES=1: every transaction is larger than the limit, so each goes
+    in chunks of one change; the backlog still drains and converges."""
+    with running(make_daemon()):
+        fence(database_url, redis_url)
+    with psycopg.connect(database_url) as conn:
+        for n in range(40):
+            conn.execute(
+                "INSERT INTO tickets (id, title) SELECT 'b' || %s || '-' || g, 'x'"
+                " FROM generate_series(1, 3) g",
+                (n,),
+            )
+            conn.execute("UPDATE tickets SET title = 'y' WHERE id = %s", (f"b{n}-1",))
+            conn.commit()
+    with running(make_daemon(CDC_BATCH_MAX_BYTES="1")):
+        fence(database_url, redis_url, timeout=120)
+        assert_converged(database_url, redis_url)
+
+
 def test_a_key_of_ours_holding_another_type_is_replaced(
     daemon: Daemon, pg: Conn, database_url: str, redis_url: str
 ) -> None:
