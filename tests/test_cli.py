@@ -110,11 +110,14 @@ def test_reset_dry_run_and_confirmation(
     unconfirmed = cdc("slot", "reset", stdin="")
     assert unconfirmed.returncode == 1
     assert "pass --yes" in unconfirmed.stderr
+    declined = cdc("slot", "reset", stdin="n\n")
+    assert declined.returncode == 1
+    assert declined.stderr.strip().endswith("cdc: aborted"), declined.stderr
     assert redis_state(redis_url) == before  # nothing happened
     pg.execute("DELETE FROM tickets WHERE id = 'r1'")
     pg.execute("INSERT INTO tickets (id, title) VALUES ('r2', 'y')")
     redis.Redis.from_url(redis_url).hset("ticket:{junk}", "title", "stale")
-    done = cdc("slot", "reset", "--yes")
+    done = cdc("slot", "reset", stdin="y\n")  # answered on a pipe
     assert done.returncode == 0, done.stderr
     assert "removed 2 stale keys" in done.stdout  # r1 and junk
     assert redis_state(redis_url)["fence"] != before["fence"]

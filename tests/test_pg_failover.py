@@ -24,8 +24,6 @@ import psycopg
 import pytest
 import redis
 
-from cdc.errors import ConfigError
-from cdc.settings import load_settings
 from tests.helpers import (
     ROOT,
     Daemon,
@@ -194,11 +192,6 @@ def test_promotion_follows_the_failover_slot_without_rebuild(
     # pipeline could have them (seen in CI: one acknowledged insert missing).
     pair = postgres_pair(18, synchronous=True)
     url = pair.url() if form == "url" else pair.dsn()
-    if form == "keywords":
-        try:
-            load_settings(DATABASE_URL=url)
-        except ConfigError:
-            pytest.skip("this build's settings take postgresql:// URLs only")
     daemon = make_daemon(DATABASE_URL=url, REDIS_URL=redis_url)
     with running(daemon), loads(url, redis_url) as (load, inserter, sampler):
         assert slot_flags(pair.primary.url("app"), slot_name) == (True, False)

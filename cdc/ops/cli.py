@@ -119,9 +119,14 @@ def slot_reset(yes: bool, dry_run: bool, force: bool) -> None:
     if dry_run:
         return
     if not yes:
-        if not sys.stdin.isatty():
+        # Asked on a terminal and on a pipe alike (``printf 'y\n' | cdc slot reset``);
+        # no answer at all (stdin closed or empty) is a refusal.
+        click.echo("Reset the slot and rebuild the cache? [y/N] ", nl=False, err=True)
+        answer = sys.stdin.readline()
+        if not answer:
+            click.echo(err=True)
             fail("refusing to reset without confirmation: pass --yes", code=1)
-        if not click.confirm("Reset the slot and rebuild the cache?", default=False):
+        if answer.strip().lower() not in ("y", "yes"):
             fail("aborted", code=1)
     report = reset(settings, plan, tables, key)
     click.echo(
