@@ -224,9 +224,17 @@ def test_redis_stalled_then_resumed(own_stack: Stack, stack_daemon: Callable[...
             load.wait_commits(30)
             own_stack.redis.signal(signal.SIGSTOP)
             wait_for(lambda: not daemon.ready(), 30, "the daemon to notice")
+            wait_for(
+                lambda: daemon.metric("cdc_connected", 'target="redis"') == 0, 30, "redis down"
+            )
             load.wait_commits(30)
+            # Nothing is confirmed while Redis is stalled: the lag grows with the writes.
+            wait_for(
+                lambda: (daemon.metric("cdc_replication_lag_bytes") or 0) > 0, 30, "lag to grow"
+            )
             own_stack.redis.signal(signal.SIGCONT)
             daemon.wait_ready()
+            assert daemon.metric("cdc_connected", 'target="redis"') == 1
             load.stop()
             assert_converged(own_stack.database_url, own_stack.redis_url)
     finally:

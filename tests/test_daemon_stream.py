@@ -187,11 +187,10 @@ def test_metrics_and_health(
     assert daemon.metric("cdc_connected", 'target="redis"') == 1
     assert (daemon.metric("cdc_last_applied_lsn") or 0) > 0
     wait_for(lambda: daemon.metric("cdc_slot_retained_wal_bytes") is not None)
-    for name in (
-        "cdc_replication_lag_bytes",
-        "cdc_replication_lag_seconds",
-        "cdc_apply_delay_seconds_count",
-    ):
-        assert daemon.metric(name) is not None, name
+    # One delay observed per applied transaction (the histogram is not just declared).
+    assert (daemon.metric("cdc_apply_delay_seconds_count") or 0) >= 7
+    assert (daemon.metric("cdc_replication_lag_bytes") or 0) >= 0
+    # Contract: the lag is 0 when idle and caught up.
+    wait_for(lambda: daemon.metric("cdc_replication_lag_seconds") == 0, 30, "lag 0 when idle")
     body = daemon.http("/metrics")[1]
     assert "postgres-local" not in body  # no secrets in metrics
