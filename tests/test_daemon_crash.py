@@ -6,7 +6,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -16,6 +15,7 @@ from schema.lsn import parse_lsn
 from tests.helpers import (
     Daemon,
     Load,
+    Monitor,
     assert_converged,
     redis_state,
     slot_confirmed,
@@ -27,65 +27,11 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 ROWS = [f"k{i}" for i in range(40)]
 
 
-@dataclass
-class Monitor:
-    """Samples Redis and the slot while the test runs.
-
-    - I2: each key's ``_v`` (the LSN of the transaction that wrote it) never goes back.
-    - I4: the slot's confirmed_flush_lsn never passes the checkpoint Redis holds.
-    """
-
-    database_url: str
-    redis_url: str
-    slot: str
-    regressions: list[str] = field(default_factory=list)
-    ack_violations: list[str] = field(default_factory=list)
-    samples: int = 0
-    _seen: dict[str, int] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> Monitor:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        client = redis.Redis.from_url(self.redis_url)
-        while not self._stop.is_set():
-            try:
-                confirmed = slot_confirmed(self.database_url, self.slot)
-                checkpoint = client.hget("cdc:state", "lsn")
-                if confirmed is not None and checkpoint and confirmed > parse_lsn(text(checkpoint)):
-                    self.ack_violations.append(
-                        f"confirmed {confirmed:X} > checkpoint {checkpoint!r}"
-                    )
-                pipe = client.pipeline(transaction=False)
-                for row in ROWS:
-                    pipe.hget(f"ticket:{{{row}}}", "_v")
-                for row, version in zip(ROWS, pipe.execute(), strict=True):
-                    if version is None:
-                        continue
-                    value = parse_lsn(text(version))
-                    if value < self._seen.get(row, 0):
-                        self.regressions.append(f"{row}: {self._seen[row]:X} -> {value:X}")
-                    self._seen[row] = max(value, self._seen.get(row, 0))
-                self.samples += 1
-            except (redis.RedisError, psycopg.Error):
-                pass
-            time.sleep(0.01)
-
-
 def test_kill_9_at_random_points_under_load(
     make_daemon: Callable[..., Daemon], database_url: str, redis_url: str, slot_name: str
 ) -> None:
     load = Load(database_url, ROWS).start()
-    monitor = Monitor(database_url, redis_url, slot_name).start()
+    monitor = Monitor(database_url, redis_url, slot_name, ROWS).start()
     applied_not_confirmed = 0
     try:
         rng = random.Random(11)
