@@ -89,6 +89,28 @@ def cdc(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_postgres_down_at_start_is_retried_until_it_answers(
+    own_stack: Stack, stack_daemon: Callable[..., Daemon]
+) -> None:
+    """A refused PostgreSQL connection at start is a peer to wait for (not ready, no
+    exit), and once the server is up the daemon loads and streams."""
+    with psycopg.connect(own_stack.database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO tickets (id, title) VALUES ('early', 'x')")
+    own_stack.postgres.stop("fast")
+    daemon = stack_daemon(CDC_RETRY_MAX="1").start()
+    try:
+        wait_for(lambda: "waiting for a peer" in daemon.log(), 30, "a retry")
+        assert daemon.proc is not None
+        assert daemon.proc.poll() is None
+        assert not daemon.ready()
+        assert own_stack.postgres.password not in daemon.log()
+        own_stack.postgres.start()
+        daemon.wait_ready(60)
+        assert_converged(own_stack.database_url, own_stack.redis_url)
+    finally:
+        daemon.stop()
+
+
 # -- case 4: PostgreSQL restarts -----------------------------------------------------------------
 
 
