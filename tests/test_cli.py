@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -49,6 +50,32 @@ def test_help_shows_no_secrets(cdc: Callable[..., subprocess.CompletedProcess[st
         assert done.returncode == 0
         assert "postgres-local" not in done.stdout
         assert "postgresql://" not in done.stdout
+
+
+def test_configuration_is_read_from_a_dot_env_file(
+    daemon: Daemon, database_url: str, redis_url: str, slot_name: str, tmp_path: Path
+) -> None:
+    """Contract 4: the environment may come from ``.env`` in the working directory."""
+    (tmp_path / ".env").write_text(
+        f"DATABASE_URL={database_url}\nREDIS_URL={redis_url}\nCDC_SLOT={slot_name}\n"
+    )
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CDC_") and k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "cdc", "slot", "status", "--json"],
+        cwd=tmp_path,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["slot"] == slot_name
+    assert "postgres-local" not in done.stdout + done.stderr
 
 
 def test_slot_status(
