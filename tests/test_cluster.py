@@ -340,6 +340,10 @@ def test_cluster_verify_repair_and_reset(
         assert report["extra"] == ["ticket:{ghost}"]
         repaired = cdc("verify", "--repair")
         assert repaired.returncode == 1, repaired.stdout + repaired.stderr
+        # It told the daemon it wrote keys outside its counting scripts (before and
+        # after the rows, before and after the views).
+        state = redis_client(cluster.url).hgetall("cdc:state")
+        assert int(state[b"uncounted"]) >= 2
         again = cdc("verify")
         assert again.returncode == 0, again.stdout + again.stderr
         assert_converged(database_url, cluster.url)

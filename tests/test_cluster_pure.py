@@ -70,8 +70,9 @@ def test_the_ledger_finds_slots_that_went_back() -> None:
     assert ledger.note(5, 0)
     assert ledger.note(5, 1)
     assert ledger.note(9, 7)
-    assert not ledger.note(5, 0)  # the slot forgot two runs
-    assert ledger.lost({5: 2, 9: 3}) == [9]
+    assert not ledger.note(5, 0)  # the slot forgot two runs (and counts this one)
+    assert ledger.lost({5: 3, 9: 3}) == [9]
+    assert ledger.lost({5: 1, 9: 8}) == [5]  # 1 found: still two short
     layout = frozenset({"0-8191", "8192-16383"})
     assert not ledger.trusts("", "", frozenset())
     ledger.accept({5: 2, 9: 3, 11: 0}, {5: 3, 9: 4, 11: 1})
@@ -88,6 +89,18 @@ def test_the_ledger_finds_slots_that_went_back() -> None:
     assert ledger.lost({5: 3, 9: 4, 11: 1}) == [11]
     ledger.distrust()  # a repair or load wrote unscripted
     assert not ledger.trusts("token", "", layout)
+
+
+def test_a_script_on_a_replica_that_lost_one_keeps_the_shortfall() -> None:
+    """A run applied (and noted), lost with its primary; the next script reaches the
+    promoted replica, which counts it on top of one run fewer: the claim still finds
+    the slot short."""
+    ledger = SlotLedger()
+    ledger.accept({7: 9}, {7: 10})
+    ledger.trust("t", "", frozenset())
+    assert ledger.note(7, 10)  # expects 11
+    assert not ledger.note(7, 10)  # the replica had 10 and counts this one: 11
+    assert ledger.lost({7: 11}) == [7]  # the claim's count shows 11, 12 expected
 
 
 def test_slots_a_failed_claim_found_lost_stay_lost_until_recorded() -> None:

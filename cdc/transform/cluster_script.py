@@ -166,7 +166,10 @@ class SlotLedger:
     before it is vouched for by that count, so a replica promoted later without such a
     write lacks the claim's count too. Slots a claim found lost stay lost
     (``unrecorded``) until a claim has recorded them (``repair_slots``): a claim that
-    fails in between does not lower what the next one expects."""
+    fails in between does not lower what the next one expects. Every script's count is
+    noted, and a slot whose script's answer was never read (``unsure``) leaves the
+    next claim untrusted: an unnoted run on a promoted replica would make up for a lost
+    one."""
 
     def __init__(self) -> None:
         self.runs: dict[int, int] = {}
@@ -175,11 +178,15 @@ class SlotLedger:
         self.stamp = ""
         self.layout: frozenset[str] = frozenset()
         self.unrecorded: set[int] = set()
+        # Slots whose scripts were sent and not yet noted (they may have counted).
+        self.unsure: set[int] = set()
 
     def note(self, slot: int, found: int) -> bool:
         """Record a script run that found ``found``; False if the slot lost writes."""
         expected = self.runs.get(slot, 0)
-        self.runs[slot] = max(expected, found + 1)
+        # Its own run counts on top of what was expected, found or not: a script that
+        # reaches a replica promoted without earlier runs keeps the shortfall visible.
+        self.runs[slot] = max(expected, found) + 1
         return found >= expected
 
     def lost(self, found: dict[int, int]) -> list[int]:
@@ -194,6 +201,7 @@ class SlotLedger:
         repaired). Not trusted until :meth:`trust`."""
         self.unrecorded.update(self.lost(found))
         self.runs = dict(counted)
+        self.unsure.clear()
         self.complete = True
         self.token = None
 
