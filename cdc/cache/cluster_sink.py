@@ -281,6 +281,9 @@ class ClusterSink:
             _text(v or "") for v in self._one("HMGET", self.state_key, "fence", UNCOUNTED_FIELD)
         )
         trusted = self.ledger.trusts(fence, stamp, _layout(before)) and not self.ledger.unsure
+        # From the first write on, a claim that does not finish leaves nothing trusted
+        # (its counts may have reached some slots; a failover may bring back the fence).
+        self.ledger.distrust()
         self._one("HSET", self.state_key, *_pairs({**values, **fields}))
         self._register(record)
         commands: list[tuple[Any, ...]] = []
@@ -439,6 +442,8 @@ class ClusterSink:
         # its start recorded; at the start of a load or rebuild every key is rewritten
         # after this, and the primaries are recorded afresh.
         settled = "loading" not in fields and "rebuild" not in fields
+        if not settled:
+            self.ledger.repaired()  # every key is rewritten: no slot is left to repair
         before = self.read_state() if settled else CacheState()
         commands: list[tuple[Any, ...]] = []
         for s in range(SLOTS):

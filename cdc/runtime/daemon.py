@@ -328,6 +328,7 @@ class Daemon:
                 on_schema_change=on_schema_change,
             )
             pipeline.repair_pending = self._repairing
+            pipeline.repair_done = self.ledger.repaired
             self.readiness.set(True, "streaming")
             self.log.info(
                 "streaming",

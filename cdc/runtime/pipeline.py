@@ -164,8 +164,10 @@ class Pipeline:
         self.sent_checkpoint: int = position.checkpoint
         self._inflight: _Sent | None = None
         self.rebuilding = rebuilding
-        # Cluster mode: a slot repair recorded in cdc:state waits for its rows (daemon).
+        # Cluster mode: a slot repair recorded in cdc:state waits for its rows (daemon),
+        # and what to tell when its record is cleared (the daemon's slot ledger).
         self.repair_pending = False
+        self.repair_done: Callable[[], None] | None = None
         self._repair_quiet = 0
         self._rebuild_marker = ""
         self._publish_warned = False
@@ -339,6 +341,8 @@ class Pipeline:
         if settled or self._repair_quiet >= 3:
             state[REPAIR_FIELD] = ""
             self.repair_pending = False
+            if self.repair_done is not None:
+                self.repair_done()
 
     def _tick(self, now: float) -> None:
         """An open backfill window is written once the stream passed its high water, and a

@@ -166,7 +166,8 @@ class SlotLedger:
     before it is vouched for by that count, so a replica promoted later without such a
     write lacks the claim's count too. Slots a claim found lost stay lost
     (``unrecorded``) until a claim has recorded them (``repair_slots``): a claim that
-    fails in between does not lower what the next one expects. Every script's count is
+    fails in between, or a record lost with its shard, does not lower what the next one
+    expects. Every script's count is
     noted, and a slot whose script's answer was never read (``unsure``) leaves the
     next claim untrusted: an unnoted run on a promoted replica would make up for a lost
     one."""
@@ -206,8 +207,13 @@ class SlotLedger:
         self.token = None
 
     def trust(self, token: str, stamp: str, layout: frozenset[str]) -> None:
-        """The claim under fence ``token`` recorded what it found (``repair_slots``)."""
+        """The claim under fence ``token`` recorded what it found (``repair_slots``).
+        The slots it found lost stay in :attr:`unrecorded` until :meth:`repaired`: the
+        record is one write to ``cdc:state``, which a failover of its shard can lose."""
         self.token, self.stamp, self.layout = token, stamp, layout
+
+    def repaired(self) -> None:
+        """The repair of the slots found lost is done (its record cleared)."""
         self.unrecorded.clear()
 
     def distrust(self) -> None:
